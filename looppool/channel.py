@@ -1,0 +1,270 @@
+"""Framing and batched, non-blocking transport over one end of a socketpair.
+
+A frame is a 13-byte header followed by a payload::
+
+    +----------------+--------+------------------+-------------------+
+    | length: uint32 | kind:  | arg: int64       | payload: `length` |
+    | (payload only) | uint8  | (task id, count) | bytes (a pickle)  |
+    +----------------+--------+------------------+-------------------+
+
+Kind and argument travel outside the pickle so that a payload which cannot be unpickled can
+still be answered for the right task, and control frames (cancel, credit, stop) cost no
+pickling at all.
+
+Frames sent during one loop iteration are coalesced: ``send()`` appends to a buffer and the
+first call in an iteration schedules one ``flush()`` for the next, which hands everything to
+the kernel in one ``send``/``sendmsg`` call. Large payloads are queued as their own buffers
+rather than copied into the small-frame buffer. Reads are driven by the loop's reader
+callback; a frame larger than a read is received straight into a buffer of its own size.
+
+A :class:`Channel` lives in one process, on one asyncio loop, and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import struct
+from collections.abc import Callable
+from typing import Union
+
+__all__ = ['Channel', 'HEADER', 'socketpair']
+
+HEADER = struct.Struct('<IBq')
+_HEADER_SIZE = HEADER.size
+_MAX_PAYLOAD = 2 ** 32 - 1
+# Payloads at least this large are sent from their own buffer, not copied.
+_LARGE = 1 << 16
+_READ_SIZE = 1 << 18
+# sendmsg() takes at most IOV_MAX (1024 on Linux) buffers per call.
+_IOV_MAX = 512
+# Kernel socket buffers: larger than the default so a burst of frames (or a 1 MiB payload)
+# moves in few system calls. The kernel caps the value at net.core.wmem_max/rmem_max.
+_SOCKET_BUFFER = 4 << 20
+
+Buffer = Union[bytes, bytearray, memoryview]
+Frame = tuple[int, int, Buffer]
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """Return a connected pair of Unix stream sockets with large kernel buffers."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (parent, child):
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+            except OSError:  # pragma: no cover - a platform that refuses keeps its default
+                pass
+    return parent, child
+
+
+class Channel:
+    """One end of a duplex frame channel, read and written by an asyncio loop.
+
+    ``on_frames(frames)`` is called on the loop with a list of ``(kind, arg, payload)``
+    tuples; a payload may be a ``memoryview`` that is only valid during the call.
+    ``on_close()`` is called once when the peer closes its end or the socket breaks.
+    ``before_flush`` (optional) is called right before queued frames are written, so the
+    owner can append frames that summarise the iteration (credits, counts).
+    """
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 on_frames: Callable[[list[Frame]], None], on_close: Callable[[], None],
+                 before_flush: Callable[[], None] | None = None) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._on_frames = on_frames
+        self._on_close = on_close
+        self.before_flush = before_flush
+        self._wbuf = bytearray()
+        self._queue: collections.deque[Buffer] = collections.deque()
+        self._flush_scheduled = False
+        self._writer_registered = False
+        self._leftover = b''
+        self._big: bytearray | None = None
+        self._big_view: memoryview | None = None
+        self._big_fill = 0
+        self._big_head = (0, 0)
+        self.closed = False
+        loop.add_reader(self._fd, self.read_ready)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def wants_write(self) -> bool:
+        """Whether frames are waiting to be written."""
+        return bool(self._wbuf or self._queue)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def send(self, kind: int, arg: int, payload: Buffer = b'') -> None:
+        """Queue one frame; it is written when the loop next flushes this channel."""
+        size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
+        if size > _MAX_PAYLOAD:
+            raise ValueError(f'a message pickles to {size} bytes; the limit is 4 GiB')
+        wbuf = self._wbuf
+        wbuf += HEADER.pack(size, kind, arg)
+        if size < _LARGE:
+            wbuf += payload
+        else:
+            self._queue.append(wbuf)
+            self._queue.append(payload)
+            self._wbuf = bytearray()
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def schedule_flush(self) -> None:
+        """Make sure ``before_flush`` and a flush run in the next loop iteration."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write as much as the kernel takes now; the rest waits for writability."""
+        self._flush_scheduled = False
+        if self.closed:
+            return
+        if self.before_flush is not None:
+            self.before_flush()
+        queue = self._queue
+        if self._wbuf:
+            queue.append(self._wbuf)
+            self._wbuf = bytearray()
+        sock = self._sock
+        while queue:
+            try:
+                if len(queue) == 1:
+                    sent = sock.send(queue[0])
+                else:
+                    sent = sock.sendmsg([queue[i] for i in range(min(len(queue), _IOV_MAX))])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                # The peer is gone; its exit is reported by its owner (sentinel or EOF).
+                queue.clear()
+                self._lost()
+                return
+            while sent:
+                first = queue[0]
+                size = len(first) if type(first) is not memoryview else first.nbytes
+                if sent >= size:
+                    queue.popleft()
+                    sent -= size
+                else:
+                    queue[0] = memoryview(first).cast('B')[sent:]
+                    sent = 0
+        if queue and not self._writer_registered:
+            self._loop.add_writer(self._fd, self.flush)
+            self._writer_registered = True
+        elif not queue and self._writer_registered:
+            self._loop.remove_writer(self._fd)
+            self._writer_registered = False
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def read_ready(self) -> None:
+        """Read what the socket holds and hand complete frames to ``on_frames``."""
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        """One read; returns whether any bytes arrived."""
+        if self.closed:
+            return False
+        if self._big is not None:
+            return self._read_big()
+        try:
+            data = self._sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            data = b''
+        if not data:
+            self._lost()
+            return False
+        if self._leftover:
+            data = self._leftover + data
+            self._leftover = b''
+        frames = self._parse(data)
+        if frames:
+            self._on_frames(frames)
+        return True
+
+    def _parse(self, data: bytes) -> list[Frame]:
+        frames: list[Frame] = []
+        unpack = HEADER.unpack_from
+        total = len(data)
+        view = memoryview(data)
+        pos = 0
+        while total - pos >= _HEADER_SIZE:
+            size, kind, arg = unpack(data, pos)
+            start = pos + _HEADER_SIZE
+            end = start + size
+            if end > total:
+                if size >= _LARGE:
+                    # Receive the rest of a large frame into a buffer of its own, so the
+                    # leftover is not copied again on every read.
+                    big = bytearray(size)
+                    have = total - start
+                    big[:have] = view[start:]
+                    self._big = big
+                    self._big_view = memoryview(big)
+                    self._big_fill = have
+                    self._big_head = (kind, arg)
+                    pos = total
+                break
+            frames.append((kind, arg, view[start:end]))
+            pos = end
+        if pos < total:
+            self._leftover = data[pos:]
+        return frames
+
+    def _read_big(self) -> bool:
+        assert self._big is not None and self._big_view is not None
+        try:
+            count = self._sock.recv_into(self._big_view[self._big_fill:])
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            count = 0
+        if not count:
+            self._lost()
+            return False
+        self._big_fill += count
+        if self._big_fill == len(self._big):
+            kind, arg = self._big_head
+            payload = self._big
+            self._big = self._big_view = None
+            self._on_frames([(kind, arg, payload)])
+        return True
+
+    def drain(self) -> None:
+        """Read every frame already in the socket (used once the peer has exited)."""
+        while self._read_once():
+            pass
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def _lost(self) -> None:
+        if self.closed:
+            return
+        self.close()
+        self._on_close()
+
+    def close(self) -> None:
+        """Stop reading and writing and close the socket. Unsent frames are dropped."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+            if self._writer_registered:
+                self._loop.remove_writer(self._fd)
+        self._writer_registered = False
+        self._queue.clear()
+        self._wbuf = bytearray()
+        self._sock.close()

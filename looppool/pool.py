@@ -1,0 +1,1074 @@
+"""The :class:`Pool`: dispatch, bounds, the in-flight table and supervision.
+
+The path of a message::
+
+    caller on the parent's loop
+      | submit() / put() / put_nowait() / broadcast()
+      v
+    Pool        picks a worker (round-robin, or worker_num), keeps each worker's share of
+      |         max_tasks, queues what does not fit (pending), and records every submit()
+      |         in the worker's in-flight table (task id -> future)
+      v
+    Channel     one socketpair per worker; frames coalesced per loop iteration
+      v
+    worker process: its own loop runs Worker.handle / Worker._process_message
+      |
+      ^ REPLY / ERROR resolve the future; FREED frees slots, which pulls the next
+      | pending messages; RESULT goes to process_message(result, result_done), whose
+      | result_done() returns credit to the worker.
+
+Who owns what (all in the parent, on its loop thread; nothing here is thread-safe):
+
+- ``Pool``: the worker slots, the shared pending queue, the sticky broadcasts, counters,
+  and the state (new, running, stopping, stopped).
+- ``_Slot``: one per worker number, stable across replacements: the messages waiting for
+  that worker (``worker_num``), restart and start-failure counts.
+- ``_Link``: one per worker *process*: the process, its channel, its in-flight table and
+  the number of slots it uses. A replacement gets a new link, so nothing meant for a dead
+  process reaches the new one.
+
+Supervision needs no polling: each process's sentinel is registered with the loop as a
+reader and becomes readable the moment the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import functools
+import inspect
+import logging
+import multiprocessing
+import multiprocessing.context
+import os
+import pickle
+import queue
+import selectors
+import signal
+import sys
+import types
+import weakref
+from collections.abc import Iterable
+from typing import Any, Callable, Deque, Optional
+
+import tornado.ioloop
+
+from . import protocol
+from .channel import Channel, socketpair
+from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
+from .protocol import dumps, loads
+from .worker import Worker, start_coroutine, worker_main
+
+__all__ = ['Pool']
+
+log = logging.getLogger('looppool')
+
+NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
+
+_OPTIONS = {
+    'stop_timeout': 30.0,
+    'cancel_grace': 5.0,
+    'kill_grace': 1.0,
+    'title': True,
+    'mp_context': None,
+}
+
+# Parent-side channel descriptors of every live worker of every pool in this process. A
+# forked worker closes them all: a copy held by a sibling would hide its parent's death.
+_parent_fds: set[int] = set()
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+Item = tuple[int, int, Any, Optional[asyncio.Future]]   # (kind, task id, payload, future)
+
+
+class _TaskFuture(asyncio.Future):  # type: ignore[type-arg]
+    """The future of one ``submit()``: cancelling it cancels the task in the worker."""
+
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer')
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        pool = self._lp_pool
+        if pool is not None:
+            pool._abandon(self)
+        return True
+
+
+class _StopFuture(asyncio.Future):  # type: ignore[type-arg]
+    """What ``stop()`` returns. It notes whether anyone awaits it or waits on it."""
+
+    __slots__ = ('_lp_awaited',)
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        self._lp_awaited = True
+        return super().__await__()
+
+    __iter__ = __await__
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        self._lp_awaited = True
+        super().add_done_callback(fn, context=context)
+
+
+class _Link:
+    """The parent's side of one worker process."""
+
+    __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
+                 'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
+                 'started_at', '__weakref__')
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.process: multiprocessing.process.BaseProcess | None = None
+        self.pid = 0
+        self.sentinel = -1
+        self.channel: Channel | None = None
+        self.inflight: dict[int, _TaskFuture] = {}
+        self.used = 0
+        self.acks = 0
+        self.ready = False
+        self.start_error: str | None = None
+        self.stop_sent = False
+        self.exited = False
+        self.kill_reason: str | None = None
+        self.started_at = 0.0
+
+    def result_done(self) -> None:
+        """Acknowledge one result; the credit goes back to the worker with the next flush."""
+        self.acks += 1
+        if self.acks == 1 and self.channel is not None:
+            self.channel.schedule_flush()
+
+    def before_flush(self) -> None:
+        if self.acks:
+            acks, self.acks = self.acks, 0
+            assert self.channel is not None
+            self.channel.send(protocol.CREDIT, acks)
+
+
+class _Slot:
+    """One worker number: its current process and the messages waiting for it."""
+
+    __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
+                 'restart_timer')
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.link: _Link | None = None
+        self.targeted: Deque[Item] = collections.deque()
+        self.restarts = 0
+        self.failures = 0
+        self.start_error: WorkerStartError | None = None
+        self.restart_timer: asyncio.TimerHandle | None = None
+
+
+class Pool:
+    """A pool of worker processes, each running its own IO loop, fed from this loop.
+
+    :param ioloop: the parent's :class:`tornado.ioloop.IOLoop` (or an asyncio loop);
+        ``None`` means the loop current when :meth:`start` is called.
+    :param pool_size: the number of worker processes; ``None`` means the number of CPUs
+        this process may use.
+    :param worker_class: a :class:`~looppool.Worker` subclass, instantiated once in every
+        worker process.
+    :param max_tasks: tasks sent and not yet done, across the pool; each worker takes at
+        most its share (``max_tasks // pool_size``, at least 1) at once.
+    :param max_results: results sent with ``_put_nowait`` and not yet acknowledged with
+        ``result_done()``; each worker may have its share outstanding.
+    :param statsd: a ``statsd.StatsClient`` to send the pool's metrics to (optional).
+    :param mp_context: ``'fork'``, ``'forkserver'``, ``'spawn'`` or a
+        :mod:`multiprocessing` context; ``None`` means the interpreter's default.
+    :param stop_timeout: seconds :meth:`stop` waits for accepted tasks before it
+        escalates (default 30).
+    :param cancel_grace: seconds a cancelled or timed-out task may take to end in the
+        worker before the worker is killed and replaced (default 5).
+    :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
+        (``ps``, ``htop``); ``False`` leaves titles alone.
+
+    The pool lives in the parent process, on one loop, and is not thread-safe: from another
+    thread, reach it with ``IOLoop.add_callback``.
+
+    Modern use::
+
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            reply = await pool.submit('ping')
+            replies = await pool.broadcast('reload')
+
+    Looppool 0.3 use::
+
+        pool = looppool.Pool(loop, 4, FetchWorker)
+        pool.process_message = process_message
+        pool.start()
+        pool.put_nowait(url)
+        pool.stop()
+    """
+
+    def __init__(self, ioloop: Any = None, pool_size: int | None = None,
+                 worker_class: type[Worker] = Worker, max_tasks: int = 4096,
+                 max_results: int = 4096, *, statsd: Any = None, **options: Any) -> None:
+        if pool_size is None:
+            pool_size = _usable_cpus()
+        _check_int('pool_size', pool_size, 1)
+        _check_int('max_tasks', max_tasks, 1)
+        _check_int('max_results', max_results, 1)
+        if not (isinstance(worker_class, type) and issubclass(worker_class, Worker)):
+            raise TypeError('worker_class must be a subclass of looppool.Worker, '
+                            f'got {worker_class!r}')
+        if ioloop is not None and not isinstance(
+                ioloop, (tornado.ioloop.IOLoop, asyncio.AbstractEventLoop)):
+            raise TypeError(f'ioloop must be a tornado IOLoop, an asyncio loop or None, '
+                            f'got {ioloop!r}')
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise TypeError(f'Pool() got unexpected option(s): {", ".join(sorted(unknown))}')
+        self._options = {**_OPTIONS, **options}
+        for name in ('stop_timeout', 'cancel_grace', 'kill_grace'):
+            value = self._options[name]
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
+        self._mp_context = _resolve_context(self._options['mp_context'])
+
+        self.pool_size: int = pool_size
+        self._ioloop_arg = ioloop
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._worker_class = worker_class
+        self._max_tasks = max_tasks
+        self._max_results = max_results
+        self._share = max(1, max_tasks // pool_size)
+        self._result_share = max(1, max_results // pool_size)
+        self._statsd = statsd
+
+        self._state = NEW
+        self._slots = [_Slot(number) for number in range(pool_size)]
+        self._pending: Deque[Item] = collections.deque()
+        self._rr = 0
+        self._next_tid = 1
+        self._sticky: list[bytes] = []
+        self._result_tasks: set[asyncio.Future[Any]] = set()
+        self._ready: asyncio.Future[None] | None = None
+        self._stop_future: _StopFuture | None = None
+        self._stop_deadline = 0.0
+        self._kill_at: float | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._warned_results = False
+        self._counts = collections.Counter[str]()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker processes. Messages may be sent right away; they wait in the
+        channel until the worker has run ``_initialise()``."""
+        if self._state != NEW:
+            raise RuntimeError(f'the pool was already started (it is {self._state})')
+        ioloop = self._ioloop_arg
+        if ioloop is None:
+            ioloop = tornado.ioloop.IOLoop.current()
+        self._loop = (ioloop.asyncio_loop if isinstance(ioloop, tornado.ioloop.IOLoop)
+                      else ioloop)
+        self._ready = self._loop.create_future()
+        self._state = RUNNING
+        _live_pools.add(self)
+        for slot in self._slots:
+            self._spawn(slot)
+
+    async def __aenter__(self) -> Pool:
+        if self._state == NEW:
+            self.start()
+        assert self._ready is not None
+        try:
+            await asyncio.shield(self._ready)
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    def stop(self, timeout: float | None = None) -> asyncio.Future[None]:
+        """Stop the pool: accepted tasks finish, their results reach ``process_message``,
+        then every worker runs ``_finalise()`` and exits.
+
+        New messages are refused with :class:`PoolClosed` from now on. After ``timeout``
+        seconds (default: the pool's ``stop_timeout``) the workers are told to cancel what
+        they run, and a second later killed; futures still open then end in
+        :class:`WorkerLost` (sent) or :class:`PoolClosed` (never sent). It cannot hang.
+
+        Returns an awaitable: ``await pool.stop()`` waits without blocking the loop. Called
+        without ``await`` from a coroutine on the running loop (as Looppool 0.3 code does),
+        it finishes the stop in the next loop iteration by blocking the loop until the
+        workers have exited, so that a program which returns right after ``stop()`` still
+        gets every result. Called when no loop is running, it runs the loop until done.
+        """
+        if self._stop_future is not None:
+            return self._stop_future
+        if timeout is None:
+            timeout = self._options['stop_timeout']
+        elif not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
+        if self._state == NEW:
+            self._state = STOPPED
+            loop = _current_loop_or_none()
+            future = _StopFuture(loop=loop) if loop is not None else _StopFuture()
+            future._lp_awaited = False
+            future.set_result(None)
+            self._stop_future = future
+            return future
+        loop = self._loop
+        future = self._stop_future = _StopFuture(loop=loop)
+        future._lp_awaited = False
+        self._state = STOPPING
+        self._stop_deadline = loop.time() + timeout
+        self._timers.append(loop.call_later(timeout, self._escalate))
+        for slot in self._slots:
+            if slot.restart_timer is not None:
+                slot.restart_timer.cancel()
+                slot.restart_timer = None
+            self._stop_when_drained(slot)
+        self._check_stopped()
+
+        running = _current_loop_or_none()
+        if running is loop:
+            loop.call_soon(self._block_unless_awaited)
+        elif running is None and not loop.is_running():
+            if loop.is_closed():
+                self._run_blocking_until_stopped()
+            else:
+                loop.run_until_complete(future)
+        else:
+            raise RuntimeError('stop() must be called from the thread that runs the pool\'s '
+                               'loop; from another thread use IOLoop.add_callback(pool.stop)')
+        return future
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def submit(self, message: Any, *, worker_num: int | None = None,
+               timeout: float | None = None) -> asyncio.Future[Any]:
+        """Send ``message`` to a worker; the returned future resolves to its reply.
+
+        The reply is the return value of the worker's ``handle(message)``; an exception
+        raised there is raised here as the same type, with the worker's traceback as
+        ``__cause__``. When the chosen worker already holds its share of ``max_tasks``, the
+        message waits in the pool (in order) until there is room: backpressure without
+        raising. ``timeout`` (seconds, counted from this call) raises :class:`TimeoutError`
+        and cancels the task in the worker, as does cancelling the future.
+
+        Raises :class:`PoolClosed` once :meth:`stop` was called, and whatever pickling
+        raises if ``message`` cannot be pickled (before anything is sent).
+        """
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if worker_num is not None:
+            self._check_worker_num(worker_num)
+        payload = dumps(message)
+        tid = self._next_tid
+        self._next_tid = tid + 1
+        future = _TaskFuture(loop=self._loop)
+        future._lp_pool = self
+        future._lp_tid = tid
+        future._lp_link = None
+        future._lp_timer = None
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f'timeout must be a positive number of seconds, got '
+                                 f'{timeout!r}')
+            future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
+        self._counts['submitted'] += 1
+        self._dispatch((protocol.TASK, tid, payload, future), worker_num)
+        return future
+
+    def broadcast(self, message: Any, *, timeout: float | None = None,
+                  sticky: bool = False) -> asyncio.Future[list[Any]]:
+        """Send ``message`` to every worker; resolves to their replies in worker order.
+
+        With ``sticky=True`` the message is also replayed, in order, to every replacement
+        worker before it takes other work, so state a worker builds from broadcasts (a
+        lookup table) survives a crash.
+        """
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if sticky:
+            self._sticky.append(dumps(message))
+        futures = [self.submit(message, worker_num=number, timeout=timeout)
+                   for number in range(self.pool_size)]
+        return asyncio.gather(*futures)
+
+    def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
+        """Send ``message`` without waiting for a reply (Looppool 0.3 style).
+
+        Workers are chosen round-robin, exactly: ``pool_size`` consecutive calls reach each
+        worker once; ``worker_num`` picks one. Raises :class:`queue.Full` when that worker
+        already holds its share of ``max_tasks`` (sent and not yet done).
+        """
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if worker_num is None:
+            slot = self._slots[self._rr]
+        else:
+            self._check_worker_num(worker_num)
+            slot = self._slots[worker_num]
+        link = slot.link
+        if link is None or link.used >= self._share or slot.targeted:
+            if slot.start_error is not None:
+                raise slot.start_error
+            raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
+                             f'({self._share} tasks sent and not yet done)')
+        payload = dumps(message)
+        if worker_num is None:
+            self._rr = (self._rr + 1) % self.pool_size
+        self._counts['submitted'] += 1
+        link.used += 1
+        assert link.channel is not None
+        link.channel.send(protocol.NOTE, 0, payload)
+
+    def put(self, message: Any, worker_num: int | None = None) -> asyncio.Future[None]:
+        """Like :meth:`put_nowait`, but waits for room instead of raising ``queue.Full``.
+
+        The returned future resolves once the message is handed to a worker.
+        """
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if worker_num is not None:
+            self._check_worker_num(worker_num)
+        payload = dumps(message)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._counts['submitted'] += 1
+        self._dispatch((protocol.NOTE, 0, payload, future), worker_num)
+        return future
+
+    def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
+        """Receive one result a worker sent with ``_put_nowait`` (or a note's return value).
+
+        Assign a function to it (or override it); it runs on the parent's loop and may be a
+        coroutine. It must call ``result_done()`` once the result is ingested (or be
+        decorated with :func:`~looppool.task_done`): each worker may have only its share of
+        ``max_results`` results unacknowledged. This default drops results, with a warning.
+        """
+        result_done()
+        if not self._warned_results:
+            self._warned_results = True
+            log.warning('a worker sent a result but pool.process_message is not set; '
+                        'results are dropped')
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers about the pool: counters since start, and one entry per worker."""
+        workers = []
+        for slot in self._slots:
+            link = slot.link
+            workers.append({
+                'number': slot.number,
+                'pid': link.pid if link else None,
+                'alive': bool(link and not link.exited),
+                'ready': bool(link and link.ready),
+                'in_flight': link.used if link else 0,
+                'waiting': len(slot.targeted),
+                'restarts': slot.restarts,
+            })
+        return {
+            'state': self._state,
+            'pool_size': self.pool_size,
+            'submitted': self._counts['submitted'],
+            'completed': self._counts['completed'],
+            'failed': self._counts['failed'],
+            'lost': self._counts['lost'],
+            'cancelled': self._counts['cancelled'],
+            'timed_out': self._counts['timed_out'],
+            'restarts': self._counts['restarts'],
+            'in_flight': sum(w['in_flight'] for w in workers),
+            'waiting': len(self._pending) + sum(w['waiting'] for w in workers),
+            'workers': workers,
+        }
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _dispatch(self, item: Item, worker_num: int | None) -> None:
+        share = self._share
+        if worker_num is None:
+            if not self._pending:
+                slots = self._slots
+                size = len(slots)
+                index = self._rr
+                for _ in range(size):
+                    slot = slots[index]
+                    index = index + 1 if index + 1 < size else 0
+                    link = slot.link
+                    if link is not None and link.used < share and not slot.targeted:
+                        self._rr = index
+                        self._send(link, item)
+                        return
+                if all(slot.start_error is not None for slot in slots):
+                    self._fail_item(item, slots[0].start_error)
+                    return
+            self._pending.append(item)
+        else:
+            slot = self._slots[worker_num]
+            if slot.start_error is not None:
+                self._fail_item(item, slot.start_error)
+                return
+            link = slot.link
+            if link is not None and link.used < share and not slot.targeted:
+                self._send(link, item)
+            else:
+                slot.targeted.append(item)
+
+    def _send(self, link: _Link, item: Item) -> None:
+        kind, tid, payload, future = item
+        link.used += 1
+        if kind == protocol.TASK:
+            link.inflight[tid] = future  # type: ignore[assignment]
+            future._lp_link = link  # type: ignore[union-attr]
+        elif future is not None:
+            future.set_result(None)
+        link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+
+    def _refill(self, slot: _Slot) -> None:
+        link = slot.link
+        if link is None:
+            return
+        share = self._share
+        targeted = slot.targeted
+        pending = self._pending
+        while link.used < share and (targeted or pending):
+            item = targeted.popleft() if targeted else pending.popleft()
+            future = item[3]
+            if future is not None and future.done():
+                continue  # cancelled or timed out while it waited
+            self._send(link, item)
+        if self._state is STOPPING:
+            self._stop_when_drained(slot)
+
+    def _fail_item(self, item: Item, error: BaseException | None) -> None:
+        future = item[3]
+        if future is not None and not future.done():
+            _cancel_timer(future)
+            future.set_exception(error or PoolClosed('the pool is stopped'))
+
+    # -- frames from workers ---------------------------------------------------------------
+
+    def _on_frames(self, link: _Link, frames: list[tuple[int, int, Any]]) -> None:
+        inflight = link.inflight
+        freed = 0
+        completed = 0
+        for kind, arg, payload in frames:
+            if kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
+                if kind == protocol.REPLY:
+                    freed += 1
+                completed += 1
+                future = inflight.pop(arg, None)
+                if future is None or future.done():
+                    continue
+                if future._lp_timer is not None:
+                    future._lp_timer.cancel()
+                try:
+                    value = loads(payload)
+                except BaseException as exc:
+                    future.set_exception(self._unpickle_error(link, 'reply', exc))
+                    continue
+                future.set_result(value)
+            elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
+                if kind == protocol.ERROR:
+                    freed += 1
+                self._counts['failed'] += 1
+                future = inflight.pop(arg, None)
+                if future is None or future.done():
+                    continue
+                _cancel_timer(future)
+                try:
+                    exc, text = loads(payload)
+                    exc.__cause__ = RemoteTraceback(text)
+                except BaseException as error:
+                    exc = self._unpickle_error(link, 'exception', error)
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            elif kind == protocol.FREED:
+                freed += arg
+            elif kind == protocol.RESULT:
+                self._deliver(link, payload)
+            elif kind == protocol.READY:
+                self._on_ready(link)
+            elif kind == protocol.START_FAILED:
+                try:
+                    link.start_error = loads(payload)
+                except BaseException:  # pragma: no cover - the text is a plain str
+                    link.start_error = '(the start-up traceback could not be read)'
+            elif kind == protocol.LOG:
+                self._on_log(link, payload)
+        if completed:
+            self._counts['completed'] += completed
+        if freed:
+            link.used -= freed
+            slot = self._slots[link.number]
+            if slot.link is link:
+                self._refill(slot)
+
+    def _deliver(self, link: _Link, payload: Any) -> None:
+        try:
+            result = loads(payload)
+        except BaseException as exc:
+            log.error('a result from worker %d (pid %d) could not be unpickled and was '
+                      'dropped: %r', link.number, link.pid, exc)
+            link.result_done()
+            return
+        try:
+            outcome = self.process_message(result, link.result_done)
+        except Exception:
+            log.exception('process_message raised for a result from worker %d', link.number)
+            return
+        if outcome is not None and inspect.isawaitable(outcome):
+            if type(outcome) is not types.CoroutineType:
+                outcome = _await(outcome)
+            task = start_coroutine(self._loop, outcome)
+            if task.done():
+                self._result_task_done(task)
+            else:
+                self._result_tasks.add(task)
+                task.add_done_callback(self._result_task_done)
+
+    def _result_task_done(self, task: asyncio.Future[Any]) -> None:
+        self._result_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error('process_message raised', exc_info=(type(exc), exc, exc.__traceback__))
+        if self._state is STOPPING:
+            self._check_stopped()
+
+    def _on_log(self, link: _Link, payload: Any) -> None:
+        try:
+            record = logging.makeLogRecord(loads(payload))
+        except BaseException:  # pragma: no cover - records are plain dicts
+            return
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+    def _unpickle_error(self, link: _Link, what: str, exc: BaseException) -> BaseException:
+        return pickle.UnpicklingError(
+            f'the {what} from worker {link.number} (pid {link.pid}) could not be unpickled '
+            f'in the parent: {exc!r} (is its class importable here?)')
+
+    # -- cancellation and timeouts ---------------------------------------------------------
+
+    def _expire(self, future: _TaskFuture, timeout: float) -> None:
+        future._lp_timer = None
+        if future.done():
+            return
+        where = (f'on worker {future._lp_link.number}' if future._lp_link is not None
+                 else 'waiting for room in the pool')
+        future.set_exception(TimeoutError(
+            f'task {future._lp_tid} did not finish within {timeout} s ({where}); '
+            'it was cancelled'))
+        self._counts['timed_out'] += 1
+        self._abandon(future)
+
+    def _abandon(self, future: _TaskFuture) -> None:
+        """The caller gave up on ``future``: stop the work in the worker, if it started."""
+        _cancel_timer(future)
+        if future.cancelled():
+            self._counts['cancelled'] += 1
+        link = future._lp_link
+        tid = future._lp_tid
+        if link is None or tid not in link.inflight or link.channel is None \
+                or link.channel.closed:
+            return
+        link.channel.send(protocol.CANCEL, tid)
+        grace = self._options['cancel_grace']
+        self._timers.append(
+            self._loop.call_later(grace, self._check_cancelled, weakref.ref(link), tid, grace))
+
+    def _check_cancelled(self, link_ref: weakref.ref[_Link], tid: int, grace: float) -> None:
+        link = link_ref()
+        if link is None or link.exited or tid not in link.inflight:
+            return
+        link.kill_reason = (f'task {tid} was cancelled but its handler did not give up '
+                            f'control within cancel_grace={grace} s (CPU-bound code that '
+                            'does not await), so the worker was killed')
+        log.warning('worker %d (pid %d): %s', link.number, link.pid, link.kill_reason)
+        _kill(link)
+
+    # -- supervision -----------------------------------------------------------------------
+
+    def _spawn(self, slot: _Slot) -> None:
+        ctx = self._mp_context
+        parent_sock, child_sock = socketpair()
+        start_method = ctx.get_start_method()
+        close_fds = tuple(_parent_fds | {parent_sock.fileno()}) if start_method == 'fork' \
+            else ()
+        config = protocol.WorkerConfig(
+            number=slot.number,
+            pool_size=self.pool_size,
+            result_credit=self._result_share,
+            start_method=start_method,
+            title=self._title(slot.number),
+            close_fds=close_fds,
+            log_level=logging.getLogger().getEffectiveLevel(),
+            forward_logs=True,
+            cancel_grace=self._options['cancel_grace'],
+        )
+        link = _Link(slot.number)
+        process = ctx.Process(target=worker_main,
+                              args=(self._worker_class, child_sock, config, os.getpid()),
+                              name=f'looppool-worker-{slot.number}')
+        try:
+            process.start()
+        finally:
+            child_sock.close()
+        link.process = process
+        link.pid = process.pid or 0
+        link.sentinel = process.sentinel
+        link.started_at = self._loop.time()
+        link.channel = Channel(parent_sock, self._loop,
+                               functools.partial(self._on_frames, link),
+                               functools.partial(self._on_channel_closed, link),
+                               before_flush=link.before_flush)
+        _parent_fds.add(link.channel.fileno())
+        self._loop.add_reader(link.sentinel, self._on_exit, link)
+        slot.link = link
+        # A replacement first replays the sticky broadcasts, then takes its share of work.
+        for payload in self._sticky:
+            link.used += 1
+            link.channel.send(protocol.NOTE, 0, payload)
+        self._refill(slot)
+
+    def _title(self, number: int) -> str | None:
+        title = self._options['title']
+        if not title:
+            return None
+        if isinstance(title, str):
+            return f'{title} {number}'
+        try:
+            import setproctitle
+            parent = setproctitle.getproctitle()
+        except Exception:  # pragma: no cover
+            parent = ' '.join(sys.argv)
+        return f'looppool worker {number} | {parent}'
+
+    def _on_ready(self, link: _Link) -> None:
+        link.ready = True
+        slot = self._slots[link.number]
+        slot.failures = 0
+        slot.start_error = None
+        if self._ready is not None and not self._ready.done() and all(
+                s.link is not None and s.link.ready for s in self._slots):
+            self._ready.set_result(None)
+
+    def _on_channel_closed(self, link: _Link) -> None:
+        # End of file: the process is exiting; its sentinel reports the exit itself.
+        pass
+
+    def _on_exit(self, link: _Link) -> None:
+        loop = self._loop
+        if not loop.is_closed():
+            loop.remove_reader(link.sentinel)
+        if link.exited:
+            return
+        link.exited = True
+        assert link.process is not None and link.channel is not None
+        link.process.join(5)
+        exitcode = link.process.exitcode
+        if not link.channel.closed:
+            link.channel.drain()   # replies the worker sent before it exited
+            link.channel.close()
+        _parent_fds.discard(link.channel.fileno())
+        slot = self._slots[link.number]
+        if slot.link is link:
+            slot.link = None
+        lost = list(link.inflight.values())
+        link.inflight.clear()
+        link.used = 0
+
+        if not link.ready:
+            self._start_failed(slot, link, exitcode, lost)
+        elif not (link.stop_sent and exitcode == 0):
+            reason = link.kill_reason or _likely_cause(exitcode)
+            error = WorkerLost(
+                f'worker {link.number} (pid {link.pid}) {_how_it_ended(exitcode)} while '
+                f'running this task; {reason}'
+                + ('; it was replaced' if self._state is RUNNING else ''),
+                link.number, link.pid, exitcode)
+            if lost or self._state is RUNNING:
+                log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
+                          link.pid, _how_it_ended(exitcode), len(lost), reason)
+            self._fail(lost, error, 'lost')
+            if self._state is RUNNING:
+                slot.restarts += 1
+                self._counts['restarts'] += 1
+                self._spawn(slot)
+        if self._state is STOPPING:
+            if slot.link is None:
+                for item in slot.targeted:
+                    self._fail_item(item, PoolClosed(
+                        f'the pool stopped before worker {slot.number} could take this task'))
+                slot.targeted.clear()
+            self._check_stopped()
+
+    def _start_failed(self, slot: _Slot, link: _Link, exitcode: int | None,
+                      lost: list[_TaskFuture]) -> None:
+        traceback_text = link.start_error or ''
+        if traceback_text:
+            what = f'could not start: its _initialise() raised\n{traceback_text}'
+        else:
+            what = f'{_how_it_ended(exitcode)} before it was ready ({_likely_cause(exitcode)})'
+        error = WorkerStartError(f'worker {slot.number} (pid {link.pid}) {what}', slot.number,
+                                 link.pid, exitcode, traceback_text)
+        log.error('%s', error)
+        self._fail(lost, error, 'lost')
+        slot.failures += 1
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+            self._ready.exception()  # retrieved: __aenter__ may not be waiting for it
+        if self._state is not RUNNING:
+            return
+        if slot.failures >= 2:
+            # It keeps failing: callers get the start-up error instead of waiting for it.
+            slot.start_error = error
+            for item in slot.targeted:
+                self._fail_item(item, error)
+            slot.targeted.clear()
+            if all(s.start_error is not None for s in self._slots):
+                for item in self._pending:
+                    self._fail_item(item, error)
+                self._pending.clear()
+        delay = min(0.1 * 2 ** (slot.failures - 1), 10.0)
+        slot.restart_timer = self._loop.call_later(delay, self._restart, slot)
+
+    def _restart(self, slot: _Slot) -> None:
+        slot.restart_timer = None
+        if self._state is RUNNING and slot.link is None:
+            slot.restarts += 1
+            self._counts['restarts'] += 1
+            self._spawn(slot)
+
+    def _fail(self, futures: Iterable[_TaskFuture], error: BaseException, counter: str) -> None:
+        for future in futures:
+            if not future.done():
+                _cancel_timer(future)
+                future.set_exception(error)
+                self._counts[counter] += 1
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def _stop_when_drained(self, slot: _Slot) -> None:
+        link = slot.link
+        if link is None or link.stop_sent or slot.targeted or self._pending:
+            return
+        link.stop_sent = True
+        assert link.channel is not None
+        link.channel.send(protocol.STOP, 0)
+
+    def _check_stopped(self) -> None:
+        if self._state is not STOPPING:
+            return
+        if any(slot.link is not None for slot in self._slots) or self._result_tasks:
+            return
+        self._finish_stop()
+
+    def _finish_stop(self) -> None:
+        self._state = STOPPED
+        for item in self._pending:
+            self._fail_item(item, PoolClosed('the pool stopped before this task was sent'))
+        self._pending.clear()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        _live_pools.discard(self)
+        future = self._stop_future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    def _escalate(self) -> None:
+        """The stop deadline passed: tell the workers to give up, then kill them."""
+        if self._state is not STOPPING or self._kill_at is not None:
+            return
+        for item in self._pending:
+            self._fail_item(item, PoolClosed('the pool stopped (its stop timeout passed) '
+                                             'before this task was sent'))
+        self._pending.clear()
+        for slot in self._slots:
+            for item in slot.targeted:
+                self._fail_item(item, PoolClosed('the pool stopped (its stop timeout passed) '
+                                                 'before this task was sent'))
+            slot.targeted.clear()
+            link = slot.link
+            if link is not None and link.channel is not None and not link.channel.closed:
+                link.kill_reason = 'the pool\'s stop timeout passed, so it was killed'
+                link.channel.send(protocol.TERMINATE, 0)
+        grace = self._options['kill_grace']
+        self._kill_at = self._loop.time() + grace
+        self._timers.append(self._loop.call_later(grace, self._kill_all))
+
+    def _kill_all(self) -> None:
+        for slot in self._slots:
+            if slot.link is not None:
+                _kill(slot.link)
+
+    def _block_unless_awaited(self) -> None:
+        future = self._stop_future
+        if future is None or future.done() or future._lp_awaited:
+            return
+        self._run_blocking_until_stopped()
+
+    def _run_blocking_until_stopped(self) -> None:
+        """Drive the channels and sentinels directly while the loop cannot run."""
+        future = self._stop_future
+        assert future is not None
+        loop = self._loop
+        with selectors.DefaultSelector() as selector:
+            while not future.done():
+                now = loop.time()
+                if now >= self._stop_deadline and self._kill_at is None:
+                    self._escalate()
+                if self._kill_at is not None and now >= self._kill_at:
+                    self._kill_all()
+                wait = (self._kill_at if self._kill_at is not None else self._stop_deadline)
+                links = [slot.link for slot in self._slots if slot.link is not None]
+                for link in links:
+                    assert link.channel is not None
+                    if link.channel.wants_write or link.acks:
+                        link.channel.flush()
+                keys = []
+                for link in links:
+                    assert link.channel is not None
+                    if not link.channel.closed:
+                        events = selectors.EVENT_READ
+                        if link.channel.wants_write:
+                            events |= selectors.EVENT_WRITE
+                        keys.append(selector.register(link.channel.fileno(), events,
+                                                      ('channel', link)))
+                    keys.append(selector.register(link.sentinel, selectors.EVENT_READ,
+                                                  ('exit', link)))
+                if not keys:
+                    self._check_stopped()
+                    break
+                ready = selector.select(max(0.0, min(wait - now, 0.5)))
+                for key in keys:
+                    selector.unregister(key.fileobj)
+                for key, events in ready:
+                    what, link = key.data
+                    if what == 'exit':
+                        self._on_exit(link)
+                    elif not link.exited and link.channel is not None:
+                        if events & selectors.EVENT_READ:
+                            link.channel.read_ready()
+                        if events & selectors.EVENT_WRITE:
+                            link.channel.flush()
+                self._check_stopped()
+
+    def _abandon_at_exit(self) -> None:
+        """The interpreter is exiting with this pool running: end the workers quickly."""
+        links = [slot.link for slot in self._slots if slot.link is not None]
+        for link in links:
+            if link.channel is not None and not link.channel.closed:
+                _parent_fds.discard(link.channel.fileno())
+                link.channel.close()   # end of file: the worker exits
+        for link in links:
+            assert link.process is not None
+            link.process.join(self._options['kill_grace'])
+            if link.process.is_alive():
+                link.process.kill()
+                link.process.join(5)
+        self._state = STOPPED
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _not_running(self) -> Exception:
+        if self._state is NEW:
+            return RuntimeError('start the pool first (pool.start(), or async with)')
+        return PoolClosed(f'the pool is {self._state}; it takes no new messages')
+
+    def _check_worker_num(self, worker_num: int) -> None:
+        if not isinstance(worker_num, int) or isinstance(worker_num, bool) \
+                or not 0 <= worker_num < self.pool_size:
+            raise ValueError(f'worker_num must be in 0..{self.pool_size - 1}, '
+                             f'got {worker_num!r}')
+
+
+def _cancel_timer(future: Any) -> None:
+    timer = getattr(future, '_lp_timer', None)
+    if timer is not None:
+        timer.cancel()
+        future._lp_timer = None
+
+
+def _kill(link: _Link) -> None:
+    if link.process is not None and not link.exited:
+        try:
+            link.process.kill()
+        except (OSError, ValueError):  # pragma: no cover - already reaped
+            pass
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _how_it_ended(exitcode: int | None) -> str:
+    if exitcode is None:
+        return 'vanished'
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f'signal {-exitcode}'
+        return f'died with signal {-exitcode} ({name})'
+    return f'exited with code {exitcode}'
+
+
+def _likely_cause(exitcode: int | None) -> str:
+    if exitcode == -signal.SIGKILL:
+        return ('likely causes: the kernel\'s out-of-memory killer (check dmesg), '
+                'or a kill -9')
+    if exitcode == -signal.SIGSEGV:
+        return 'likely cause: a crash in native code (segmentation fault)'
+    if exitcode == -signal.SIGABRT:
+        return 'likely cause: an abort in native code or a failed assertion in C'
+    if exitcode is not None and exitcode >= 0:
+        return 'likely cause: os._exit() or sys.exit() in a handler, or the worker\'s ' \
+               'parent-death signal'
+    return 'likely cause: a signal sent to the worker'
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f'{name} must be an int, got {value!r}')
+    if value < minimum:
+        raise ValueError(f'{name} must be at least {minimum}, got {value}')
+
+
+def _resolve_context(value: Any) -> multiprocessing.context.BaseContext:
+    if value is None:
+        return multiprocessing.get_context()
+    if isinstance(value, str):
+        try:
+            return multiprocessing.get_context(value)
+        except ValueError:
+            raise ValueError(f'mp_context must be one of '
+                             f'{multiprocessing.get_all_start_methods()}, got {value!r}') \
+                from None
+    if isinstance(value, multiprocessing.context.BaseContext):
+        return value
+    raise TypeError(f'mp_context must be a start method name or a multiprocessing context, '
+                    f'got {value!r}')
+
+
+def _current_loop_or_none() -> asyncio.AbstractEventLoop | None:
+    return asyncio._get_running_loop()
+
+
+@atexit.register
+def _end_pools_at_exit() -> None:
+    # Registered after multiprocessing's own exit hook, so it runs first: that hook joins
+    # child processes, which would wait forever for workers that were never stopped.
+    for pool in list(_live_pools):
+        if pool._state in (RUNNING, STOPPING):
+            pool._abandon_at_exit()

@@ -1,0 +1,68 @@
+"""What crosses the pipe between the pool and a worker: frame kinds and the start-up record.
+
+Every frame is ``(kind, arg, payload)`` (see :mod:`looppool.channel` for the bytes).
+
+Parent to worker:
+
+========== ============ ===========================================================
+kind       arg          payload
+========== ============ ===========================================================
+TASK       task id      pickled message; the worker answers with REPLY or ERROR
+NOTE       0            pickled message; no answer, the worker sends FREED when done
+CANCEL     task id      --; cancel the task's coroutine
+CREDIT     count        --; that many results were acknowledged (``result_done``)
+STOP       0            --; finish accepted tasks, run ``_finalise``, exit
+TERMINATE  0            --; cancel every task, run ``_finalise``, exit now
+========== ============ ===========================================================
+
+Worker to parent:
+
+============ ============ =========================================================
+kind         arg          payload
+============ ============ =========================================================
+READY        pid          --; ``_initialise`` returned, work can flow
+START_FAILED pid          pickled traceback text of the failed start
+REPLY        task id      pickled return value; frees the task's slot
+ERROR        task id      pickled ``(exception, traceback text)``; frees the slot
+REPLY_KEEP   task id      as REPLY, but the slot is freed later by FREED
+ERROR_KEEP   task id      as ERROR, but the slot is freed later by FREED
+FREED        count        --; that many slots are free (``_task_done`` and notes)
+RESULT       0            pickled ``_put_nowait`` result for ``process_message``
+LOG          0            pickled ``logging.LogRecord`` attributes
+============ ============ =========================================================
+
+The ``*_KEEP`` kinds exist for Looppool-style workers, where a task's slot is freed by
+``_task_done()`` rather than by the end of ``_process_message``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE = range(1, 7)
+READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
+
+# Protocol 5 adds out-of-band buffers and is the fastest for large bytes-like payloads.
+PROTOCOL = 5
+
+
+def dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, PROTOCOL)
+
+
+loads = pickle.loads
+
+
+class WorkerConfig(NamedTuple):
+    """Everything a worker process needs from the pool, passed once at start."""
+
+    number: int
+    pool_size: int
+    result_credit: int
+    start_method: str
+    title: str | None
+    close_fds: tuple[int, ...]
+    log_level: int
+    forward_logs: bool
+    cancel_grace: float

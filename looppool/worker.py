@@ -1,0 +1,506 @@
+"""The worker side: the :class:`Worker` base class, :func:`task_done`, and the worker
+process's main function.
+
+Inside one worker process::
+
+    channel (socket to the parent) --frames--> _Runner.on_frames
+        TASK / NOTE  -> Worker.handle(message)            (modern)
+                        Worker._process_message(message)  (Looppool style)
+                        run as a coroutine on this process's loop, started eagerly where
+                        the interpreter supports it (Python 3.12+)
+        CANCEL       -> the task's asyncio.Task is cancelled
+        CREDIT       -> room for more _put_nowait results
+        STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
+    replies, FREED counts and _put_nowait results go back through the same channel.
+
+Who owns what: the :class:`_Runner` owns the channel, the table of suspended tasks and the
+counters; the :class:`Worker` instance is the user's and owns only the user's state. All of
+it lives on the worker process's single loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import traceback
+import types
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import tornado.ioloop
+
+from . import protocol
+from .channel import Channel
+from .protocol import dumps, loads
+
+__all__ = ['Worker', 'task_done']
+
+log = logging.getLogger('looppool.worker')
+
+_F = TypeVar('_F', bound=Callable[..., Any])
+
+_EAGER = sys.version_info >= (3, 12)
+
+
+def start_coroutine(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future[Any]:
+    """Run ``coro`` as a task, starting it eagerly where the interpreter supports it.
+
+    An eager task runs up to its first suspension inside this call, so a coroutine that
+    never suspends costs no trip through the loop's ready queue.
+    """
+    if _EAGER:
+        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
+    return loop.create_task(coro)
+
+
+def task_done(fn: _F) -> _F:
+    """Decorate a message handler so that the task (or result) counts as done when it returns.
+
+    On a :class:`Worker`'s ``_process_message`` it calls ``self._task_done()``; on a pool's
+    ``process_message(result, result_done)`` it calls ``result_done()``. For a coroutine or
+    a function returning an awaitable (``gen.coroutine``), the call happens when the
+    awaitable finishes, whether it succeeds or raises::
+
+        class FetchWorker(looppool.Worker):
+            @looppool.task_done
+            @gen.coroutine
+            def _process_message(self, url):
+                response = yield self._http_client.fetch(url)
+                self._put_nowait((url, response.code))
+
+        @looppool.task_done
+        def process_message(result, result_done):
+            print(result)
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], Worker):
+            done: Callable[[], None] = args[0]._task_done
+        elif args and callable(args[-1]):
+            done = args[-1]
+        else:
+            raise TypeError(f'{fn.__qualname__} decorated with @task_done must be a Worker '
+                            'method or take result_done as its last argument')
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException:
+            done()
+            raise
+        if inspect.isawaitable(result):
+            loop = asyncio.get_event_loop()
+            future = asyncio.ensure_future(result, loop=loop)
+            future.add_done_callback(lambda _: done())
+            return future
+        done()
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Worker:
+    """Base class of the code that runs in each worker process; subclass it.
+
+    One instance is made in each worker process, after the process starts, so anything
+    built in :meth:`_initialise` (connections, caches, a lookup table) lives in that
+    process only. All of its methods run on the worker's own IO loop thread; it is not
+    thread-safe (from another thread, use ``self._ioloop.add_callback``).
+
+    Override :meth:`handle` (modern: its return value answers :meth:`Pool.submit
+    <looppool.Pool.submit>`), or :meth:`_process_message` (Looppool 0.3 style: call
+    :meth:`_task_done` when done, or decorate it with :func:`task_done`)::
+
+        class Resizer(looppool.Worker):
+            def _initialise(self):
+                self.cache = {}
+
+            async def handle(self, message):
+                return expensive(message)
+
+    Attributes set before :meth:`_initialise` runs:
+
+    ``_number``
+        This worker's number, ``0 .. pool_size - 1``; a replacement keeps it.
+    ``_ioloop``
+        This process's :class:`tornado.ioloop.IOLoop`.
+    """
+
+    _number: int
+    _ioloop: tornado.ioloop.IOLoop
+    _runner: _Runner | None = None
+
+    def _initialise(self) -> Any:
+        """Set the worker up; called once per process, before the first message.
+
+        May return an awaitable, which is awaited before the worker takes work. An
+        exception here fails the start: the pool reports it and retries with back-off.
+        """
+
+    def _finalise(self) -> Any:
+        """Clean up (close connections); called once per process on a clean stop.
+
+        Runs on the loop after the last accepted task finished. May return an awaitable.
+        """
+
+    async def handle(self, message: Any) -> Any:
+        """Handle one message; the return value (or exception) answers ``submit()``.
+
+        May be ``async def`` or a plain ``def``. A message sent with ``put_nowait()`` or
+        ``put()`` has no caller waiting: a return value other than ``None`` is then
+        delivered to the pool's ``process_message``, like :meth:`_put_nowait`.
+        """
+        raise NotImplementedError(
+            f'{type(self).__qualname__} must override handle() or _process_message()')
+
+    def _process_message(self, message: Any) -> Any:
+        """Looppool 0.3 style handler: plain function or coroutine.
+
+        It must call :meth:`_task_done` once the task is done (in ``try``/``finally``, or by
+        decorating it with :func:`task_done`); until then the task holds one of the worker's
+        slots. Its return value answers ``submit()``.
+        """
+        raise NotImplementedError  # pragma: no cover - never called for modern workers
+
+    def _put_nowait(self, result: Any) -> None:
+        """Send ``result`` to the parent's ``Pool.process_message(result, result_done)``.
+
+        Raises :class:`queue.Full` when this worker's share of ``max_results`` results are
+        waiting for ``result_done()``; :class:`pickle.PicklingError` (or whatever pickling
+        raises) when ``result`` cannot be pickled.
+        """
+        self._require_runner().put_result(result)
+
+    def _task_done(self) -> None:
+        """Free the slot of one Looppool-style task (see :meth:`_process_message`)."""
+        self._require_runner().task_done()
+
+    def start(self) -> None:
+        """Called in the worker process after :meth:`_initialise`, before the loop runs.
+
+        Subclasses extend it (call ``super().start()``), e.g. to start a periodic reporter.
+        """
+
+    def join(self) -> None:
+        """Called in the worker process after its loop stopped, before it exits.
+
+        Subclasses extend it (call ``super().join()``), e.g. to stop a reporter.
+        """
+
+    def _require_runner(self) -> _Runner:
+        runner = self._runner
+        if runner is None:
+            raise RuntimeError('this Worker is not running in a looppool worker process')
+        return runner
+
+
+class _Runner:
+    """Drives one :class:`Worker` in its process: frames in, tasks run, frames out.
+
+    Lives in the worker process, on its loop thread; not thread-safe.
+    """
+
+    def __init__(self, worker: Worker, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 config: protocol.WorkerConfig) -> None:
+        self.worker = worker
+        self.loop = loop
+        self.config = config
+        self.number = config.number
+        self.pid = os.getpid()
+        self.credit = config.result_credit
+        # Suspended tasks: a submit()'s task id, or -id(task) for a note (no id needed).
+        self.running: dict[int, asyncio.Future[Any]] = {}
+        self.open_slots = 0       # Looppool-style tasks whose _task_done() is still due
+        self.freed = 0            # slots freed since the last flush, sent as one FREED
+        self.stopping = False
+        self.stopped = False
+        cls = type(worker)
+        self.looppool_style = cls._process_message is not Worker._process_message
+        self.call = worker._process_message if self.looppool_style else worker.handle
+        self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
+                               before_flush=self.before_flush)
+
+    # -- frames from the parent ------------------------------------------------------------
+
+    def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        for kind, arg, payload in frames:
+            if kind == protocol.TASK:
+                self.start_task(arg, payload, True)
+            elif kind == protocol.NOTE:
+                self.start_task(0, payload, False)
+            elif kind == protocol.CANCEL:
+                task = self.running.get(arg)
+                if task is not None:
+                    task.cancel()
+            elif kind == protocol.CREDIT:
+                self.credit += arg
+            elif kind == protocol.STOP:
+                self.stopping = True
+                self.maybe_stop()
+            elif kind == protocol.TERMINATE:
+                self.terminate()
+
+    def start_task(self, tid: int, payload: Any, reply: bool) -> None:
+        try:
+            message = loads(payload)
+        except BaseException as exc:
+            self.finish(tid, reply, exc, failed=True, note='could not unpickle the message')
+            if self.looppool_style:
+                self.task_done()
+            return
+        if self.looppool_style:
+            self.open_slots += 1
+        try:
+            result = self.call(message)
+        except BaseException as exc:
+            self.finish(tid, reply, exc, failed=True)
+            return
+        if type(result) is types.CoroutineType or inspect.isawaitable(result):
+            if type(result) is not types.CoroutineType:
+                result = _await(result)
+            task = start_coroutine(self.loop, result)
+            if task.done():
+                self.task_finished(tid, reply, task)
+                return
+            self.running[tid if reply else -id(task)] = task
+            task.add_done_callback(functools.partial(self.task_finished, tid, reply))
+            return
+        self.finish(tid, reply, result)
+
+    def task_finished(self, tid: int, reply: bool, task: asyncio.Future[Any]) -> None:
+        self.running.pop(tid if reply else -id(task), None)
+        if task.cancelled():
+            self.finish(tid, reply, asyncio.CancelledError(), failed=True)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.finish(tid, reply, exc, failed=True)
+        else:
+            self.finish(tid, reply, task.result())
+
+    def finish(self, tid: int, reply: bool, value: Any, failed: bool = False,
+               note: str | None = None) -> None:
+        """Answer a task: a reply for submit(), or a freed slot (and result) for a note."""
+        if reply:
+            if failed:
+                kind = protocol.ERROR_KEEP if self.looppool_style else protocol.ERROR
+                self.channel.send(kind, tid, self.encode_error(value, note))
+            else:
+                kind = protocol.REPLY_KEEP if self.looppool_style else protocol.REPLY
+                try:
+                    payload = dumps(value)
+                except BaseException as exc:
+                    kind = protocol.ERROR_KEEP if self.looppool_style else protocol.ERROR
+                    payload = self.encode_error(
+                        pickle.PicklingError(
+                            f'worker {self.number} (pid {self.pid}) could not pickle the '
+                            f'reply ({type(value).__qualname__}): {exc!r}'), None)
+                self.channel.send(kind, tid, payload)
+        else:
+            if failed and not isinstance(value, asyncio.CancelledError):
+                log.error('worker %d: %s %s', self.number,
+                          note or 'message handler raised', _describe(value),
+                          exc_info=(type(value), value, value.__traceback__))
+            elif not failed and value is not None and not self.looppool_style:
+                self.send_result(value)
+            if not self.looppool_style:
+                self.slot_freed()
+        if self.stopping:
+            self.maybe_stop()
+
+    def encode_error(self, exc: BaseException, note: str | None) -> bytes:
+        text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if note:
+            text = f'{note} in worker {self.number} (pid {self.pid}):\n{text}'
+        try:
+            payload = dumps((exc, text))
+            loads(payload)  # an exception that pickles but cannot be rebuilt fails here
+            return payload
+        except BaseException as pickling_error:
+            stand_in = pickle.PicklingError(
+                f'worker {self.number} (pid {self.pid}) raised {type(exc).__qualname__}: '
+                f'{exc}, which cannot be sent to the parent ({pickling_error!r})')
+            return dumps((stand_in, text))
+
+    # -- slots and results -----------------------------------------------------------------
+
+    def slot_freed(self) -> None:
+        self.freed += 1
+        if self.freed == 1:
+            self.channel.schedule_flush()
+
+    def task_done(self) -> None:
+        if self.open_slots <= 0:
+            raise RuntimeError('_task_done() called more often than messages were received')
+        self.open_slots -= 1
+        self.slot_freed()
+        if self.stopping:
+            self.maybe_stop()
+
+    def before_flush(self) -> None:
+        if self.freed:
+            freed, self.freed = self.freed, 0
+            self.channel.send(protocol.FREED, freed)
+
+    def put_result(self, result: Any) -> None:
+        if self.credit <= 0:
+            raise queue.Full(f'worker {self.number}: max_results results are waiting for '
+                             'result_done() in the parent')
+        payload = dumps(result)  # a result that cannot be pickled raises to the caller
+        self.credit -= 1
+        self.channel.send(protocol.RESULT, 0, payload)
+
+    def send_result(self, result: Any) -> None:
+        """Send a result, even past the credit: a note's return value is never dropped."""
+        try:
+            payload = dumps(result)
+        except Exception:
+            log.exception('worker %d: could not pickle a result of type %s; it was dropped',
+                          self.number, type(result).__qualname__)
+            return
+        self.credit -= 1
+        self.channel.send(protocol.RESULT, 0, payload)
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def maybe_stop(self) -> None:
+        if self.stopped or self.running or self.open_slots:
+            return
+        self.stopped = True
+        start_coroutine(self.loop, self.finalise_and_exit())
+
+    async def finalise_and_exit(self) -> None:
+        try:
+            result = self.worker._finalise()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception('worker %d: _finalise() raised', self.number)
+        self.channel.flush()
+        self.loop.stop()
+
+    def terminate(self) -> None:
+        self.stopping = True
+        for task in list(self.running.values()):
+            task.cancel()
+        self.open_slots = 0
+        self.maybe_stop()
+
+    def on_parent_lost(self) -> None:
+        # The parent closed its end or died: nobody is left to answer, so cancel and exit.
+        self.stopping = True
+        for task in list(self.running.values()):
+            task.cancel()
+        self.loop.stop()
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__qualname__}: {exc}'
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+def _set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a backstop for EOF)."""
+    if not sys.platform.startswith('linux'):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # pragma: no cover - EOF on the channel still ends the worker
+        pass
+
+
+def _set_title(config: protocol.WorkerConfig) -> None:
+    if config.title is None:
+        return
+    try:
+        import setproctitle
+        setproctitle.setproctitle(config.title)
+    except Exception:  # pragma: no cover - a title is a convenience
+        pass
+
+
+def worker_main(worker_class: type[Worker], sock: socket.socket,
+                config: protocol.WorkerConfig, parent_pid: int) -> None:
+    """The worker process's main function (the target of its ``multiprocessing.Process``)."""
+    # The parent stops workers by message; a terminal's Ctrl-C or a service manager's
+    # SIGTERM reach the whole process group and must not kill tasks in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid and config.start_method != 'forkserver':
+        os._exit(0)  # the parent died before the death signal was armed
+    for fd in config.close_fds:
+        # Under fork this process inherited the parent's ends of every channel; holding
+        # them would keep other workers from seeing their parent's death.
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):  # pragma: no cover
+        pass
+    _set_title(config)
+
+    # A forked child starts inside the parent's running loop callback; forget that loop.
+    asyncio.events._set_running_loop(None)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    io_loop = tornado.ioloop.IOLoop.current()
+
+    worker = worker_class()
+    worker._number = config.number
+    worker._ioloop = io_loop
+    runner = _Runner(worker, sock, loop, config)
+    worker._runner = runner
+    try:
+        result = worker._initialise()
+        if inspect.isawaitable(result):
+            loop.run_until_complete(_await(result))
+        worker.start()
+    except BaseException:
+        text = traceback.format_exc()
+        runner.channel.send(protocol.START_FAILED, os.getpid(), dumps(text))
+        _flush_blocking(runner.channel, sock)
+        sys.stderr.flush()
+        os._exit(3)
+    runner.channel.send(protocol.READY, os.getpid())
+    try:
+        loop.run_forever()
+    finally:
+        try:
+            worker.join()
+        finally:
+            _flush_blocking(runner.channel, sock)
+            runner.channel.close()
+            loop.close()
+
+
+def _flush_blocking(channel: Channel, sock: socket.socket) -> None:
+    """Write out what the channel holds, waiting for the parent to read it (bounded)."""
+    import selectors
+    if channel.closed:
+        return
+    channel.flush()
+    deadline = 5.0
+    with selectors.DefaultSelector() as selector:
+        selector.register(channel.fileno(), selectors.EVENT_WRITE)
+        while channel.wants_write and not channel.closed and deadline > 0:
+            if selector.select(0.1):
+                channel.flush()
+            deadline -= 0.1
