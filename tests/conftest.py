@@ -1,0 +1,85 @@
+"""Fixtures shared by the suite: every test must leave no child process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import psutil
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+# Processes multiprocessing keeps for the whole test session by design.
+_HELPERS = ('multiprocessing.forkserver', 'multiprocessing.resource_tracker',
+            'resource_tracker', 'forkserver')
+
+
+def _children() -> list[psutil.Process]:
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = ' '.join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+        if any(helper in cmdline for helper in _HELPERS):
+            continue
+        found.append(child)
+    return found
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = 'condition'
+             ) -> Any:
+    """Wait (blocking) until ``condition()`` is true; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f'timed out after {timeout} s waiting for {what}')
+        time.sleep(0.01)
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0,
+                     what: str = 'condition') -> Any:
+    """Wait on the loop until ``condition()`` is true; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f'timed out after {timeout} s waiting for {what}')
+        await asyncio.sleep(0.01)
+
+
+def run(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine on a fresh loop (each test owns its loop)."""
+    return asyncio.run(main)
+
+
+@pytest.fixture(autouse=True)
+def no_children_left(request: pytest.FixtureRequest):
+    """Fail a test that leaves a child process; kill what it left either way."""
+    before = {child.pid for child in _children()}
+    yield
+    deadline = time.monotonic() + 5
+    left = [c for c in _children() if c.pid not in before]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = [c for c in _children() if c.pid not in before and c.is_running()
+                and c.status() != psutil.STATUS_ZOMBIE]
+    for child in left:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    if left and not request.node.get_closest_marker('leaves_children'):
+        pytest.fail(f'the test left {len(left)} child process(es): '
+                    f'{[(c.pid, c.name()) for c in left if c.is_running()]}')

@@ -1,0 +1,137 @@
+"""Worker classes the tests share; importable by spawned and forkserver workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+from tornado import gen
+
+import looppool
+
+
+class Echo(looppool.Worker):
+    """Answers with what it got; a few special messages do something else."""
+
+    def _initialise(self) -> None:
+        self.initialised_at = time.monotonic()
+        self.seen: list[Any] = []
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    async def handle(self, message: Any) -> Any:
+        if isinstance(message, tuple) and message and isinstance(message[0], str):
+            return await getattr(self, 'do_' + message[0])(*message[1:])
+        return message
+
+    async def do_pid(self) -> int:
+        return os.getpid()
+
+    async def do_whoami(self) -> tuple[int, int]:
+        return self._number, os.getpid()
+
+    async def do_sleep(self, seconds: float, value: Any = None) -> Any:
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.concurrent -= 1
+        return value
+
+    async def do_max_concurrent(self) -> int:
+        return self.max_concurrent
+
+    async def do_record(self, value: Any) -> None:
+        self.seen.append(value)
+
+    async def do_seen(self) -> list[Any]:
+        return self.seen
+
+    async def do_raise(self, exc: BaseException) -> None:
+        raise exc
+
+    async def do_cancellable(self, seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self._put_nowait(('cancelled', self._number))
+            raise
+        return 'finished'
+
+    async def do_spin(self, seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+        return 'spun'
+
+    async def do_exit(self, code: int) -> None:
+        os._exit(code)
+
+    async def do_kill_self(self, signum: int = signal.SIGKILL) -> None:
+        os.kill(os.getpid(), signum)
+
+    async def do_put(self, *results: Any) -> int:
+        sent = 0
+        for result in results:
+            self._put_nowait(result)
+            sent += 1
+        return sent
+
+    async def do_try_put(self, count: int) -> int:
+        sent = 0
+        try:
+            for index in range(count):
+                self._put_nowait(index)
+                sent += 1
+        except Exception as exc:
+            return -sent if type(exc).__name__ == 'Full' else -1000
+        return sent
+
+    async def do_ioloop(self) -> str:
+        return type(self._ioloop).__name__
+
+
+class Classic(looppool.Worker):
+    """A Looppool 0.3 style worker: gen.coroutine _process_message and _put_nowait."""
+
+    def _initialise(self) -> None:
+        self.count = 0
+
+    @looppool.task_done
+    @gen.coroutine
+    def _process_message(self, message: Any) -> Any:
+        yield gen.sleep(0.01)
+        self.count += 1
+        self._put_nowait((message, self._number, os.getpid()))
+
+
+class ClassicAsync(looppool.Worker):
+    """Looppool style with ``async def`` and an explicit ``_task_done()``."""
+
+    async def _process_message(self, message: Any) -> Any:
+        try:
+            await asyncio.sleep(0)
+            self._put_nowait((message, self._number))
+            return message
+        finally:
+            self._task_done()
+
+
+class ClassicPlain(looppool.Worker):
+    """Looppool style with a plain function."""
+
+    @looppool.task_done
+    def _process_message(self, message: Any) -> None:
+        self._put_nowait((message, self._number))
+
+
+class FailingStart(looppool.Worker):
+    def _initialise(self) -> None:
+        raise RuntimeError('cannot open the database')
+
+    async def handle(self, message: Any) -> Any:  # pragma: no cover - never starts
+        return message
