@@ -72,6 +72,10 @@ _OPTIONS = {
     'kill_grace': 1.0,
     'title': True,
     'mp_context': None,
+    'max_tasks_per_worker': None,
+    'max_memory_per_worker': None,
+    'memory_check_interval': 1.0,
+    'forward_logs': True,
 }
 
 # Parent-side channel descriptors of every live worker of every pool in this process. A
@@ -117,7 +121,7 @@ class _Link:
 
     __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
-                 'started_at', '__weakref__')
+                 'started_at', 'sent', 'retiring', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -134,6 +138,8 @@ class _Link:
         self.exited = False
         self.kill_reason: str | None = None
         self.started_at = 0.0
+        self.sent = 0           # tasks sent, for max_tasks_per_worker
+        self.retiring = False   # being recycled: takes no new work, exits when drained
 
     def result_done(self) -> None:
         """Acknowledge one result; the credit goes back to the worker with the next flush."""
@@ -152,7 +158,7 @@ class _Slot:
     """One worker number: its current process and the messages waiting for it."""
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
-                 'restart_timer')
+                 'restart_timer', 'retiring', 'recycles')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -162,6 +168,8 @@ class _Slot:
         self.failures = 0
         self.start_error: WorkerStartError | None = None
         self.restart_timer: asyncio.TimerHandle | None = None
+        self.retiring: list[_Link] = []   # recycled processes finishing their last tasks
+        self.recycles = 0
 
 
 class Pool:
@@ -184,6 +192,12 @@ class Pool:
         escalates (default 30).
     :param cancel_grace: seconds a cancelled or timed-out task may take to end in the
         worker before the worker is killed and replaced (default 5).
+    :param max_tasks_per_worker: recycle a worker after it was sent this many tasks: a
+        replacement starts first, the old process finishes what it has and exits.
+    :param max_memory_per_worker: recycle a worker whose resident memory (RSS, bytes)
+        exceeds this, checked every ``memory_check_interval`` seconds (default 1).
+    :param forward_logs: ``True`` (default) sends every log record made in a worker to
+        this process's handlers, with ``worker_number`` and ``worker_pid`` on the record.
     :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
         (``ps``, ``htop``); ``False`` leaves titles alone.
 
@@ -224,7 +238,10 @@ class Pool:
         if unknown:
             raise TypeError(f'Pool() got unexpected option(s): {", ".join(sorted(unknown))}')
         self._options = {**_OPTIONS, **options}
-        for name in ('stop_timeout', 'cancel_grace', 'kill_grace'):
+        for name in ('max_tasks_per_worker', 'max_memory_per_worker'):
+            if self._options[name] is not None:
+                _check_int(name, self._options[name], 1)
+        for name in ('stop_timeout', 'cancel_grace', 'kill_grace', 'memory_check_interval'):
             value = self._options[name]
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
@@ -254,6 +271,8 @@ class Pool:
         self._timers: list[asyncio.TimerHandle] = []
         self._warned_results = False
         self._counts = collections.Counter[str]()
+        self._recycle_after: int | None = self._options['max_tasks_per_worker']
+        self._memory_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -272,6 +291,9 @@ class Pool:
         _live_pools.add(self)
         for slot in self._slots:
             self._spawn(slot)
+        if self._options['max_memory_per_worker'] is not None:
+            self._memory_timer = self._loop.call_later(
+                self._options['memory_check_interval'], self._check_memory)
 
     async def __aenter__(self) -> Pool:
         if self._state == NEW:
@@ -419,9 +441,7 @@ class Pool:
         if worker_num is None:
             self._rr = (self._rr + 1) % self.pool_size
         self._counts['submitted'] += 1
-        link.used += 1
-        assert link.channel is not None
-        link.channel.send(protocol.NOTE, 0, payload)
+        self._send(link, (protocol.NOTE, 0, payload, None))
 
     def put(self, message: Any, worker_num: int | None = None) -> asyncio.Future[None]:
         """Like :meth:`put_nowait`, but waits for room instead of raising ``queue.Full``.
@@ -522,6 +542,11 @@ class Pool:
         elif future is not None:
             future.set_result(None)
         link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+        if self._recycle_after is not None:
+            link.sent += 1
+            if link.sent >= self._recycle_after:
+                self._recycle(link, f'it was sent max_tasks_per_worker={self._recycle_after} '
+                                    'tasks')
 
     def _refill(self, slot: _Slot) -> None:
         link = slot.link
@@ -530,7 +555,8 @@ class Pool:
         share = self._share
         targeted = slot.targeted
         pending = self._pending
-        while link.used < share and (targeted or pending):
+        # slot.link is read again each time: a send may recycle the process.
+        while (link := slot.link) is not None and link.used < share and (targeted or pending):
             item = targeted.popleft() if targeted else pending.popleft()
             future = item[3]
             if future is not None and future.done():
@@ -705,7 +731,7 @@ class Pool:
             title=self._title(slot.number),
             close_fds=close_fds,
             log_level=logging.getLogger().getEffectiveLevel(),
-            forward_logs=True,
+            forward_logs=bool(self._options['forward_logs']),
             cancel_grace=self._options['cancel_grace'],
         )
         link = _Link(slot.number)
@@ -732,6 +758,53 @@ class Pool:
             link.used += 1
             link.channel.send(protocol.NOTE, 0, payload)
         self._refill(slot)
+
+    def _recycle(self, link: _Link, reason: str) -> None:
+        """Replace a healthy worker: the replacement starts first and takes new work, the
+        old process finishes what it was sent and exits."""
+        slot = self._slots[link.number]
+        if link.retiring or slot.link is not link or self._state is not RUNNING:
+            return
+        log.info('worker %d (pid %d) is being recycled (planned, not a crash): %s',
+                 link.number, link.pid, reason)
+        link.retiring = True
+        slot.recycles += 1
+        self._counts['recycles'] += 1
+        slot.retiring.append(link)
+        slot.link = None
+        self._spawn(slot)
+        link.stop_sent = True
+        assert link.channel is not None
+        link.channel.send(protocol.STOP, 0)
+
+    def _check_memory(self) -> None:
+        self._memory_timer = None
+        if self._state is not RUNNING:
+            return
+        import psutil
+        limit = self._options['max_memory_per_worker']
+        for slot in self._slots:
+            link = slot.link
+            if link is None or not link.ready:
+                continue
+            try:
+                rss = psutil.Process(link.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                self._recycle(link, f'its resident memory ({rss / 2 ** 20:.1f} MiB) exceeded '
+                                    f'max_memory_per_worker ({limit / 2 ** 20:.1f} MiB)')
+        self._memory_timer = self._loop.call_later(self._options['memory_check_interval'],
+                                                   self._check_memory)
+
+    def _links(self) -> list[_Link]:
+        """Every live worker process: the current one of each slot and those retiring."""
+        links = []
+        for slot in self._slots:
+            if slot.link is not None:
+                links.append(slot.link)
+            links.extend(slot.retiring)
+        return links
 
     def _title(self, number: int) -> str | None:
         title = self._options['title']
@@ -776,6 +849,8 @@ class Pool:
         slot = self._slots[link.number]
         if slot.link is link:
             slot.link = None
+        elif link in slot.retiring:
+            slot.retiring.remove(link)
         lost = list(link.inflight.values())
         link.inflight.clear()
         link.used = 0
@@ -793,7 +868,7 @@ class Pool:
                 log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
                           link.pid, _how_it_ended(exitcode), len(lost), reason)
             self._fail(lost, error, 'lost')
-            if self._state is RUNNING:
+            if self._state is RUNNING and slot.link is None and not link.retiring:
                 slot.restarts += 1
                 self._counts['restarts'] += 1
                 self._spawn(slot)
@@ -862,12 +937,14 @@ class Pool:
     def _check_stopped(self) -> None:
         if self._state is not STOPPING:
             return
-        if any(slot.link is not None for slot in self._slots) or self._result_tasks:
+        if self._links() or self._result_tasks:
             return
         self._finish_stop()
 
     def _finish_stop(self) -> None:
         self._state = STOPPED
+        if self._memory_timer is not None:
+            self._memory_timer.cancel()
         for item in self._pending:
             self._fail_item(item, PoolClosed('the pool stopped before this task was sent'))
         self._pending.clear()
@@ -892,8 +969,8 @@ class Pool:
                 self._fail_item(item, PoolClosed('the pool stopped (its stop timeout passed) '
                                                  'before this task was sent'))
             slot.targeted.clear()
-            link = slot.link
-            if link is not None and link.channel is not None and not link.channel.closed:
+        for link in self._links():
+            if link.channel is not None and not link.channel.closed:
                 link.kill_reason = 'the pool\'s stop timeout passed, so it was killed'
                 link.channel.send(protocol.TERMINATE, 0)
         grace = self._options['kill_grace']
@@ -901,9 +978,8 @@ class Pool:
         self._timers.append(self._loop.call_later(grace, self._kill_all))
 
     def _kill_all(self) -> None:
-        for slot in self._slots:
-            if slot.link is not None:
-                _kill(slot.link)
+        for link in self._links():
+            _kill(link)
 
     def _block_unless_awaited(self) -> None:
         future = self._stop_future
@@ -924,7 +1000,7 @@ class Pool:
                 if self._kill_at is not None and now >= self._kill_at:
                     self._kill_all()
                 wait = (self._kill_at if self._kill_at is not None else self._stop_deadline)
-                links = [slot.link for slot in self._slots if slot.link is not None]
+                links = self._links()
                 for link in links:
                     assert link.channel is not None
                     if link.channel.wants_write or link.acks:
@@ -959,7 +1035,7 @@ class Pool:
 
     def _abandon_at_exit(self) -> None:
         """The interpreter is exiting with this pool running: end the workers quickly."""
-        links = [slot.link for slot in self._slots if slot.link is not None]
+        links = self._links()
         for link in links:
             if link.channel is not None and not link.channel.closed:
                 _parent_fds.discard(link.channel.fileno())

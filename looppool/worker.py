@@ -30,6 +30,7 @@ import queue
 import signal
 import socket
 import sys
+import threading
 import traceback
 import types
 from collections.abc import Awaitable, Callable
@@ -259,6 +260,8 @@ class _Runner:
             self.open_slots += 1
         try:
             result = self.call(message)
+        except (SystemExit, KeyboardInterrupt):
+            raise  # the handler asked the process to end: see worker_main
         except BaseException as exc:
             self.finish(tid, reply, exc, failed=True)
             return
@@ -468,6 +471,8 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     worker._ioloop = io_loop
     runner = _Runner(worker, sock, loop, config)
     worker._runner = runner
+    if config.forward_logs:
+        _forward_logs(runner, config)
     try:
         result = worker._initialise()
         if inspect.isawaitable(result):
@@ -480,8 +485,16 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
         sys.stderr.flush()
         os._exit(3)
     runner.channel.send(protocol.READY, os.getpid())
+    exit_code = 0
     try:
         loop.run_forever()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # A handler raised it: the process ends as asked; the pool fails this worker's
+        # tasks with WorkerLost and replaces it.
+        exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
+            else 1
+        log.error('worker %d (pid %d): a handler raised %s; the worker exits with code %d',
+                  config.number, os.getpid(), type(exc).__name__, exit_code)
     finally:
         try:
             worker.join()
@@ -489,6 +502,65 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
             _flush_blocking(runner.channel, sock)
             runner.channel.close()
             loop.close()
+    if exit_code:
+        sys.exit(exit_code)
+
+
+class _LogForwarder(logging.Handler):
+    """Sends every record to the parent, which hands it to its own handlers.
+
+    Never blocks: the channel only buffers. A record made on another thread of the worker
+    is passed to the loop thread with ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, runner: _Runner) -> None:
+        super().__init__()
+        self.runner = runner
+        self.loop_thread = threading.get_ident()
+        self.process_name = f'looppool worker {runner.number}'
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = dict(record.__dict__)
+            data['msg'] = record.getMessage()
+            data['args'] = None
+            if record.exc_info:
+                data['exc_text'] = record.exc_text or logging.Formatter().formatException(
+                    record.exc_info)
+            data['exc_info'] = None
+            data.pop('message', None)
+            data['processName'] = self.process_name
+            data['worker_number'] = self.runner.number
+            data['worker_pid'] = self.runner.pid
+            try:
+                payload = dumps(data)
+            except Exception:
+                payload = dumps({key: value if isinstance(value, (str, int, float, type(None)))
+                                 else repr(value) for key, value in data.items()})
+        except Exception:
+            self.handleError(record)
+            return
+        channel = self.runner.channel
+        if threading.get_ident() == self.loop_thread:
+            channel.send(protocol.LOG, 0, payload)
+        else:
+            self.runner.loop.call_soon_threadsafe(channel.send, protocol.LOG, 0, payload)
+
+
+def _forward_logs(runner: _Runner, config: protocol.WorkerConfig) -> None:
+    """Route this process's log records to the parent's handlers.
+
+    Handlers inherited through fork are removed: they would write a second copy of each
+    record, from this process, past the parent's configuration.
+    """
+    root = logging.getLogger()
+    loggers = [root] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                        if isinstance(logger, logging.Logger)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    root.addHandler(_LogForwarder(runner))
+    root.setLevel(config.log_level)
 
 
 def _flush_blocking(channel: Channel, sock: socket.socket) -> None:
