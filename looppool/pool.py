@@ -41,6 +41,7 @@ import inspect
 import logging
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.util  # noqa: F401 - imported first so its exit hook runs after ours
 import os
 import pickle
 import queue
@@ -81,7 +82,8 @@ _OPTIONS = {
 # Parent-side channel descriptors of every live worker of every pool in this process. A
 # forked worker closes them all: a copy held by a sibling would hide its parent's death.
 _parent_fds: set[int] = set()
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+# Pools with running workers, held until stopped so that interpreter exit can end them.
+_live_pools: set[Pool] = set()
 
 Item = tuple[int, int, Any, Optional[asyncio.Future]]   # (kind, task id, payload, future)
 
@@ -1047,6 +1049,7 @@ class Pool:
                 link.process.kill()
                 link.process.join(5)
         self._state = STOPPED
+        _live_pools.discard(self)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -1143,8 +1146,9 @@ def _current_loop_or_none() -> asyncio.AbstractEventLoop | None:
 
 @atexit.register
 def _end_pools_at_exit() -> None:
-    # Registered after multiprocessing's own exit hook, so it runs first: that hook joins
-    # child processes, which would wait forever for workers that were never stopped.
+    # Registered after multiprocessing's own exit hook (multiprocessing.util is imported
+    # above), so it runs first: that hook joins child processes, which would wait forever
+    # for workers that were never stopped.
     for pool in list(_live_pools):
         if pool._state in (RUNNING, STOPPING):
             pool._abandon_at_exit()

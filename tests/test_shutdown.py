@@ -1,0 +1,235 @@
+"""Stopping: drains, escalates, never hangs; no orphans however the parent ends."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+import looppool
+from conftest import run, wait_for
+from workers import Echo
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = os.path.dirname(looppool.__path__[0])
+
+
+def _program(tmp_path, body: str) -> str:
+    path = tmp_path / 'program.py'
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.path.dirname(__file__)])}
+
+
+def test_stop_escalates_past_its_deadline_when_a_worker_hangs() -> None:
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=2, worker_class=Echo, kill_grace=0.5)
+        await pool.__aenter__()
+        hung = pool.submit(('spin', 60), worker_num=0)
+        cooperative = pool.submit(('sleep', 60), worker_num=1)
+        quick = pool.submit(('sleep', 0.1, 'done'), worker_num=1)
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await pool.stop(timeout=0.5)
+        elapsed = time.monotonic() - started
+        assert elapsed < 3, elapsed
+        assert await quick == 'done'
+        with pytest.raises(looppool.WorkerLost, match='stop timeout passed'):
+            await hung
+        # the cooperative one was cancelled by the terminate message, not killed
+        assert cooperative.done()
+        assert pool.stats()['state'] == 'stopped'
+
+    run(main())
+
+
+def test_unsent_messages_end_in_pool_closed_when_stop_gives_up() -> None:
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=1, worker_class=Echo, max_tasks=1, kill_grace=0.3)
+        await pool.__aenter__()
+        blocking = pool.submit(('spin', 60))
+        waiting = pool.submit('never sent')
+        await pool.stop(timeout=0.3)
+        with pytest.raises(looppool.PoolClosed):
+            await waiting
+        with pytest.raises(looppool.WorkerLost):
+            await blocking
+
+    run(main())
+
+
+def test_blocking_stop_in_looppool_style_never_hangs(tmp_path) -> None:
+    program = _program(tmp_path, '''
+        import time, looppool
+        from tornado import gen, ioloop
+        from workers import Echo
+
+        @gen.coroutine
+        def main():
+            pool = looppool.Pool(ioloop.IOLoop.current(), 1, Echo, kill_grace=0.3)
+            pool.start()
+            pool.put_nowait(('spin', 60))
+            pool.stop(timeout=0.5)   # not awaited: blocks in the next iteration, bounded
+
+        started = time.monotonic()
+        ioloop.IOLoop.current().run_sync(main)
+        print('stopped in', round(time.monotonic() - started, 1))
+    ''')
+    done = subprocess.run([sys.executable, program], env=_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 3
+
+
+def _worker_pids_of(pid: int) -> list[int]:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c.pid for c in children if 'looppool worker' in ' '.join(c.cmdline())]
+
+
+@pytest.mark.parametrize('method', ['fork', 'spawn', 'forkserver'])
+def test_workers_exit_when_the_parent_is_killed(tmp_path, method: str) -> None:
+    program = _program(tmp_path, f'''
+        import asyncio, looppool
+        from workers import Echo
+
+        async def main():
+            async with looppool.Pool(pool_size=2, worker_class=Echo,
+                                     mp_context={method!r}) as pool:
+                print(*await pool.broadcast(('pid',)), flush=True)
+                await asyncio.sleep(60)
+
+        if __name__ == '__main__':
+            asyncio.run(main())
+    ''')
+    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2 and all(psutil.pid_exists(pid) for pid in pids)
+        parent.kill()
+        parent.wait(5)
+        started = time.monotonic()
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=5,
+                 what='the workers to exit after their parent was killed')
+        assert time.monotonic() - started < 1.5
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if parent.stdout:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_ctrl_c_to_the_process_group_does_not_kill_tasks_in_flight(tmp_path) -> None:
+    program = _program(tmp_path, '''
+        import asyncio, signal, looppool
+        from workers import Echo
+
+        async def main():
+            interrupted = asyncio.Event()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted.set)
+            async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+                task = pool.submit(('sleep', 1.0, 'finished'))
+                print('ready', flush=True)
+                await interrupted.wait()
+                print('interrupted', flush=True)
+                print(await task, flush=True)   # the application decides: finish, then stop
+
+        asyncio.run(main())
+    ''')
+    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == 'ready'
+        os.killpg(parent.pid, signal.SIGINT)   # what a terminal's Ctrl-C does
+        out, _ = parent.communicate(timeout=20)
+        assert out.split() == ['interrupted', 'finished']
+        assert parent.returncode == 0
+    finally:
+        parent.kill()
+        parent.wait(5)
+
+
+def test_a_program_that_never_stops_its_pool_still_exits(tmp_path) -> None:
+    program = _program(tmp_path, '''
+        import asyncio, looppool
+        from workers import Echo
+
+        async def main():
+            pool = looppool.Pool(pool_size=2, worker_class=Echo)
+            pool.start()
+            print(await pool.submit('hello'), flush=True)
+            # no stop(): the interpreter exits with the workers running
+
+        if __name__ == '__main__':
+            asyncio.run(main())
+    ''')
+    done = subprocess.run([sys.executable, program], env=_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'hello'
+
+
+def test_stop_before_start_and_twice() -> None:
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=1, worker_class=Echo)
+        await pool.stop()
+        with pytest.raises(looppool.PoolClosed):
+            pool.submit(1)
+        pool = looppool.Pool(pool_size=1, worker_class=Echo)
+        async with pool:
+            pass
+        await pool.stop()
+        with pytest.raises(RuntimeError, match='already started'):
+            pool.start()
+
+    run(main())
+
+
+def test_finalise_runs_on_a_clean_stop(tmp_path) -> None:
+    marker = tmp_path / 'finalised'
+    program = _program(tmp_path, f'''
+        import asyncio, looppool
+
+        class Closing(looppool.Worker):
+            async def handle(self, message):
+                return message
+            async def _finalise(self):
+                await asyncio.sleep(0.01)
+                with open({str(marker)!r} + str(self._number), 'w') as f:
+                    f.write('closed')
+
+        async def main():
+            async with looppool.Pool(pool_size=2, worker_class=Closing) as pool:
+                await pool.submit(1)
+
+        if __name__ == '__main__':
+            asyncio.run(main())
+    ''')
+    done = subprocess.run([sys.executable, program], env=_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'finalised0').read_text() == 'closed'
+    assert (tmp_path / 'finalised1').read_text() == 'closed'
