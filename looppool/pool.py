@@ -57,6 +57,7 @@ import tornado.ioloop
 
 from . import protocol
 from .channel import Channel, socketpair
+from .metrics import PoolMetrics
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .protocol import dumps, loads
 from .worker import Worker, start_coroutine, worker_main
@@ -77,6 +78,8 @@ _OPTIONS = {
     'max_memory_per_worker': None,
     'memory_check_interval': 1.0,
     'forward_logs': True,
+    'statsd_prefix': 'looppool',
+    'statsd_interval': 10.0,
 }
 
 # Parent-side channel descriptors of every live worker of every pool in this process. A
@@ -91,7 +94,7 @@ Item = tuple[int, int, Any, Optional[asyncio.Future]]   # (kind, task id, payloa
 class _TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     """The future of one ``submit()``: cancelling it cancels the task in the worker."""
 
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer')
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started')
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -187,7 +190,10 @@ class Pool:
         most its share (``max_tasks // pool_size``, at least 1) at once.
     :param max_results: results sent with ``_put_nowait`` and not yet acknowledged with
         ``result_done()``; each worker may have its share outstanding.
-    :param statsd: a ``statsd.StatsClient`` to send the pool's metrics to (optional).
+    :param statsd: a ``statsd.StatsClient`` to send the pool's metrics to (optional): task
+        counters, durations, in-flight gauges, restarts (see :mod:`looppool.metrics`),
+        every ``statsd_interval`` seconds (default 10) under ``statsd_prefix`` (default
+        ``'looppool'``).
     :param mp_context: ``'fork'``, ``'forkserver'``, ``'spawn'`` or a
         :mod:`multiprocessing` context; ``None`` means the interpreter's default.
     :param stop_timeout: seconds :meth:`stop` waits for accepted tasks before it
@@ -243,7 +249,8 @@ class Pool:
         for name in ('max_tasks_per_worker', 'max_memory_per_worker'):
             if self._options[name] is not None:
                 _check_int(name, self._options[name], 1)
-        for name in ('stop_timeout', 'cancel_grace', 'kill_grace', 'memory_check_interval'):
+        for name in ('stop_timeout', 'cancel_grace', 'kill_grace', 'memory_check_interval',
+                     'statsd_interval'):
             value = self._options[name]
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
@@ -274,6 +281,7 @@ class Pool:
         self._warned_results = False
         self._counts = collections.Counter[str]()
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
+        self._metrics: PoolMetrics | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -291,6 +299,11 @@ class Pool:
         self._ready = self._loop.create_future()
         self._state = RUNNING
         _live_pools.add(self)
+        if self._statsd is not None:
+            self._metrics = PoolMetrics(self._statsd, self._options['statsd_prefix'],
+                                        self._options['statsd_interval'], self._loop,
+                                        self.stats)
+            self._metrics.start()
         for slot in self._slots:
             self._spawn(slot)
         if self._options['max_memory_per_worker'] is not None:
@@ -394,6 +407,7 @@ class Pool:
         future._lp_tid = tid
         future._lp_link = None
         future._lp_timer = None
+        future._lp_started = self._loop.time() if self._metrics is not None else 0.0
         if timeout is not None:
             if not isinstance(timeout, (int, float)) or timeout <= 0:
                 raise ValueError(f'timeout must be a positive number of seconds, got '
@@ -498,6 +512,7 @@ class Pool:
             'cancelled': self._counts['cancelled'],
             'timed_out': self._counts['timed_out'],
             'restarts': self._counts['restarts'],
+            'recycles': self._counts['recycles'],
             'in_flight': sum(w['in_flight'] for w in workers),
             'waiting': len(self._pending) + sum(w['waiting'] for w in workers),
             'workers': workers,
@@ -558,11 +573,14 @@ class Pool:
         targeted = slot.targeted
         pending = self._pending
         # slot.link is read again each time: a send may recycle the process.
+        metrics = self._metrics
         while (link := slot.link) is not None and link.used < share and (targeted or pending):
             item = targeted.popleft() if targeted else pending.popleft()
             future = item[3]
             if future is not None and future.done():
                 continue  # cancelled or timed out while it waited
+            if metrics is not None and type(future) is _TaskFuture:
+                metrics.waits.offer(self._loop.time() - future._lp_started)
             self._send(link, item)
         if self._state is STOPPING:
             self._stop_when_drained(slot)
@@ -579,6 +597,7 @@ class Pool:
         inflight = link.inflight
         freed = 0
         completed = 0
+        metrics = self._metrics
         for kind, arg, payload in frames:
             if kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
                 if kind == protocol.REPLY:
@@ -595,6 +614,8 @@ class Pool:
                     future.set_exception(self._unpickle_error(link, 'reply', exc))
                     continue
                 future.set_result(value)
+                if metrics is not None:
+                    metrics.durations.offer(self._loop.time() - future._lp_started)
             elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
                 if kind == protocol.ERROR:
                     freed += 1
@@ -947,6 +968,8 @@ class Pool:
         self._state = STOPPED
         if self._memory_timer is not None:
             self._memory_timer.cancel()
+        if self._metrics is not None:
+            self._metrics.stop()
         for item in self._pending:
             self._fail_item(item, PoolClosed('the pool stopped before this task was sent'))
         self._pending.clear()

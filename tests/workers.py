@@ -135,3 +135,36 @@ class FailingStart(looppool.Worker):
 
     async def handle(self, message: Any) -> Any:  # pragma: no cover - never starts
         return message
+
+
+class Chatty(looppool.Worker):
+    """Logs from its handlers, on purpose."""
+
+    async def handle(self, message: Any) -> Any:
+        import logging
+        logger = logging.getLogger('app.worker')
+        if message == 'fail':
+            try:
+                raise ValueError('the parser choked')
+            except ValueError:
+                logger.exception('could not handle %s', message)
+            return 'logged'
+        logger.warning('handled %s in worker %d', message, self._number)
+        return message
+
+
+class ClassicBroken(looppool.Worker):
+    """A Looppool-style worker whose handler raises: nobody awaits it, so it is logged."""
+
+    @looppool.task_done
+    @gen.coroutine
+    def _process_message(self, message: Any) -> Any:
+        yield gen.sleep(0)
+        raise RuntimeError(f'broken on {message}')
+
+
+class SelfTitled(Echo):
+    def _initialise(self) -> None:
+        super()._initialise()
+        import setproctitle
+        setproctitle.setproctitle(f'my-app lookup worker {self._number}')
