@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from typing import Union
 
-__all__ = ['Channel', 'HEADER', 'socketpair']
+__all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'encode', 'socketpair']
 
 HEADER = struct.Struct('<IBq')
 _HEADER_SIZE = HEADER.size
@@ -59,6 +59,93 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
     return parent, child
 
 
+def encode(kind: int, arg: int, payload: Buffer = b'') -> bytes:
+    """One frame as bytes (for transports that take whole writes)."""
+    return HEADER.pack(len(payload), kind, arg) + payload
+
+
+class FrameTooLarge(ValueError):
+    """A peer announced a frame larger than this channel accepts."""
+
+
+class Parser:
+    """Turns a byte stream into frames; owns the partial frame between reads.
+
+    ``feed(data)`` returns the complete frames; a frame larger than one read is collected
+    into a buffer of its own size, so a large payload is copied once, not once per read.
+    """
+
+    __slots__ = ('max_frame', '_leftover', '_big', '_big_view', '_big_fill', '_big_head')
+
+    def __init__(self, max_frame: int = _MAX_PAYLOAD) -> None:
+        self.max_frame = max_frame
+        self._leftover = b''
+        self._big: bytearray | None = None
+        self._big_view: memoryview | None = None
+        self._big_fill = 0
+        self._big_head = (0, 0)
+
+    @property
+    def collecting(self) -> memoryview | None:
+        """The free part of a large frame's buffer, to ``recv_into`` directly, if any."""
+        if self._big_view is None:
+            return None
+        return self._big_view[self._big_fill:]
+
+    def collected(self, count: int) -> list[Frame]:
+        """``count`` bytes were received into :attr:`collecting`."""
+        assert self._big is not None
+        self._big_fill += count
+        if self._big_fill < len(self._big):
+            return []
+        kind, arg = self._big_head
+        payload = self._big
+        self._big = self._big_view = None
+        return [(kind, arg, payload)]
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._big is not None:
+            view = self.collecting
+            assert view is not None
+            take = min(len(view), len(data))
+            view[:take] = data[:take]
+            frames = self.collected(take)
+            if take == len(data):
+                return frames
+            return frames + self.feed(data[take:])
+        if self._leftover:
+            data = self._leftover + data
+            self._leftover = b''
+        frames: list[Frame] = []
+        unpack = HEADER.unpack_from
+        total = len(data)
+        view = memoryview(data)
+        pos = 0
+        while total - pos >= _HEADER_SIZE:
+            size, kind, arg = unpack(data, pos)
+            if size > self.max_frame:
+                raise FrameTooLarge(f'the peer sent a frame of {size} bytes; at most '
+                                    f'{self.max_frame} are accepted here')
+            start = pos + _HEADER_SIZE
+            end = start + size
+            if end > total:
+                if size >= _LARGE:
+                    big = bytearray(size)
+                    have = total - start
+                    big[:have] = view[start:]
+                    self._big = big
+                    self._big_view = memoryview(big)
+                    self._big_fill = have
+                    self._big_head = (kind, arg)
+                    pos = total
+                break
+            frames.append((kind, arg, view[start:end]))
+            pos = end
+        if pos < total:
+            self._leftover = data[pos:]
+        return frames
+
+
 class Channel:
     """One end of a duplex frame channel, read and written by an asyncio loop.
 
@@ -83,11 +170,7 @@ class Channel:
         self._queue: collections.deque[Buffer] = collections.deque()
         self._flush_scheduled = False
         self._writer_registered = False
-        self._leftover = b''
-        self._big: bytearray | None = None
-        self._big_view: memoryview | None = None
-        self._big_fill = 0
-        self._big_head = (0, 0)
+        self._parser = Parser()
         self.closed = False
         loop.add_reader(self._fd, self.read_ready)
 
@@ -175,58 +258,15 @@ class Channel:
         """One read; returns whether any bytes arrived."""
         if self.closed:
             return False
-        if self._big is not None:
-            return self._read_big()
+        parser = self._parser
+        target = parser.collecting
         try:
-            data = self._sock.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
-            data = b''
-        if not data:
-            self._lost()
-            return False
-        if self._leftover:
-            data = self._leftover + data
-            self._leftover = b''
-        frames = self._parse(data)
-        if frames:
-            self._on_frames(frames)
-        return True
-
-    def _parse(self, data: bytes) -> list[Frame]:
-        frames: list[Frame] = []
-        unpack = HEADER.unpack_from
-        total = len(data)
-        view = memoryview(data)
-        pos = 0
-        while total - pos >= _HEADER_SIZE:
-            size, kind, arg = unpack(data, pos)
-            start = pos + _HEADER_SIZE
-            end = start + size
-            if end > total:
-                if size >= _LARGE:
-                    # Receive the rest of a large frame into a buffer of its own, so the
-                    # leftover is not copied again on every read.
-                    big = bytearray(size)
-                    have = total - start
-                    big[:have] = view[start:]
-                    self._big = big
-                    self._big_view = memoryview(big)
-                    self._big_fill = have
-                    self._big_head = (kind, arg)
-                    pos = total
-                break
-            frames.append((kind, arg, view[start:end]))
-            pos = end
-        if pos < total:
-            self._leftover = data[pos:]
-        return frames
-
-    def _read_big(self) -> bool:
-        assert self._big is not None and self._big_view is not None
-        try:
-            count = self._sock.recv_into(self._big_view[self._big_fill:])
+            if target is not None:
+                count = self._sock.recv_into(target)
+                data = b''
+            else:
+                data = self._sock.recv(_READ_SIZE)
+                count = len(data)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -234,12 +274,9 @@ class Channel:
         if not count:
             self._lost()
             return False
-        self._big_fill += count
-        if self._big_fill == len(self._big):
-            kind, arg = self._big_head
-            payload = self._big
-            self._big = self._big_view = None
-            self._on_frames([(kind, arg, payload)])
+        frames = parser.collected(count) if target is not None else parser.feed(data)
+        if frames:
+            self._on_frames(frames)
         return True
 
     def drain(self) -> None:
