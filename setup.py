@@ -1,0 +1,65 @@
+"""Packaging for looppool. The version lives only in looppool/_version.py."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def read_version():
+    # Parsed, not imported: importing looppool would need its dependencies at build time.
+    text = (HERE / 'looppool' / '_version.py').read_text(encoding='utf-8')
+    match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError('looppool/_version.py does not set __version__')
+    return match.group(1)
+
+
+setup(
+    name='looppool',
+    version=read_version(),
+    description='A pool of worker processes, each running its own Tornado IO loop, '
+                'with message passing to and from the parent loop',
+    long_description=(HERE / 'README.rst').read_text(encoding='utf-8'),
+    long_description_content_type='text/x-rst',
+    keywords='python tornado asyncio multiprocessing process-pool io-loop',
+    packages=find_packages(include=['looppool', 'looppool.*']),
+    package_data={'looppool': ['py.typed']},
+    include_package_data=False,
+    zip_safe=False,
+    python_requires='>=3.10',
+    install_requires=[
+        'tornado>=6.1',
+        'psutil',
+        'statsd',
+        'setproctitle',
+    ],
+    extras_require={
+        'test': [
+            'pytest',
+            'pytest-timeout',
+            'hypothesis',
+            'sphinx',
+            'gunicorn',
+            'mypy',
+        ],
+        'dask': ['distributed'],
+        'bench': ['aiomultiprocess', 'matplotlib'],
+    },
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'Framework :: AsyncIO',
+        'Intended Audience :: Developers',
+        'Operating System :: POSIX',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
+        'Programming Language :: Python :: 3.10',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+        'Programming Language :: Python :: 3.13',
+        'Topic :: Software Development :: Libraries',
+        'Typing :: Typed',
+    ],
+)

@@ -1,0 +1,56 @@
+"""The manual builds with Sphinx, warnings as errors, and the design page shows its picture."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MANUAL = ROOT / 'manual'
+IMAGE = 'message-path.svg'
+
+# Sphinx imports the package for autodoc and renders every page: well within this on any
+# machine, yet a hung build (a worker started at import time, say) cannot stall the suite.
+BUILD_TIMEOUT = 240
+
+
+@pytest.fixture(scope='module')
+def built_manual(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp('manual-html')
+    doctrees = tmp_path_factory.mktemp('manual-doctrees')
+    result = subprocess.run(
+        [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-b', 'html',
+         '-d', str(doctrees), str(MANUAL), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT - 10)
+    assert result.returncode == 0, (
+        f'sphinx-build failed with exit code {result.returncode}\n'
+        f'--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}')
+    return out
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_manual_builds_without_warnings(built_manual: pathlib.Path) -> None:
+    for page in ('index', 'guide', 'design', 'api', 'migration'):
+        assert (built_manual / f'{page}.html').is_file(), f'{page}.html was not written'
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_design_page_shows_the_message_path(built_manual: pathlib.Path) -> None:
+    copied = list(built_manual.rglob(IMAGE))
+    assert copied, f'{IMAGE} was not copied into the built manual'
+    assert copied[0].read_bytes() == (MANUAL / '_static' / IMAGE).read_bytes()
+    design = (built_manual / 'design.html').read_text(encoding='utf-8')
+    assert f'{IMAGE}"' in design, 'design.html does not reference the message-path picture'
+    assert '<img' in design
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+def test_api_page_documents_the_public_names(built_manual: pathlib.Path) -> None:
+    api = (built_manual / 'api.html').read_text(encoding='utf-8')
+    for name in ('looppool.Pool', 'looppool.Worker', 'looppool.task_done',
+                 'looppool.WorkerLost', 'looppool.PoolClosed',
+                 'looppool.utility.ResourceReporter'):
+        assert f'id="{name}"' in api, f'the API page has no entry for {name}'
