@@ -94,7 +94,7 @@ Item = tuple[int, int, Any, Optional[asyncio.Future]]   # (kind, task id, payloa
 class _TaskFuture(asyncio.Future):  # type: ignore[type-arg]
     """The future of one ``submit()``: cancelling it cancels the task in the worker."""
 
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started')
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started', '_lp_sink')
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -103,6 +103,19 @@ class _TaskFuture(asyncio.Future):  # type: ignore[type-arg]
         if pool is not None:
             pool._abandon(self)
         return True
+
+
+class _RawFuture(_TaskFuture):
+    """A task sent for a pool host's client: the reply's bytes go to ``_lp_sink(is_error,
+    payload)`` unpickled, and an error the pool raises itself (WorkerLost, TimeoutError,
+    PoolClosed) is pickled there too. Nobody awaits it."""
+
+    __slots__ = ()
+
+    def set_exception(self, exception: Any) -> None:
+        super().set_exception(exception)
+        self.exception()  # reported through the sink, so never "unretrieved"
+        self._lp_sink(True, dumps((exception, '')))
 
 
 class _StopFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -282,6 +295,8 @@ class Pool:
         self._counts = collections.Counter[str]()
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
         self._metrics: PoolMetrics | None = None
+        # A pool host routes results to its clients as bytes: (origin, payload, result_done).
+        self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -399,19 +414,25 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps(message)
-        tid = self._next_tid
-        self._next_tid = tid + 1
-        future = _TaskFuture(loop=self._loop)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
+        return self._submit_payload(dumps(message), worker_num, timeout, _TaskFuture, None)
+
+    def _submit_payload(self, payload: Any, worker_num: int | None, timeout: float | None,
+                        cls: type[_TaskFuture], sink: Any, tid: int = 0) -> _TaskFuture:
+        """Send an already pickled message (arguments checked by the caller). A pool host
+        chooses ``tid`` itself, so that results can be routed by it."""
+        if not tid:
+            tid = self._next_tid
+            self._next_tid = tid + 1
+        future = cls(loop=self._loop)
         future._lp_pool = self
         future._lp_tid = tid
         future._lp_link = None
         future._lp_timer = None
+        future._lp_sink = sink
         future._lp_started = self._loop.time() if self._metrics is not None else 0.0
         if timeout is not None:
-            if not isinstance(timeout, (int, float)) or timeout <= 0:
-                raise ValueError(f'timeout must be a positive number of seconds, got '
-                                 f'{timeout!r}')
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
         self._counts['submitted'] += 1
         self._dispatch((protocol.TASK, tid, payload, future), worker_num)
@@ -608,6 +629,10 @@ class Pool:
                     continue
                 if future._lp_timer is not None:
                     future._lp_timer.cancel()
+                if future._lp_sink is not None:
+                    _TaskFuture.set_result(future, None)
+                    future._lp_sink(False, payload)
+                    continue
                 try:
                     value = loads(payload)
                 except BaseException as exc:
@@ -624,6 +649,10 @@ class Pool:
                 if future is None or future.done():
                     continue
                 _cancel_timer(future)
+                if future._lp_sink is not None:
+                    _TaskFuture.set_result(future, None)
+                    future._lp_sink(True, payload)
+                    continue
                 try:
                     exc, text = loads(payload)
                     exc.__cause__ = RemoteTraceback(text)
@@ -636,7 +665,7 @@ class Pool:
             elif kind == protocol.FREED:
                 freed += arg
             elif kind == protocol.RESULT:
-                self._deliver(link, payload)
+                self._deliver(link, arg, payload)
             elif kind == protocol.READY:
                 self._on_ready(link)
             elif kind == protocol.START_FAILED:
@@ -654,7 +683,10 @@ class Pool:
             if slot.link is link:
                 self._refill(slot)
 
-    def _deliver(self, link: _Link, payload: Any) -> None:
+    def _deliver(self, link: _Link, origin: int, payload: Any) -> None:
+        if self._raw_results is not None:
+            self._raw_results(origin, payload, link.result_done)
+            return
         try:
             result = loads(payload)
         except BaseException as exc:

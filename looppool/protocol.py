@@ -8,7 +8,7 @@ Parent to worker:
 kind       arg          payload
 ========== ============ ===========================================================
 TASK       task id      pickled message; the worker answers with REPLY or ERROR
-NOTE       0            pickled message; no answer, the worker sends FREED when done
+NOTE       origin       pickled message; no answer, the worker sends FREED when done
 CANCEL     task id      --; cancel the task's coroutine
 CREDIT     count        --; that many results were acknowledged (``result_done``)
 STOP       0            --; finish accepted tasks, run ``_finalise``, exit
@@ -27,7 +27,8 @@ ERROR        task id      pickled ``(exception, traceback text)``; frees the slo
 REPLY_KEEP   task id      as REPLY, but the slot is freed later by FREED
 ERROR_KEEP   task id      as ERROR, but the slot is freed later by FREED
 FREED        count        --; that many slots are free (``_task_done`` and notes)
-RESULT       0            pickled ``_put_nowait`` result for ``process_message``
+RESULT       origin       pickled ``_put_nowait`` result for ``process_message``; origin is
+                          the id of the task (or the note's origin) being handled
 LOG          0            pickled ``logging.LogRecord`` attributes
 ============ ============ =========================================================
 

@@ -21,6 +21,7 @@ it lives on the worker process's single loop thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -49,6 +50,11 @@ log = logging.getLogger('looppool.worker')
 _F = TypeVar('_F', bound=Callable[..., Any])
 
 _EAGER = sys.version_info >= (3, 12)
+
+# The task (or note origin) a handler runs for, so that a _put_nowait result can be routed
+# back to whoever sent the message (a remote client of a pool host). Tasks copy the context
+# when they are created, so concurrent handlers each see their own.
+_origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
 
 
 def start_coroutine(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future[Any]:
@@ -235,7 +241,7 @@ class _Runner:
             if kind == protocol.TASK:
                 self.start_task(arg, payload, True)
             elif kind == protocol.NOTE:
-                self.start_task(0, payload, False)
+                self.start_task(arg, payload, False)
             elif kind == protocol.CANCEL:
                 task = self.running.get(arg)
                 if task is not None:
@@ -249,6 +255,9 @@ class _Runner:
                 self.terminate()
 
     def start_task(self, tid: int, payload: Any, reply: bool) -> None:
+        """Run one message; ``tid`` is the task id, or for a note (``reply`` false) the
+        origin its results are routed to."""
+        _origin.set(tid)
         try:
             message = loads(payload)
         except BaseException as exc:
@@ -358,7 +367,7 @@ class _Runner:
                              'result_done() in the parent')
         payload = dumps(result)  # a result that cannot be pickled raises to the caller
         self.credit -= 1
-        self.channel.send(protocol.RESULT, 0, payload)
+        self.channel.send(protocol.RESULT, _origin.get(), payload)
 
     def send_result(self, result: Any) -> None:
         """Send a result, even past the credit: a note's return value is never dropped."""
@@ -369,7 +378,7 @@ class _Runner:
                           self.number, type(result).__qualname__)
             return
         self.credit -= 1
-        self.channel.send(protocol.RESULT, 0, payload)
+        self.channel.send(protocol.RESULT, _origin.get(), payload)
 
     # -- stopping --------------------------------------------------------------------------
 
