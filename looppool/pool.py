@@ -38,6 +38,7 @@ import atexit
 import collections
 import functools
 import inspect
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.context
@@ -284,7 +285,8 @@ class Pool:
         self._pending: Deque[Item] = collections.deque()
         self._rr = 0
         self._next_tid = 1
-        self._sticky: list[bytes] = []
+        self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
+        self._sticky_ids = itertools.count()
         self._result_tasks: set[asyncio.Future[Any]] = set()
         self._ready: asyncio.Future[None] | None = None
         self._stop_future: _StopFuture | None = None
@@ -439,20 +441,32 @@ class Pool:
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
-                  sticky: bool = False) -> asyncio.Future[list[Any]]:
+                  sticky: bool | str = False) -> asyncio.Future[list[Any]]:
         """Send ``message`` to every worker; resolves to their replies in worker order.
 
         With ``sticky=True`` the message is also replayed, in order, to every replacement
         worker before it takes other work, so state a worker builds from broadcasts (a
-        lookup table) survives a crash.
+        lookup table) survives a crash. ``sticky='name'`` does the same, and replaces the
+        earlier sticky message of that name, so a table refreshed every minute is replayed
+        once, not once per refresh. A replayed message's return value is dropped.
         """
         if self._state is not RUNNING:
             raise self._not_running()
         if sticky:
-            self._sticky.append(dumps(message))
+            self._remember_sticky(sticky, dumps(message))
         futures = [self.submit(message, worker_num=number, timeout=timeout)
                    for number in range(self.pool_size)]
         return asyncio.gather(*futures)
+
+    def _remember_sticky(self, sticky: bool | str, payload: bytes) -> None:
+        if sticky is True:
+            key: Any = next(self._sticky_ids)
+        elif isinstance(sticky, str):
+            key = sticky
+            self._sticky.pop(key, None)   # the refreshed message replays last, in order
+        else:
+            raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
+        self._sticky[key] = payload
 
     def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
         """Send ``message`` without waiting for a reply (Looppool 0.3 style).
@@ -809,9 +823,9 @@ class Pool:
         self._loop.add_reader(link.sentinel, self._on_exit, link)
         slot.link = link
         # A replacement first replays the sticky broadcasts, then takes its share of work.
-        for payload in self._sticky:
+        for payload in self._sticky.values():
             link.used += 1
-            link.channel.send(protocol.NOTE, 0, payload)
+            link.channel.send(protocol.REPLAY, 0, payload)
         self._refill(slot)
 
     def _recycle(self, link: _Link, reason: str) -> None:

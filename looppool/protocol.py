@@ -13,6 +13,8 @@ CANCEL     task id      --; cancel the task's coroutine
 CREDIT     count        --; that many results were acknowledged (``result_done``)
 STOP       0            --; finish accepted tasks, run ``_finalise``, exit
 TERMINATE  0            --; cancel every task, run ``_finalise``, exit now
+REPLAY     0            pickled sticky broadcast, replayed to a replacement: run like
+                        NOTE, but its return value is dropped (nobody asked for it)
 ========== ============ ===========================================================
 
 Worker to parent:
@@ -41,7 +43,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, NamedTuple
 
-TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE = range(1, 7)
+TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY = range(1, 8)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
 
 # Protocol 5 adds out-of-band buffers and is the fastest for large bytes-like payloads.

@@ -78,7 +78,8 @@ AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
 HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST = range(60, 68)
 
 _NONCE = 32
-_OPTS = struct.Struct('<h')     # worker_num (-1: any) or, for a broadcast, sticky (0/1)
+_OPTS = struct.Struct('<h')     # worker_num (-1: any); for a broadcast, sticky: 0, 1, 2=named
+_KEY = struct.Struct('<H')      # a broadcast's sticky name (UTF-8) follows its size
 _PRE_AUTH_FRAME = 256           # nothing bigger is read before the peer is authenticated
 _SESSION_SHIFT = 32
 
@@ -170,6 +171,15 @@ def _peer_uid(sock: socket.socket) -> int | None:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
     return struct.unpack('3i', creds)[1]
+
+
+def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
+    if isinstance(sticky, str):
+        key = sticky.encode()
+        return _OPTS.pack(2) + _KEY.pack(len(key)) + key + dumps(message)
+    if not isinstance(sticky, bool):
+        raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
+    return _OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message)
 
 
 def _encode_error(exc: BaseException) -> bytes:
@@ -316,8 +326,12 @@ class _Session(_Framed):
                                 bytes(payload[_OPTS.size:]), _Ack(self)),
                                None if worker_num < 0 else worker_num)
             elif kind == C_BROADCAST:
-                self.broadcast(arg, bytes(payload[_OPTS.size:]),
-                               bool(_OPTS.unpack_from(payload)[0]))
+                flag, = _OPTS.unpack_from(payload)
+                key_size, = _KEY.unpack_from(payload, _OPTS.size)
+                start = _OPTS.size + _KEY.size
+                sticky: bool | str = bytes(payload[start:start + key_size]).decode() \
+                    if flag == 2 else bool(flag)
+                self.broadcast(arg, bytes(payload[start + key_size:]), sticky)
             elif kind == C_CANCEL:
                 future = self.tasks.get(arg)
                 if future is not None:
@@ -366,12 +380,12 @@ class _Session(_Framed):
         self.tasks.pop(tid, None)
         self.send(H_ERROR if is_error else H_REPLY, tid, payload)
 
-    def broadcast(self, tid: int, payload: bytes, sticky: bool) -> None:
+    def broadcast(self, tid: int, payload: bytes, sticky: bool | str) -> None:
         if not self.host.accepting(self, tid):
             return
         pool = self.host.pool
         if sticky:
-            pool._sticky.append(payload)
+            pool._remember_sticky(sticky, payload)
         replies: list[Any] = [None] * pool.pool_size
         missing = [pool.pool_size]
 
@@ -770,10 +784,10 @@ class Client:
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
-                  sticky: bool = False) -> asyncio.Future[list[Any]]:
+                  sticky: bool | str = False) -> asyncio.Future[list[Any]]:
         """Send ``message`` to every worker of the host's pool; resolves to their replies
         in worker order (``sticky`` as :meth:`Pool.broadcast <looppool.Pool.broadcast>`)."""
-        payload = _OPTS.pack(1 if sticky else 0) + dumps(message)
+        payload = _broadcast_payload(message, sticky)
         future = self._new_future(timeout)
         self._queue(C_BROADCAST, future._lp_tid, payload, future)
         return future
@@ -1078,9 +1092,9 @@ class SyncClient:
         return self._call(C_TASK, payload, timeout)
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
-                  sticky: bool = False) -> list[Any]:
+                  sticky: bool | str = False) -> list[Any]:
         """Send ``message`` to every worker; return their replies in worker order."""
-        payload = _OPTS.pack(1 if sticky else 0) + dumps(message)
+        payload = _broadcast_payload(message, sticky)
         return self._call(C_BROADCAST, payload, timeout)
 
     def put_nowait(self, message: Any, worker_num: int | None = None) -> None:

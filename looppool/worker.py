@@ -55,6 +55,8 @@ _EAGER = sys.version_info >= (3, 12)
 # back to whoever sent the message (a remote client of a pool host). Tasks copy the context
 # when they are created, so concurrent handlers each see their own.
 _origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
+# The origin of a replayed sticky broadcast: its return value goes nowhere.
+_REPLAYED = -1
 
 
 def start_coroutine(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future[Any]:
@@ -242,6 +244,8 @@ class _Runner:
                 self.start_task(arg, payload, True)
             elif kind == protocol.NOTE:
                 self.start_task(arg, payload, False)
+            elif kind == protocol.REPLAY:
+                self.start_task(_REPLAYED, payload, False)
             elif kind == protocol.CANCEL:
                 task = self.running.get(arg)
                 if task is not None:
@@ -320,7 +324,8 @@ class _Runner:
                 log.error('worker %d: %s %s', self.number,
                           note or 'message handler raised', _describe(value),
                           exc_info=(type(value), value, value.__traceback__))
-            elif not failed and value is not None and not self.looppool_style:
+            elif not failed and value is not None and not self.looppool_style \
+                    and tid != _REPLAYED:
                 self.send_result(value)
             if not self.looppool_style:
                 self.slot_freed()

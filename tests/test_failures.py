@@ -128,6 +128,33 @@ def test_sticky_broadcast_is_replayed_to_a_replacement() -> None:
     run(main())
 
 
+def test_named_sticky_broadcasts_replace_each_other_and_replays_answer_nobody(caplog
+                                                                             ) -> None:
+    results: list = []
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            pool.process_message = lambda result, done: (results.append(result), done())
+            await pool.broadcast(('record', 'rates v1'), sticky='rates')
+            await pool.broadcast(('record', 'config'), sticky=True)
+            # Echo answers a plain message with itself: replayed, that answer goes nowhere
+            assert await pool.broadcast('echo me', sticky=True) == ['echo me']
+            await pool.broadcast(('record', 'rates v2'), sticky='rates')
+            with pytest.raises(TypeError, match='sticky must be'):
+                pool.broadcast('x', sticky=3)
+            pid = await pool.submit(('pid',))
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: pool.stats()['restarts'] == 1, what='a replacement')
+            # one replay per name, the refreshed one last
+            assert await pool.submit(('seen',)) == ['config', 'rates v2']
+            assert results == []
+
+    with caplog.at_level(logging.WARNING, logger='looppool'):
+        run(main())
+    assert results == []
+    assert not [r for r in caplog.records if 'process_message is not set' in r.getMessage()]
+
+
 def test_a_worker_that_cannot_start_reports_its_traceback_and_backs_off() -> None:
     async def main() -> None:
         pool = looppool.Pool(pool_size=1, worker_class=FailingStart)
