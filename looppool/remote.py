@@ -342,6 +342,7 @@ class _Session(_Framed):
             elif kind == C_STATS:
                 stats = pool.stats()
                 stats['clients'] = len(self.host.sessions)
+                stats['host_pid'] = os.getpid()
                 self.send(H_REPLY, arg, dumps(stats))
 
     def authenticate(self, kind: int, payload: bytes) -> None:
@@ -812,7 +813,8 @@ class Client:
         return future
 
     async def stats(self) -> dict[str, Any]:
-        """The host pool's :meth:`Pool.stats <looppool.Pool.stats>`, plus ``clients``."""
+        """The host pool's :meth:`Pool.stats <looppool.Pool.stats>`, plus ``clients`` and
+        ``host_pid``."""
         future = self._new_future(None)
         self._queue(C_STATS, future._lp_tid, b'', future, counted=False)
         return await future
@@ -1107,7 +1109,7 @@ class SyncClient:
         self._note(message, worker_num, block=True)
 
     def stats(self) -> dict[str, Any]:
-        """The host pool's stats, plus ``clients``."""
+        """The host pool's stats, plus ``clients`` and ``host_pid``."""
         return self._call(C_STATS, b'', None, counted=False)
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:

@@ -1,0 +1,406 @@
+"""One pool shared by many processes: serve, connect, connect_sync, shared."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+import looppool
+from looppool import remote
+from conftest import run, wait_for, wait_until
+from workers import Echo
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = os.path.dirname(looppool.__path__[0])
+TESTS = os.path.dirname(__file__)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, TESTS])}
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    directory = tmp_path / 'run'
+    directory.mkdir(mode=0o700)
+    return str(directory / 'echo.sock')
+
+
+@pytest.fixture
+def host(sock_path):
+    handle = remote.serve(Echo, sock_path, pool_size=2)
+    yield handle
+    handle.stop()
+
+
+def _ask_pids(address: str, out: multiprocessing.Queue) -> None:
+    client = remote.connect_sync(address)
+    try:
+        out.put((os.getpid(), sorted(client.broadcast(('pid',)))))
+    finally:
+        client.close()
+
+
+def test_forked_clients_share_one_host(host) -> None:
+    ctx = multiprocessing.get_context('fork')
+    out = ctx.Queue()
+    clients = [ctx.Process(target=_ask_pids, args=(host.address, out)) for _ in range(4)]
+    for process in clients:
+        process.start()
+    answers = [out.get(timeout=30) for _ in clients]
+    for process in clients:
+        process.join(10)
+    out.close()
+    out.join_thread()
+    assert len({client_pid for client_pid, _ in answers}) == 4
+    worker_pids = {tuple(pids) for _, pids in answers}
+    assert len(worker_pids) == 1   # the same two workers answered every process
+    assert len(next(iter(worker_pids))) == 2
+
+
+def test_the_async_client_has_the_pools_interface(host) -> None:
+    async def main() -> None:
+        results: list = []
+        async with remote.connect(host.address) as client:
+            client.process_message = lambda result, done: (results.append(result), done())
+            assert client.pool_size == 2
+            assert await client.submit({'x': 1}) == {'x': 1}
+            assert [n for n, _ in await client.broadcast(('whoami',))] == [0, 1]
+            assert await client.submit(('whoami',), worker_num=1) == (
+                1, (await client.broadcast(('pid',)))[1])
+            # results sent with _put_nowait while handling this client's message come here
+            assert await client.submit(('put', 'a', 'b')) == 2
+            await client.put(('put', 'c'))
+            client.put_nowait(('put', 'd'))
+            await_until = asyncio.get_running_loop().time() + 10
+            while len(results) < 6 and asyncio.get_running_loop().time() < await_until:
+                await asyncio.sleep(0.01)
+            assert sorted(r for r in results if isinstance(r, str)) == ['a', 'b', 'c', 'd']
+            # a note's return value (do_put returns how many it sent) comes here too
+            assert [r for r in results if isinstance(r, int)] == [1, 1]
+            with pytest.raises(KeyError) as caught:
+                await client.submit(('raise', KeyError('gone')))
+            assert 'do_raise' in str(caught.value.__cause__)
+            with pytest.raises(TimeoutError):
+                await client.submit(('cancellable', 30), timeout=0.2)
+            await asyncio.sleep(0.2)
+            assert ('cancelled', 0) in results or ('cancelled', 1) in results
+            stats = await client.stats()
+            assert stats['clients'] == 1 and stats['pool_size'] == 2
+            assert stats['host_pid'] == host.pid
+            pid = await client.submit(('pid',), worker_num=0)
+            doomed = client.submit(('sleep', 30), worker_num=0)
+            await asyncio.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(looppool.WorkerLost, match=f'worker 0 \\(pid {pid}\\)'):
+                await doomed
+            assert await client.submit(1, worker_num=0) == 1
+
+    run(main())
+
+
+def test_backpressure_holds_end_to_end(sock_path) -> None:
+    handle = remote.serve(Echo, sock_path, pool_size=1, max_tasks=4)
+    try:
+        async def main() -> None:
+            async with remote.connect(handle.address) as client:
+                busy = [client.submit(('sleep', 0.5, i)) for i in range(4)]
+                await asyncio.sleep(0.1)
+                with pytest.raises(queue.Full):
+                    client.put_nowait('no room')
+                waiting = client.submit('later')   # waits in the client, then goes
+                await asyncio.sleep(0.1)
+                assert not waiting.done()
+                assert await asyncio.gather(*busy) == [0, 1, 2, 3]
+                assert await asyncio.wait_for(waiting, 5) == 'later'
+                assert await client.submit(('max_concurrent',)) == 4
+
+        run(main())
+    finally:
+        handle.stop()
+
+
+def test_the_sync_client_from_32_threads(host) -> None:
+    client = remote.connect_sync(host.address)
+    replies: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def call(index: int) -> None:
+        try:
+            replies[index] = client.submit(('sleep', 0.01, index))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert not errors
+        assert replies == {i: i for i in range(32)}
+        with pytest.raises(KeyError):
+            client.submit(('raise', KeyError('k')))
+        with pytest.raises(TimeoutError):
+            client.submit(('sleep', 5), timeout=0.2)
+        assert client.stats()['clients'] == 1
+    finally:
+        client.close()
+
+
+def test_the_unix_socket_is_private(host, sock_path) -> None:
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock_path)).st_mode) == 0o700
+
+
+def test_a_uid_not_allowed_is_refused(sock_path) -> None:
+    handle = remote.serve(Echo, sock_path, pool_size=1, allowed_uids=[os.getuid() + 4242])
+    try:
+        client = remote.connect_sync(handle.address)
+        with pytest.raises(remote.AuthenticationError, match=f'uid {os.getuid()} may not'):
+            client.submit(1)
+    finally:
+        handle.stop()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root to run a client as another uid')
+def test_a_foreign_uid_is_refused_even_past_the_file_mode() -> None:
+    # Open the first layer (directory and socket modes) to test the second (SO_PEERCRED):
+    # a directory others may traverse, and a socket file others may write.
+    directory = tempfile.mkdtemp(prefix='looppool-uid-test-', dir='/tmp')
+    os.chmod(directory, 0o711)
+    sock_path = os.path.join(directory, 'echo.sock')
+    handle = remote.serve(Echo, sock_path, pool_size=1)
+    try:
+        os.chmod(sock_path, 0o666)
+        code = textwrap.dedent(f'''
+            import os, sys
+            from looppool import remote   # imported first: nobody cannot read root's files
+            os.setgid(65534); os.setuid(65534)
+            try:
+                remote.connect_sync({sock_path!r}).submit(1)
+            except remote.AuthenticationError as exc:
+                print('refused:', exc)
+            else:
+                print('accepted')
+        ''')
+        done = subprocess.run([sys.executable, '-c', code], env=_env(), capture_output=True,
+                              text=True, timeout=30)
+        assert 'refused:' in done.stdout and 'uid 65534 may not' in done.stdout, done.stderr
+        # and the host keeps serving its own user
+        client = remote.connect_sync(handle.address)
+        try:
+            assert client.submit('still') == 'still'
+        finally:
+            client.close()
+    finally:
+        handle.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_tcp_needs_a_secret_and_refuses_wrong_ones() -> None:
+    with pytest.raises(ValueError, match='needs a secret'):
+        remote.serve(Echo, ('127.0.0.1', 0))
+    with pytest.raises(ValueError, match='without TLS'):
+        remote.serve(Echo, ('0.0.0.0', 0), secret='s3cret')
+    handle = remote.serve(Echo, ('127.0.0.1', 0), pool_size=1, secret='s3cret')
+    try:
+        for secret in (None, 'wrong'):
+            with pytest.raises(remote.AuthenticationError, match='wrong or missing secret'):
+                remote.connect_sync(handle.address, secret=secret).submit(1)
+
+        async def main() -> None:
+            with pytest.raises(remote.AuthenticationError):
+                await remote.connect(handle.address, secret='wrong').connect()
+            async with remote.connect(handle.address, secret='s3cret') as client:
+                assert await client.submit('ok') == 'ok'
+
+        run(main())
+        client = remote.connect_sync(handle.address, secret=b's3cret')
+        assert client.submit('sync ok') == 'sync ok'
+        client.close()
+    finally:
+        handle.stop()
+
+
+def test_an_oversized_frame_before_authentication_is_refused(host) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(host.address)
+        sock.recv(100)   # the greeting
+        sock.sendall(remote.HEADER.pack(2 ** 31, remote.AUTH, 0) + b'x' * 100)
+        answer = sock.recv(1000)
+        assert b'at most' in answer
+    client = remote.connect_sync(host.address)
+    try:
+        assert client.submit('fine') == 'fine'
+    finally:
+        client.close()
+
+
+@pytest.mark.skipif(shutil.which('openssl') is None, reason='openssl is needed to make a '
+                    'test certificate')
+def test_tls_over_tcp(tmp_path) -> None:
+    cert, key = tmp_path / 'cert.pem', tmp_path / 'key.pem'
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1',
+                    '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1',
+                    '-keyout', str(key), '-out', str(cert)], check=True, capture_output=True)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    handle = remote.serve(Echo, ('127.0.0.1', 0), pool_size=1, secret='tls-too',
+                          ssl_context=server, mp_context='fork')
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+
+        async def main() -> None:
+            async with remote.connect(handle.address, secret='tls-too',
+                                      ssl_context=client_ctx) as client:
+                assert await client.submit('over tls') == 'over tls'
+
+        run(main())
+        sync = remote.connect_sync(handle.address, secret='tls-too', ssl_context=client_ctx)
+        assert sync.submit('sync tls') == 'sync tls'
+        sync.close()
+    finally:
+        handle.stop()
+
+
+def test_killing_the_host_fails_calls_in_flight_cleanly(host) -> None:
+    async def main() -> None:
+        client = remote.connect(host.address)
+        assert await client.submit(1) == 1
+        in_flight = client.submit(('sleep', 30))
+        await asyncio.sleep(0.1)
+        os.kill(host.pid, signal.SIGKILL)
+        with pytest.raises(remote.ConnectionLost, match='next call connects again'):
+            await asyncio.wait_for(in_flight, 10)
+        with pytest.raises(remote.ConnectionLost, match='could not connect'):
+            await client.submit(2)
+        await client.close()
+
+    run(main())
+    host.process.join(5)
+
+
+def test_the_host_ends_with_the_process_that_served_it(tmp_path, sock_path) -> None:
+    program = tmp_path / 'master.py'
+    program.write_text(textwrap.dedent(f'''
+        import time
+        from looppool import remote
+        from workers import Echo
+        if __name__ == '__main__':
+            handle = remote.serve(Echo, {sock_path!r}, pool_size=2)
+            client = remote.connect_sync(handle.address)
+            print(handle.pid, *client.broadcast(('pid',)), flush=True)
+            client.close()
+            time.sleep(60)
+    '''))
+    master = subprocess.Popen([sys.executable, str(program)], env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert master.stdout is not None
+        pids = [int(p) for p in master.stdout.readline().split()]
+        assert len(pids) == 3
+        master.kill()
+        master.wait(5)
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=10,
+                 what='the host and its workers to exit after the master died')
+    finally:
+        master.kill()
+        master.wait(5)
+        if master.stdout:
+            master.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _shared_race(address: str, start: float, out: multiprocessing.Queue) -> None:
+    time.sleep(max(0.0, start - time.time()))
+    client = remote.shared(Echo, address, idle_timeout=1.0, sync=True, pool_size=2)
+    try:
+        stats = client.stats()
+        out.put((client.created_new_pool, stats['host_pid'],
+                 tuple(sorted(client.broadcast(('pid',))))))
+    finally:
+        client.close()
+
+
+def test_racing_shared_calls_create_exactly_one_host(sock_path) -> None:
+    ctx = multiprocessing.get_context('fork')
+    out = ctx.Queue()
+    start = time.time() + 0.5
+    racers = [ctx.Process(target=_shared_race, args=(sock_path, start, out))
+              for _ in range(6)]
+    for process in racers:
+        process.start()
+    answers = [out.get(timeout=60) for _ in racers]
+    for process in racers:
+        process.join(10)
+    out.close()
+    out.join_thread()
+    assert sorted(created for created, _, _ in answers) == [False] * 5 + [True]
+    assert len({host_pid for _, host_pid, _ in answers}) == 1
+    assert len({pids for _, _, pids in answers}) == 1
+    host_pid = answers[0][1]
+    # detached: not a child of any racer; it exits after idle_timeout without clients
+    wait_for(lambda: not _alive(host_pid), timeout=15, what='the idle shared host to exit')
+    assert not os.path.exists(sock_path)
+
+
+def test_a_shared_client_starts_a_new_host_when_the_old_one_died(sock_path) -> None:
+    async def main() -> None:
+        client = remote.shared(Echo, sock_path, idle_timeout=1.0, pool_size=1)
+        assert client.created_new_pool
+        first = (await client.stats())['host_pid']
+        first_workers = await client.broadcast(('pid',))
+        in_flight = client.submit(('sleep', 30))
+        await asyncio.sleep(0.1)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(remote.ConnectionLost):
+            await asyncio.wait_for(in_flight, 10)
+        assert await client.submit('again') == 'again'   # a new host, started for us
+        second = (await client.stats())['host_pid']
+        assert second != first
+        await client.close()
+        await wait_until(lambda: not _alive(second), timeout=15, what='the idle host to exit')
+        # the killed host's workers saw it die and left
+        await wait_until(lambda: not any(_alive(pid) for pid in first_workers), timeout=10,
+                         what="the killed host's workers to exit")
+
+    run(main())
+
+
+def test_shared_rejects_classes_from_main_and_bad_options(sock_path) -> None:
+    class Local(looppool.Worker):
+        pass
+    Local.__module__ = '__main__'
+    with pytest.raises(ValueError, match='defined in __main__'):
+        remote.shared(Local, sock_path)
+    with pytest.raises(ValueError, match='pool_size must be at least 1'):
+        remote.shared(Echo, sock_path, pool_size=0)
+    with pytest.raises(ValueError, match='idle_timeout'):
+        remote.shared(Echo, sock_path, idle_timeout=0)
+    with pytest.raises(TypeError, match='worker_class'):
+        remote.serve(object, sock_path)
