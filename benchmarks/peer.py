@@ -1,0 +1,342 @@
+"""Measure one peer on one workload, in this (fresh) interpreter; run.py starts it.
+
+    python benchmarks/peer.py PEER WORKLOAD [--quick] [--reps N] [--budget SECONDS]
+
+It prints one JSON object per line on stdout: first ``{"kind": "info", ...}``, then one
+``{"kind": "rep", ...}`` per repetition as soon as it is measured (run.py shows progress
+from them), and ``{"kind": "done"}``. Anything else goes to stderr.
+
+Every repetition records its wall time and the CPU time used meanwhile by this process
+(the parent, all its threads) and by its children (the workers and any helper process),
+so that a peer that is fast because it burns more CPU shows it.
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+
+# The looppool measured is the one in this checkout, installed or not.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import peers  # noqa: E402  (needs the path above for the looppool peers)
+from handlers import burn  # noqa: E402
+
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'MEM')
+
+# Sizes of each workload: the full run is the one the targets are stated for; --quick
+# shrinks the counts so that every peer and workload fits in about a minute in all.
+SIZES = {
+    'full': {'W1': 100_000, 'W2': 2_000, 'W3': 2_000, 'W4': 200, 'W5': 1, 'W6': 100,
+             'MEM': 1.0},
+    'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W5': 1, 'W6': 20, 'MEM': 0.3},
+}
+# A repetition that takes longer than this has hung (a lost reply): it fails with a message
+# rather than waiting for run.py's watchdog.
+REP_TIMEOUT = {'full': 300.0, 'quick': 10.0}
+POOL_SIZE = 2
+SLEEP = 0.05
+PAYLOAD = 1 << 20
+
+
+class Meter:
+    """CPU seconds (user + system) of this process and of its children, live or reaped."""
+
+    def __init__(self):
+        self.me = psutil.Process()
+
+    def read(self):
+        parent = sum(self.me.cpu_times()[:2])
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        children = reaped.ru_utime + reaped.ru_stime
+        for child in self.me.children(recursive=True):
+            try:
+                children += sum(child.cpu_times()[:2])
+            except psutil.Error:
+                pass   # it ended between the listing and the reading
+        return parent, children
+
+
+def emit(record):
+    sys.stdout.write(json.dumps(record) + '\n')
+    sys.stdout.flush()
+
+
+class Runner:
+    """Runs the repetitions of one workload and emits them."""
+
+    def __init__(self, peer_name, workload, mode, reps, budget):
+        self.peer_name = peer_name
+        self.module = peers.load(peer_name)
+        self.workload = workload
+        self.size = SIZES[mode][workload]
+        self.rep_timeout = REP_TIMEOUT[mode]
+        self.reps = reps
+        self.budget = budget
+        self.meter = Meter()
+        self.started = time.monotonic()
+        self.rep = 0
+
+    def more(self):
+        """Whether to run another repetition: until `reps`, or the budget is spent."""
+        if self.rep >= self.reps:
+            return False
+        return self.rep == 0 or time.monotonic() - self.started < self.budget
+
+    async def measure(self, body):
+        """Time ``await body()``, which returns the workload's figures."""
+        gc.collect()   # the previous repetition's garbage is not this one's cost
+        cpu0 = self.meter.read()
+        t0 = time.perf_counter()
+        try:
+            figures = await asyncio.wait_for(body(), self.rep_timeout)
+        except asyncio.TimeoutError:
+            raise SystemExit(f'{self.peer_name} {self.workload}: repetition {self.rep + 1} '
+                             f'did not finish within {self.rep_timeout:.0f} s (a reply was '
+                             'lost, or the peer is that slow)') from None
+        wall = time.perf_counter() - t0
+        cpu1 = self.meter.read()
+        self.rep += 1
+        emit({'kind': 'rep', 'peer': self.peer_name, 'workload': self.workload,
+              'rep': self.rep, 'wall_s': wall, 'cpu_parent_s': cpu1[0] - cpu0[0],
+              'cpu_children_s': cpu1[1] - cpu0[1], **figures})
+
+    async def started_peer(self, work, size=POOL_SIZE):
+        """A started pool whose workers have all answered once (start-up is W5's)."""
+        peer = self.module.Peer(work, size)
+        await peer.start()
+        await peer.call_many([{'echo': 0, 'sleep': 0.0, 'burn': 0}[work]] * (4 * size))
+        return peer
+
+    # -- the workloads ---------------------------------------------------------------------
+
+    async def W1(self):
+        """Throughput: `size` tiny echo messages at once, every reply awaited."""
+        peer = await self.started_peer('echo')
+        messages = list(range(self.size))
+        await peer.call_many(messages[:2000])   # warm-up: first-use costs are not throughput
+        while self.more():
+            async def body():
+                t0 = time.perf_counter()
+                replies = await peer.call_many(messages)
+                seconds = time.perf_counter() - t0
+                check(sorted(replies) == messages, 'W1 replies differ from the messages')
+                return {'msg_per_s': len(messages) / seconds}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W2(self):
+        """Latency: `size` sequential round trips of a tiny message."""
+        peer = await self.started_peer('echo')
+        for i in range(50):
+            await peer.call(i)
+        while self.more():
+            async def body():
+                clock = time.perf_counter_ns
+                call = peer.call
+                samples = []
+                for i in range(self.size):
+                    t0 = clock()
+                    reply = await call(i)
+                    samples.append(clock() - t0)
+                    check(reply == i, 'W2 reply differs from the message')
+                samples.sort()
+                return {'p50_us': samples[len(samples) // 2] / 1000,
+                        'p99_us': samples[int(len(samples) * 0.99)] / 1000,
+                        'mean_us': statistics.fmean(samples) / 1000}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W3(self):
+        """IO concurrency: `size` tasks of `await asyncio.sleep(0.05)` at once."""
+        peer = await self.started_peer('sleep')
+        await peer.call_many([0.001] * 20)
+        messages = [SLEEP] * self.size
+        while self.more():
+            async def body():
+                t0 = time.perf_counter()
+                replies = await peer.call_many(messages)
+                seconds = time.perf_counter() - t0
+                check(len(replies) == len(messages), 'W3 lost replies')
+                return {'seconds': seconds, 'ideal_s': SLEEP}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W4(self):
+        """Payload: `size` sequential round trips of 1 MiB of bytes."""
+        peer = await self.started_peer('echo')
+        payload = os.urandom(PAYLOAD)
+        for _ in range(5):
+            await peer.call(payload)
+        while self.more():
+            async def body():
+                t0 = time.perf_counter()
+                for _ in range(self.size):
+                    reply = await peer.call(payload)
+                seconds = time.perf_counter() - t0
+                check(reply == payload, 'W4 reply differs from the payload')
+                return {'mib_per_s': self.size * PAYLOAD / 2 ** 20 / seconds}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W5(self):
+        """Start-up: pool creation to the first reply; then a clean stop."""
+        while self.more():
+            async def body():
+                t0 = time.perf_counter()
+                peer = self.module.Peer('echo', POOL_SIZE)
+                await peer.start()
+                check(await peer.call(1) == 1, 'W5 reply differs')
+                t1 = time.perf_counter()
+                pids = peer.worker_pids()
+                await peer.stop()
+                t2 = time.perf_counter()
+                alive = [pid for pid in pids if pid_alive(pid)]
+                check(not alive, f'W5: workers {alive} still alive after stop')
+                return {'start_ms': (t1 - t0) * 1e3, 'stop_ms': (t2 - t1) * 1e3}
+            await self.measure(body)
+
+    async def W6(self):
+        """CPU scaling: `size` CPU-bound tasks, in this process and on 1 and 2 workers.
+
+        The machine's own limit is measured too: two bare forked processes splitting the
+        same work, with no pool at all. On a shared virtual machine two "cores" can give
+        well under 2x, and no pool can beat that.
+        """
+        units = [1] * self.size
+        while self.more():
+            async def body():
+                figures = {}
+                for workers in (1, 2):
+                    peer = await self.started_peer('burn', workers)
+                    t0 = time.perf_counter()
+                    replies = await peer.call_many(units)
+                    figures[workers] = time.perf_counter() - t0
+                    await peer.stop()
+                    check(len(replies) == len(units), 'W6 lost replies')
+                t0 = time.perf_counter()
+                for unit in units:
+                    burn(unit)
+                alone = time.perf_counter() - t0
+                bare = bare_processes_time(len(units))
+                return {'alone_s': alone, 'one_worker_s': figures[1],
+                        'two_workers_s': figures[2], 'bare_two_processes_s': bare,
+                        'speedup_1': alone / figures[1], 'speedup_2': alone / figures[2],
+                        'machine_speedup_2': alone / bare}
+            await self.measure(body)
+
+    async def MEM(self):
+        """Memory: resident size of an idle worker, against a bare interpreter."""
+        peer = await self.started_peer('echo')
+        await asyncio.sleep(self.size)   # let start-up garbage go and the worker idle
+        while self.more():
+            async def body():
+                rss, uss = [], []
+                for pid in peer.worker_pids():
+                    info = psutil.Process(pid).memory_full_info()
+                    rss.append(info.rss)
+                    uss.append(info.uss)
+                bare = bare_interpreter_memory()
+                mib = 2 ** 20
+                return {'worker_rss_mib': statistics.median(rss) / mib,
+                        'worker_uss_mib': statistics.median(uss) / mib,
+                        'bare_rss_mib': bare.rss / mib, 'bare_uss_mib': bare.uss / mib}
+            await self.measure(body)
+        await peer.stop()
+
+
+def bare_processes_time(count):
+    """Seconds for two forked processes to burn `count` units between them, no pool."""
+    import multiprocessing
+    context = multiprocessing.get_context('fork')
+    t0 = time.perf_counter()
+    processes = [context.Process(target=burn_units, args=(half,))
+                 for half in (count // 2, count - count // 2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    return time.perf_counter() - t0
+
+
+def burn_units(count):
+    for _ in range(count):
+        burn(1)
+
+
+def bare_interpreter_memory():
+    """Memory of ``python -c 'import tornado'``, kept alive just long enough to read it."""
+    process = subprocess.Popen(
+        [sys.executable, '-c', 'import tornado, sys; print(flush=True); sys.stdin.read()'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        process.stdout.readline()
+        return psutil.Process(process.pid).memory_full_info()
+    finally:
+        process.stdin.close()
+        process.stdout.close()
+        process.wait(10)
+
+
+def pid_alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def check(condition, message):
+    if not condition:
+        raise AssertionError(message)
+
+
+def start_method(declared):
+    if declared == 'default':
+        import multiprocessing
+        return multiprocessing.get_start_method()
+    return declared
+
+
+def versions():
+    found = {'python': platform.python_version()}
+    for name in ('looppool', 'tornado', 'aiomultiprocess', 'psutil'):
+        try:
+            module = __import__(name)
+            found[name] = getattr(module, '__version__', getattr(module, 'version', None))
+        except Exception:
+            found[name] = None
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('peer', choices=list(peers.PEERS))
+    parser.add_argument('workload', choices=WORKLOADS)
+    parser.add_argument('--quick', action='store_true')
+    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--budget', type=float, default=60.0,
+                        help='stop repeating once this many seconds are spent (at least '
+                             'one repetition always runs)')
+    args = parser.parse_args()
+    runner = Runner(args.peer, args.workload, 'quick' if args.quick else 'full', args.reps,
+                    args.budget)
+    emit({'kind': 'info', 'peer': args.peer, 'workload': args.workload,
+          'size': runner.size, 'pool_size': POOL_SIZE, 'pid': os.getpid(),
+          'start_method': start_method(runner.module.START_METHOD),
+          'notes': runner.module.NOTES,
+          'versions': versions()})
+    asyncio.run(getattr(runner, args.workload)())
+    emit({'kind': 'done', 'peer': args.peer, 'workload': args.workload})
+
+
+if __name__ == '__main__':
+    main()

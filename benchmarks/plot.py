@@ -1,0 +1,162 @@
+"""Draw the results as one figure, one panel per workload, titled with the machine and date.
+
+    python benchmarks/plot.py [results.json [out.png]]
+
+run.py calls :func:`render` after a run; this command redraws a saved JSON file.
+"""
+
+import json
+import os
+import sys
+import textwrap
+
+import matplotlib
+
+matplotlib.use('Agg')   # a file, never a window: this also runs on machines without one
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SHORT = {
+    'looppool_submit': 'looppool\nsubmit',
+    'looppool_put_nowait': 'looppool\nput_nowait',
+    'process_pool_executor': 'Process\nPoolExecutor',
+    'aiomultiprocess_pool': 'aiomulti-\nprocess',
+    'ceiling': 'ceiling',
+}
+COLOURS = {
+    'looppool_submit': '#1f77b4',
+    'looppool_put_nowait': '#6baed6',
+    'process_pool_executor': '#9467bd',
+    'aiomultiprocess_pool': '#ff7f0e',
+    'ceiling': '#7f7f7f',
+}
+
+# (workload, [(field, label)], title, log scale, better)
+PANELS = [
+    ('W1', [('msg_per_s', None)], 'W1 throughput, msg/s', True, 'higher'),
+    ('W2', [('p50_us', 'p50'), ('p99_us', 'p99')], 'W2 round-trip latency, µs', True,
+     'lower'),
+    ('W3', [('seconds', None)], 'W3 2,000 × sleep(0.05), wall s', True, 'lower'),
+    ('W4', [('mib_per_s', None)], 'W4 1 MiB round trips, MiB/s', False, 'higher'),
+    ('W5', [('start_ms', 'start'), ('stop_ms', 'stop')], 'W5 start-up and stop, ms', True,
+     'lower'),
+    ('W6', [('speedup_1', '1 worker'), ('speedup_2', '2 workers')],
+     'W6 CPU-bound speed-up, ×', False, 'higher'),
+    ('MEM', [('worker_rss_mib', 'RSS'), ('worker_uss_mib', 'USS')],
+     'Idle worker memory, MiB', False, 'lower'),
+]
+
+
+def render(results, path):
+    summary = results['summary']
+    names = [name for name in results['peers'] if name in summary]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
+    axes = axes.ravel()
+    for ax, (workload, fields, title, log, better) in zip(axes, PANELS):
+        panel(ax, summary, names, workload, fields, log)
+        if workload == 'W3':
+            sizes = [run['info']['size'] for run in results['runs']
+                     if run['workload'] == 'W3' and run['info']]
+            if sizes:
+                title = f'W3 {sizes[0]:,} × sleep(0.05), wall s'
+            ax.axhline(0.05, color='black', linewidth=0.8, linestyle=':', label='ideal 0.05 s')
+        if workload == 'W6':
+            reference(ax, summary, names, 'W6', 'machine_speedup_2',
+                      'two bare processes, no pool')
+        if workload == 'MEM':
+            reference(ax, summary, names, 'MEM', 'bare_rss_mib',
+                      'python -c "import tornado", RSS')
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7.5, loc='upper left')
+        ax.set_title(f'{title} ({better} is better)', fontsize=10)
+    info_panel(axes[-1], results)
+    m = results['machine']
+    fig.suptitle(f'looppool against its alternatives, 2 workers ({results["mode"]} run, '
+                 f'{results["date"][:10]})\n{m["cpu"]}, {m["cpus"]} CPUs, {m["memory"]}, '
+                 f'Python {m["python"]}', fontsize=12)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def panel(ax, summary, names, workload, fields, log):
+    width = 0.8 / len(fields)
+    for index, (field, label) in enumerate(fields):
+        xs, heights, colours = [], [], []
+        for position, name in enumerate(names):
+            entry = summary[name].get(workload)
+            value = entry['median'].get(field) if entry else None
+            if value is None:
+                if entry and entry['error'] and index == 0:
+                    ax.annotate('failed', (position, 0), xycoords=('data', 'axes fraction'),
+                                ha='center', va='bottom', fontsize=8, color='red')
+                continue
+            xs.append(position + (index - (len(fields) - 1) / 2) * width)
+            heights.append(value)
+            colours.append(COLOURS.get(name, '#333333'))
+        bars = ax.bar(xs, heights, width=width * 0.95, color=colours,
+                      alpha=1.0 if index == 0 else 0.55,
+                      hatch=None if index == 0 else '//',
+                      label=label if label else '_nolegend_')
+        for bar, value in zip(bars, heights):
+            ax.annotate(number(value), (bar.get_x() + bar.get_width() / 2, value),
+                        ha='center', va='bottom', fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([SHORT.get(name, name) for name in names], fontsize=8)
+    # Head room above the bars for their labels and the legend.
+    if log:
+        ax.set_yscale('log')
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 8)
+    else:
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    ax.grid(axis='y', alpha=0.3)
+
+
+def reference(ax, summary, names, workload, field, label):
+    """A dotted line for a figure every peer measured alike (their median)."""
+    values = sorted(summary[name][workload]['median'][field] for name in names
+                    if workload in summary[name]
+                    and field in summary[name][workload]['median'])
+    if values:
+        value = values[len(values) // 2]
+        ax.axhline(value, color='black', linewidth=0.8, linestyle=':',
+                   label=f'{label}: {value:.2f}')
+
+
+def info_panel(ax, results):
+    ax.axis('off')
+    lines = ['Each peer and workload in a fresh interpreter;',
+             'bars are medians of the repetitions.', '']
+    for peer in results['peers'].values():
+        lines.append(f'{peer["label"]} (start method {peer.get("start_method", "?")}):')
+        lines.extend(textwrap.wrap(peer.get('notes', ''), 58, initial_indent='  ',
+                                   subsequent_indent='  '))
+    lines.append('')
+    lines.extend(textwrap.wrap(f'command: {results["command"]}', 58))
+    ax.text(0, 1, '\n'.join(lines), va='top', fontsize=7.5, family='monospace',
+            transform=ax.transAxes)
+
+
+def number(value):
+    if value >= 10_000:
+        return f'{value / 1000:,.0f}k'
+    if value >= 100:
+        return f'{value:,.0f}'
+    if value >= 10:
+        return f'{value:.1f}'
+    return f'{value:.2f}'
+
+
+def main():
+    source = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, 'results',
+                                                                  'latest.json')
+    target = sys.argv[2] if len(sys.argv) > 2 else os.path.splitext(source)[0] + '.png'
+    with open(source) as results:
+        render(json.load(results), target)
+    print(target)
+
+
+if __name__ == '__main__':
+    main()

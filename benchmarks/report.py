@@ -1,0 +1,198 @@
+"""Turn the repetitions into medians, a text table and the ratios the targets speak of."""
+
+import statistics
+
+# What each workload reports, in table order: (field, column heading, format).
+COLUMNS = {
+    'W1': [('msg_per_s', 'W1 msg/s', '{:,.0f}')],
+    'W2': [('p50_us', 'W2 p50 us', '{:,.0f}'), ('p99_us', 'W2 p99 us', '{:,.0f}')],
+    'W3': [('seconds', 'W3 s', '{:.3f}')],
+    'W4': [('mib_per_s', 'W4 MiB/s', '{:,.0f}')],
+    'W5': [('start_ms', 'W5 start ms', '{:,.1f}'), ('stop_ms', 'W5 stop ms', '{:,.1f}')],
+    'W6': [('speedup_1', 'W6 1w x', '{:.2f}'), ('speedup_2', 'W6 2w x', '{:.2f}')],
+    'MEM': [('worker_rss_mib', 'RSS MiB', '{:.1f}'), ('worker_uss_mib', 'USS MiB', '{:.1f}')],
+}
+
+# The looppool targets of issue 4, as (workload, field, other peer, relation, factor):
+# 'x' means looppool's figure is at least factor times the other's (more is better),
+# 'within' means at most factor times the other's (less is better).
+TARGETS = [
+    ('W1', 'msg_per_s', 'process_pool_executor', 'x', 15.0),
+    ('W1', 'msg_per_s', 'aiomultiprocess_pool', 'x', 3.0),
+    ('W1', 'msg_per_s', 'ceiling', 'x', 0.8),
+    ('W2', 'p50_us', 'ceiling', 'within', 1.3),
+    ('W3', 'seconds', 'ceiling', 'within', 1.5),
+    ('W4', 'mib_per_s', 'ceiling', 'x', 1.0),
+    ('W5', 'start_ms', 'ceiling', 'within', 3.0),
+    ('W5', 'stop_ms', 'ceiling', 'within', 3.0),
+]
+LOOPPOOL = ('looppool_submit', 'looppool_put_nowait')
+
+
+def brief(workload, record):
+    """A few words about one repetition, for the progress line."""
+    parts = []
+    for field, heading, fmt in COLUMNS[workload]:
+        if field in record:
+            parts.append(f'{field} {fmt.format(record[field])}')
+    parts.append(f'(wall {record["wall_s"]:.2f} s)')
+    return ', '.join(parts)
+
+
+def summarize(results):
+    """{peer: {workload: {'reps': n, 'median': {field: value}, 'error': text}}}."""
+    summary = {}
+    for run in results['runs']:
+        entry = summary.setdefault(run['peer'], {}).setdefault(
+            run['workload'], {'reps': 0, 'values': {}, 'errors': []})
+        for record in run['reps']:
+            entry['reps'] += 1
+            for field, value in record.items():
+                if isinstance(value, (int, float)) and field != 'rep':
+                    entry['values'].setdefault(field, []).append(value)
+        if run['error']:
+            entry['errors'].append(run['error'])
+        if run['strays']:
+            entry['errors'].append(f'left {len(run["strays"])} process(es) behind')
+    for workloads in summary.values():
+        for entry in workloads.values():
+            entry['median'] = {field: statistics.median(values)
+                               for field, values in entry.pop('values').items()}
+            entry['error'] = '; '.join(entry.pop('errors')) or None
+    return summary
+
+
+def figure(summary, peer, workload, field):
+    entry = summary.get(peer, {}).get(workload)
+    if entry is None:
+        return None
+    return entry['median'].get(field)
+
+
+def render(results):
+    summary = results['summary']
+    names = list(results['peers'])
+    labels = {name: results['peers'][name]['label'] for name in names}
+    workloads = [workload for workload in COLUMNS
+                 if any(workload in summary.get(name, {}) for name in names)]
+    lines = []
+    m = results['machine']
+    lines.append(f'looppool benchmarks, {results["mode"]} run, {results["date"]}')
+    lines.append(f'{m["cpu"]}, {m["cpus"]} CPUs, {m["memory"]}, {m["system"]}, '
+                 f'Python {m["python"]}; load average {m["load_before"][0]:.2f} before, '
+                 f'{m["load_after"][0]:.2f} after; {results["seconds"]:.0f} s in all')
+    lines.append('')
+
+    # The main table: the median of each figure over the repetitions.
+    columns = [(workload, field, heading, fmt) for workload in workloads
+               for field, heading, fmt in COLUMNS[workload]]
+    rows = [['peer'] + [heading for _, _, heading, _ in columns]]
+    for name in names:
+        row = [labels[name]]
+        for workload, field, _, fmt in columns:
+            entry = summary.get(name, {}).get(workload)
+            value = figure(summary, name, workload, field)
+            row.append('failed' if entry and entry['error'] and value is None
+                       else '-' if value is None else fmt.format(value))
+        rows.append(row)
+    lines.extend(table(rows))
+    lines.append('')
+
+    # CPU: where the time went, per repetition.
+    rows = [['CPU s per rep (parent+children)'] + workloads]
+    for name in names:
+        row = [labels[name]]
+        for workload in workloads:
+            parent = figure(summary, name, workload, 'cpu_parent_s')
+            children = figure(summary, name, workload, 'cpu_children_s')
+            row.append('-' if parent is None else f'{parent:.2f}+{children:.2f}')
+        rows.append(row)
+    lines.extend(table(rows))
+    lines.append('')
+
+    lines.extend(notes(results, summary, names, labels))
+    lines.extend(targets(summary, names))
+    return '\n'.join(lines) + '\n'
+
+
+def notes(results, summary, names, labels):
+    lines = []
+    sizes = {}
+    for run in results['runs']:
+        if run['info']:
+            sizes[run['workload']] = run['info']['size']
+    describe = {
+        'W1': lambda n: f'W1: {n:,} tiny echo messages at once, every reply awaited',
+        'W2': lambda n: f'W2: {n:,} sequential round trips; latency percentiles',
+        'W3': lambda n: f'W3: {n:,} tasks of `await asyncio.sleep(0.05)` at once; wall '
+                        'seconds (ideal 0.05)',
+        'W4': lambda n: f'W4: {n:,} sequential round trips of 1 MiB of bytes; payload MiB '
+                        'per second (each way)',
+        'W5': lambda n: 'W5: pool creation to first reply, then a clean stop (fresh '
+                        'interpreter each time)',
+        'W6': lambda n: f'W6: {n:,} CPU-bound tasks; speed-up over running them in one '
+                        'process, with 1 and 2 workers',
+        'MEM': lambda n: 'MEM: an idle worker; RSS counts pages shared with the parent, USS '
+                         'only its own',
+    }
+    for workload, text in describe.items():
+        if workload in sizes:
+            lines.append(text(sizes[workload]))
+    bare = [figure(summary, name, 'MEM', 'bare_rss_mib') for name in names]
+    bare = [value for value in bare if value is not None]
+    if bare:
+        uss = [figure(summary, name, 'MEM', 'bare_uss_mib') for name in names]
+        uss = [value for value in uss if value is not None]
+        lines.append(f'     bare `python -c "import tornado"`: RSS {statistics.median(bare):.1f}'
+                     f' MiB, USS {statistics.median(uss):.1f} MiB')
+    machine = [figure(summary, name, 'W6', 'machine_speedup_2') for name in names]
+    machine = [value for value in machine if value is not None]
+    if machine:
+        lines.append(f'     two bare processes, no pool, reach {statistics.median(machine):.2f}x '
+                     'on this machine: the most W6 can show')
+    lines.append('')
+    for name in names:
+        peer = results['peers'][name]
+        reps = {workload: entry['reps'] for workload, entry in summary.get(name, {}).items()}
+        lines.append(f'{labels[name]}: {peer.get("notes", "")}; start method '
+                     f'{peer.get("start_method", "?")}; repetitions '
+                     + ' '.join(f'{w}={n}' for w, n in reps.items()))
+        for workload, entry in summary.get(name, {}).items():
+            if entry['error']:
+                lines.append(f'    {workload} FAILED: {entry["error"]}')
+    lines.append('')
+    return lines
+
+
+def targets(summary, names):
+    """Looppool's ratios against the targets; reported, never asserted."""
+    lines = []
+    for mine in LOOPPOOL:
+        if mine not in names:
+            continue
+        for workload, field, other, relation, factor in TARGETS:
+            ours, theirs = (figure(summary, mine, workload, field),
+                            figure(summary, other, workload, field))
+            if ours is None or theirs is None or not theirs:
+                continue
+            ratio = ours / theirs
+            met = ratio >= factor if relation == 'x' else ratio <= factor
+            wanted = f'>= {factor:g}x' if relation == 'x' else f'<= {factor:g}x'
+            lines.append(f'{mine:<20} {workload} {field:<10} {ratio:7.2f}x {other:<22} '
+                         f'(target {wanted}) {"met" if met else "MISSED"}')
+    if lines:
+        lines.insert(0, 'Targets (issue 4), looppool / other, medians of this run:')
+        lines.append('')
+    return lines
+
+
+def table(rows):
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width)
+                                             for cell, width in zip(row[1:], widths[1:])]
+        out.append('  '.join(cells).rstrip())
+        if index == 0:
+            out.append('  '.join('-' * width for width in widths))
+    return out
