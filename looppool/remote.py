@@ -60,7 +60,7 @@ from typing import Any, Union
 from . import protocol
 from .channel import HEADER, FrameTooLarge, Parser, encode
 from .errors import LooppoolError, PoolClosed, RemoteTraceback
-from .pool import Pool, _RawFuture
+from .pool import Pool, _parent_fds, _RawFuture
 from .protocol import dumps, loads
 from .worker import Worker
 
@@ -82,6 +82,7 @@ _OPTS = struct.Struct('<h')     # worker_num (-1: any); for a broadcast, sticky:
 _KEY = struct.Struct('<H')      # a broadcast's sticky name (UTF-8) follows its size
 _PRE_AUTH_FRAME = 256           # nothing bigger is read before the peer is authenticated
 _SESSION_SHIFT = 32
+_FIRST_CLIENT_GRACE = 10.0
 
 
 class ConnectionLost(LooppoolError):
@@ -280,10 +281,15 @@ class _Session(_Framed):
         self.tasks: dict[int, _RawFuture] = {}
         self.result_dones: collections.deque[Callable[[], None]] = collections.deque()
         self.acks = 0
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info('socket')
+        if sock is not None:
+            # A worker forked later (a replacement) must not hold this connection open.
+            self.fd = sock.fileno()
+            _parent_fds.add(self.fd)
         uid = _peer_uid(sock) if sock is not None else None
         if uid is not None and uid not in self.host.allowed_uids:
             self.refuse(f'uid {uid} may not use this pool (allowed: '
@@ -298,6 +304,7 @@ class _Session(_Framed):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        _parent_fds.discard(self.fd)
         self.host.session_ended(self)
         for future in list(self.tasks.values()):
             future.cancel()   # nobody is left to answer: stop the work in the worker
@@ -461,7 +468,13 @@ class _Host:
             if self.address[1] == 0:
                 port = self.server.sockets[0].getsockname()[1]
                 self.address = (self.address[0], port)
-        self.arm_idle_timer()
+        # Replacement workers are forked after this: they must not keep the listening
+        # socket open, or a dead host would still seem to accept connections.
+        for sock in self.server.sockets:
+            _parent_fds.add(sock.fileno())
+        # The client that started this host connects next; under load that can take a
+        # while, so a new host waits at least _FIRST_CLIENT_GRACE before idling out.
+        self.arm_idle_timer(max(self.idle_timeout or 0.0, _FIRST_CLIENT_GRACE))
 
     def accepting(self, session: _Session, tid: int) -> bool:
         if self.pool._state == 'running':
@@ -487,10 +500,10 @@ class _Host:
         self.sessions.pop(session.number, None)
         self.arm_idle_timer()
 
-    def arm_idle_timer(self) -> None:
+    def arm_idle_timer(self, delay: float | None = None) -> None:
         if self.idle_timeout is not None and not self.sessions and self.idle_timer is None \
                 and not self.stopping:
-            self.idle_timer = self.loop.call_later(self.idle_timeout, self.idle)
+            self.idle_timer = self.loop.call_later(delay or self.idle_timeout, self.idle)
 
     def idle(self) -> None:
         self.idle_timer = None
@@ -677,6 +690,7 @@ class _ClientConnection(_Framed):
         super().__init__(client._loop)
         self.client = client
         self.ready: asyncio.Future[None] = client._loop.create_future()
+        self.lost: asyncio.Future[None] = client._loop.create_future()
         self.nonce = os.urandom(_NONCE)
 
     def refuse(self, reason: str) -> None:
@@ -689,6 +703,8 @@ class _ClientConnection(_Framed):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
         if not self.ready.done():
             self.ready.set_exception(ConnectionLost(
                 f'the pool host at {self.client.address!r} closed the connection during '
@@ -834,11 +850,19 @@ class Client:
         return self
 
     async def close(self) -> None:
-        """Close the connection; calls still in flight fail with :class:`ConnectionLost`."""
+        """Close the connection; calls still in flight fail with :class:`ConnectionLost`.
+
+        Returns once the connection is gone (a TLS connection's closing handshake included,
+        at most 5 s, after which it is aborted)."""
         self._closed = True
-        if self._connection is not None:
-            self._connection.close()
+        connection = self._connection
         self._fail_all(ConnectionLost('the client was closed'))
+        if connection is not None and connection.transport is not None:
+            connection.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(connection.lost), 5)
+            except asyncio.TimeoutError:
+                connection.transport.abort()
 
     async def __aenter__(self) -> Client:
         return await self.connect()
@@ -910,7 +934,10 @@ class Client:
 
     def _start_connecting(self) -> None:
         if self._connecting is None or self._connecting.done():
-            self._connecting = self._get_loop().create_task(self._connect())
+            task = self._get_loop().create_task(self._connect())
+            # A failure also reaches every waiting future; only connect() re-raises it.
+            task.add_done_callback(_retrieve)
+            self._connecting = task
 
     async def _connected(self) -> None:
         connection = self._connection
@@ -1041,6 +1068,11 @@ class Client:
                 if timer is not None:
                     timer.cancel()
                 future.set_exception(error)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def connect(address: Address, *, secret: str | bytes | None = None,

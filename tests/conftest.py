@@ -9,8 +9,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import hypothesis  # noqa: F401 - see below
 import psutil
 import pytest
+
+# hypothesis's pytest plugin imports hypothesis lazily in the terminal summary, where
+# pytest's assertion rewriter parses it; CPython 3.11.7 can raise "AST constructor recursion
+# depth mismatch" there (a bug fixed in 3.11.8). Importing it up front avoids that parse.
 
 sys.path.insert(0, os.path.dirname(__file__))
 
