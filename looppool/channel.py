@@ -109,17 +109,17 @@ class Parser:
             assert view is not None
             take = min(len(view), len(data))
             view[:take] = data[:take]
-            frames = self.collected(take)
+            done = self.collected(take)
             if take == len(data):
-                return frames
-            return frames + self.feed(data[take:])
+                return done
+            return done + self.feed(data[take:])
         if self._leftover:
             data = self._leftover + data
             self._leftover = b''
         frames: list[Frame] = []
         unpack = HEADER.unpack_from
         total = len(data)
-        view = memoryview(data)
+        whole = memoryview(data)
         pos = 0
         while total - pos >= _HEADER_SIZE:
             size, kind, arg = unpack(data, pos)
@@ -132,14 +132,14 @@ class Parser:
                 if size >= _LARGE:
                     big = bytearray(size)
                     have = total - start
-                    big[:have] = view[start:]
+                    big[:have] = whole[start:]
                     self._big = big
                     self._big_view = memoryview(big)
                     self._big_fill = have
                     self._big_head = (kind, arg)
                     pos = total
                 break
-            frames.append((kind, arg, view[start:end]))
+            frames.append((kind, arg, whole[start:end]))
             pos = end
         if pos < total:
             self._leftover = data[pos:]

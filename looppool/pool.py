@@ -52,7 +52,7 @@ import sys
 import types
 import weakref
 from collections.abc import Iterable
-from typing import Any, Callable, Deque, Optional
+from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
@@ -88,14 +88,25 @@ _OPTIONS = {
 _parent_fds: set[int] = set()
 # Pools with running workers, held until stopped so that interpreter exit can end them.
 _live_pools: set[Pool] = set()
+# A process forked from this one (a web server's worker) does not own our pools: at its exit
+# it must not end them. (_parent_fds stays: its copies are still worth closing in workers.)
+os.register_at_fork(after_in_child=_live_pools.clear)
 
-Item = tuple[int, int, Any, Optional[asyncio.Future]]   # (kind, task id, payload, future)
+# (kind, task id or origin, payload, future or None); for a remote client's note the last
+# is a stand-in whose set_result() acknowledges it (see remote._Ack).
+Item = tuple[int, int, Any, Any]
 
 
-class _TaskFuture(asyncio.Future):  # type: ignore[type-arg]
+class _TaskFuture(asyncio.Future[Any]):
     """The future of one ``submit()``: cancelling it cancels the task in the worker."""
 
     __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started', '_lp_sink')
+    _lp_pool: Pool
+    _lp_tid: int
+    _lp_link: _Link | None
+    _lp_timer: asyncio.TimerHandle | None
+    _lp_started: float
+    _lp_sink: Callable[[bool, Any], None] | None
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -116,13 +127,15 @@ class _RawFuture(_TaskFuture):
     def set_exception(self, exception: Any) -> None:
         super().set_exception(exception)
         self.exception()  # reported through the sink, so never "unretrieved"
+        assert self._lp_sink is not None
         self._lp_sink(True, dumps((exception, '')))
 
 
-class _StopFuture(asyncio.Future):  # type: ignore[type-arg]
+class _StopFuture(asyncio.Future[None]):
     """What ``stop()`` returns. It notes whether anyone awaits it or waits on it."""
 
     __slots__ = ('_lp_awaited',)
+    _lp_awaited: bool
 
     def __await__(self):  # type: ignore[no-untyped-def]
         self._lp_awaited = True
@@ -311,8 +324,8 @@ class Pool:
         ioloop = self._ioloop_arg
         if ioloop is None:
             ioloop = tornado.ioloop.IOLoop.current()
-        self._loop = (ioloop.asyncio_loop if isinstance(ioloop, tornado.ioloop.IOLoop)
-                      else ioloop)
+        self._loop = (ioloop.asyncio_loop  # type: ignore[attr-defined]
+                      if isinstance(ioloop, tornado.ioloop.IOLoop) else ioloop)
         self._ready = self._loop.create_future()
         self._state = RUNNING
         _live_pools.add(self)
@@ -525,14 +538,14 @@ class Pool:
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers about the pool: counters since start, and one entry per worker."""
-        workers = []
+        workers: list[dict[str, Any]] = []
         for slot in self._slots:
             link = slot.link
             workers.append({
                 'number': slot.number,
                 'pid': link.pid if link else None,
-                'alive': bool(link and not link.exited),
-                'ready': bool(link and link.ready),
+                'alive': link is not None and not link.exited,
+                'ready': link is not None and link.ready,
                 'in_flight': link.used if link else 0,
                 'waiting': len(slot.targeted),
                 'restarts': slot.restarts,
@@ -589,8 +602,8 @@ class Pool:
         kind, tid, payload, future = item
         link.used += 1
         if kind == protocol.TASK:
-            link.inflight[tid] = future  # type: ignore[assignment]
-            future._lp_link = link  # type: ignore[union-attr]
+            link.inflight[tid] = future
+            future._lp_link = link
         elif future is not None:
             future.set_result(None)
         link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
@@ -667,15 +680,11 @@ class Pool:
                     _TaskFuture.set_result(future, None)
                     future._lp_sink(True, payload)
                     continue
-                try:
-                    exc, text = loads(payload)
-                    exc.__cause__ = RemoteTraceback(text)
-                except BaseException as error:
-                    exc = self._unpickle_error(link, 'exception', error)
-                if isinstance(exc, asyncio.CancelledError):
+                error = self._decode_error(link, payload)
+                if isinstance(error, asyncio.CancelledError):
                     future.cancel()
                 else:
-                    future.set_exception(exc)
+                    future.set_exception(error)
             elif kind == protocol.FREED:
                 freed += arg
             elif kind == protocol.RESULT:
@@ -725,9 +734,9 @@ class Pool:
 
     def _result_task_done(self, task: asyncio.Future[Any]) -> None:
         self._result_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error('process_message raised', exc_info=(type(exc), exc, exc.__traceback__))
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.error('process_message raised', exc_info=exc)
         if self._state is STOPPING:
             self._check_stopped()
 
@@ -739,6 +748,15 @@ class Pool:
         logger = logging.getLogger(record.name)
         if logger.isEnabledFor(record.levelno):
             logger.handle(record)
+
+    def _decode_error(self, link: _Link, payload: Any) -> BaseException:
+        """The exception a worker sent, with its traceback text as ``__cause__``."""
+        try:
+            exc, text = loads(payload)
+        except BaseException as error:
+            return self._unpickle_error(link, 'exception', error)
+        exc.__cause__ = RemoteTraceback(text)
+        return exc  # type: ignore[no-any-return]
 
     def _unpickle_error(self, link: _Link, what: str, exc: BaseException) -> BaseException:
         return pickle.UnpicklingError(
@@ -804,13 +822,14 @@ class Pool:
             cancel_grace=self._options['cancel_grace'],
         )
         link = _Link(slot.number)
-        process = ctx.Process(target=worker_main,
+        process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
                               args=(self._worker_class, child_sock, config, os.getpid()),
                               name=f'looppool-worker-{slot.number}')
         try:
             process.start()
         finally:
             child_sock.close()
+        _disown(process)
         link.process = process
         link.pid = process.pid or 0
         link.sentinel = process.sentinel
@@ -1132,6 +1151,19 @@ class Pool:
                 or not 0 <= worker_num < self.pool_size:
             raise ValueError(f'worker_num must be in 0..{self.pool_size - 1}, '
                              f'got {worker_num!r}')
+
+
+def _disown(process: multiprocessing.process.BaseProcess) -> None:
+    """Take a process we supervise ourselves out of multiprocessing's list of children.
+
+    A process forked from this one later (a web server's workers) inherits that list, and
+    at exit multiprocessing would try to join our workers from there, which fails with an
+    AssertionError ("can only join a child process"). We reap our processes through their
+    sentinels, and end them at exit, so multiprocessing need not know them.
+    """
+    children = getattr(multiprocessing.process, '_children', None)
+    if isinstance(children, set):
+        children.discard(process)
 
 
 def _cancel_timer(future: Any) -> None:

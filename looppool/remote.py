@@ -60,7 +60,7 @@ from typing import Any, Union
 from . import protocol
 from .channel import HEADER, FrameTooLarge, Parser, encode
 from .errors import LooppoolError, PoolClosed, RemoteTraceback
-from .pool import Pool, _parent_fds, _RawFuture
+from .pool import Pool, _disown, _parent_fds, _RawFuture
 from .protocol import dumps, loads
 from .worker import Worker
 
@@ -171,7 +171,8 @@ def _peer_uid(sock: socket.socket) -> int | None:
     if not hasattr(socket, 'SO_PEERCRED') or sock.family != socket.AF_UNIX:
         return None
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
-    return struct.unpack('3i', creds)[1]
+    uid: int = struct.unpack('3i', creds)[1]
+    return uid
 
 
 def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
@@ -195,7 +196,7 @@ def _decode_error(payload: Any) -> BaseException:
                                       f'unpickled here: {error!r}')
     if text:
         exc.__cause__ = RemoteTraceback(text)
-    return exc
+    return exc  # type: ignore[no-any-return]
 
 
 # -- the host ----------------------------------------------------------------------------------
@@ -278,7 +279,7 @@ class _Session(_Framed):
         host.next_session += 1
         self.nonce = os.urandom(_NONCE)
         self.authenticated = False
-        self.tasks: dict[int, _RawFuture] = {}
+        self.tasks: dict[int, Any] = {}   # client task id -> the pool's _RawFuture
         self.result_dones: collections.deque[Callable[[], None]] = collections.deque()
         self.acks = 0
         self.fd = -1
@@ -378,7 +379,7 @@ class _Session(_Framed):
             self.send(H_ERROR, tid, _encode_error(ValueError(
                 f'worker_num must be in 0..{self.host.pool.pool_size - 1}, got {worker_num}')))
             return
-        future = self.host.pool._submit_payload(
+        future: Any = self.host.pool._submit_payload(
             bytes(payload), worker_num, None, _RawFuture,
             lambda is_error, reply, tid=tid: self.answer(tid, is_error, reply),
             self.number << _SESSION_SHIFT | tid)
@@ -633,6 +634,7 @@ def serve(worker_class: type[Worker], address: Address | None = None, *,
                           args=(worker_class, address, key, ssl_context, options, uids,
                                 sender))
     process.start()
+    _disown(process)   # web workers forked after this must not try to join the host
     sender.close()
     try:
         if not receiver.poll(start_timeout):
@@ -675,8 +677,11 @@ def _answers(path: str) -> bool:
 
 # -- the asynchronous client -------------------------------------------------------------------
 
-class _ClientFuture(asyncio.Future):  # type: ignore[type-arg]
+class _ClientFuture(asyncio.Future[Any]):
     __slots__ = ('_lp_client', '_lp_tid', '_lp_timer')
+    _lp_client: Client
+    _lp_tid: int
+    _lp_timer: asyncio.TimerHandle | None
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -687,10 +692,11 @@ class _ClientFuture(asyncio.Future):  # type: ignore[type-arg]
 
 class _ClientConnection(_Framed):
     def __init__(self, client: Client) -> None:
-        super().__init__(client._loop)
+        loop = client._get_loop()
+        super().__init__(loop)
         self.client = client
-        self.ready: asyncio.Future[None] = client._loop.create_future()
-        self.lost: asyncio.Future[None] = client._loop.create_future()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
         self.nonce = os.urandom(_NONCE)
 
     def refuse(self, reason: str) -> None:
@@ -777,7 +783,7 @@ class Client:
         self._ensure_host = ensure_host
         self.created_new_pool = False
         self.pool_size: int | None = None
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
@@ -833,7 +839,8 @@ class Client:
         ``host_pid``."""
         future = self._new_future(None)
         self._queue(C_STATS, future._lp_tid, b'', future, counted=False)
-        return await future
+        stats: dict[str, Any] = await future
+        return stats
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result; assign your own. This default drops it."""
@@ -1129,7 +1136,8 @@ class SyncClient:
                   sticky: bool | str = False) -> list[Any]:
         """Send ``message`` to every worker; return their replies in worker order."""
         payload = _broadcast_payload(message, sticky)
-        return self._call(C_BROADCAST, payload, timeout)
+        replies: list[Any] = self._call(C_BROADCAST, payload, timeout)
+        return replies
 
     def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
         """Send without a reply; :class:`queue.Full` when this client's share of
@@ -1142,7 +1150,8 @@ class SyncClient:
 
     def stats(self) -> dict[str, Any]:
         """The host pool's stats, plus ``clients`` and ``host_pid``."""
-        return self._call(C_STATS, b'', None, counted=False)
+        stats: dict[str, Any] = self._call(C_STATS, b'', None, counted=False)
+        return stats
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result (on the reader thread); assign your own."""

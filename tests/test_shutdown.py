@@ -233,3 +233,30 @@ def test_finalise_runs_on_a_clean_stop(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 'finalised0').read_text() == 'closed'
     assert (tmp_path / 'finalised1').read_text() == 'closed'
+
+
+def test_a_process_forked_after_the_pool_leaves_it_alone_at_exit(tmp_path) -> None:
+    """A web server forks its workers after the pool (or host) started: their exit must
+    neither print errors about our processes nor end them."""
+    program = _program(tmp_path, '''
+        import asyncio, os, sys, looppool
+        from workers import Echo
+
+        loop = asyncio.new_event_loop()
+        pool = looppool.Pool(loop, pool_size=1, worker_class=Echo)
+        loop.run_until_complete(pool.__aenter__())
+        before = loop.run_until_complete(pool.submit(('pid',)))
+        child = os.fork()           # as a pre-forking server does, at top level
+        if child == 0:
+            sys.exit(0)             # the forked web worker exits normally: atexit runs
+        os.waitpid(child, 0)
+        after = loop.run_until_complete(pool.submit(('pid',)))
+        print('same worker' if before == after else 'worker replaced', flush=True)
+        loop.run_until_complete(pool.stop())
+        loop.close()
+    ''')
+    done = subprocess.run([sys.executable, program], env=_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == 'same worker'
+    assert 'Error' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
