@@ -56,12 +56,12 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import protocol
+from . import eager, protocol
 from .channel import Channel, socketpair
-from .metrics import PoolMetrics
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
+from .metrics import PoolMetrics
 from .protocol import dumps, loads
-from .worker import Worker, start_coroutine, worker_main
+from .worker import Worker, worker_main
 
 __all__ = ['Pool']
 
@@ -725,7 +725,7 @@ class Pool:
         if outcome is not None and inspect.isawaitable(outcome):
             if type(outcome) is not types.CoroutineType:
                 outcome = _await(outcome)
-            task = start_coroutine(self._loop, outcome)
+            task = eager.start(self._loop, outcome)
             if task.done():
                 self._result_task_done(task)
             else:

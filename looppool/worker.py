@@ -6,8 +6,8 @@ Inside one worker process::
     channel (socket to the parent) --frames--> _Runner.on_frames
         TASK / NOTE  -> Worker.handle(message)            (modern)
                         Worker._process_message(message)  (Looppool style)
-                        run as a coroutine on this process's loop, started eagerly where
-                        the interpreter supports it (Python 3.12+)
+                        run as a coroutine on this process's loop, started eagerly
+                        (see looppool.eager): one that never suspends costs no Task
         CANCEL       -> the task's asyncio.Task is cancelled
         CREDIT       -> room for more _put_nowait results
         STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import tornado.ioloop
 
-from . import protocol
+from . import eager, protocol
 from .channel import Channel
 from .protocol import dumps, loads
 
@@ -49,25 +49,16 @@ log = logging.getLogger('looppool.worker')
 
 _F = TypeVar('_F', bound=Callable[..., Any])
 
-_EAGER = sys.version_info >= (3, 12)
 
 # The task (or note origin) a handler runs for, so that a _put_nowait result can be routed
 # back to whoever sent the message (a remote client of a pool host). Tasks copy the context
 # when they are created, so concurrent handlers each see their own.
+# Kept for callers of the earlier name (looppool.dask): eager.start is the one to use.
+start_coroutine = eager.start
+
 _origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
 # The origin of a replayed sticky broadcast: its return value goes nowhere.
 _REPLAYED = -1
-
-
-def start_coroutine(loop: asyncio.AbstractEventLoop, coro: Any) -> asyncio.Future[Any]:
-    """Run ``coro`` as a task, starting it eagerly where the interpreter supports it.
-
-    An eager task runs up to its first suspension inside this call, so a coroutine that
-    never suspends costs no trip through the loop's ready queue.
-    """
-    if _EAGER:
-        return asyncio.Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg]
-    return loop.create_task(coro)
 
 
 def task_done(fn: _F) -> _F:
@@ -281,9 +272,9 @@ class _Runner:
         if type(result) is types.CoroutineType or inspect.isawaitable(result):
             if type(result) is not types.CoroutineType:
                 result = _await(result)
-            task = start_coroutine(self.loop, result)
-            if task.done():
-                self.task_finished(tid, reply, task)
+            state, task = eager.step(self.loop, result)
+            if state != eager.PENDING:
+                self.finish(tid, reply, task, failed=state == eager.RAISED)
                 return
             self.running[tid if reply else -id(task)] = task
             task.add_done_callback(functools.partial(self.task_finished, tid, reply))
@@ -391,7 +382,7 @@ class _Runner:
         if self.stopped or self.running or self.open_slots:
             return
         self.stopped = True
-        start_coroutine(self.loop, self.finalise_and_exit())
+        eager.start(self.loop, self.finalise_and_exit())
 
     async def finalise_and_exit(self) -> None:
         try:

@@ -1,0 +1,122 @@
+"""Eager starts keep what a coroutine relies on: a current task, its own context,
+timeouts, task groups and cancellation, whether or not it ever suspends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import sys
+
+import pytest
+
+from looppool import eager
+
+pytestmark = pytest.mark.timeout(30)
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar('request_id', default='-')
+
+
+def test_a_coroutine_that_never_suspends_costs_no_task() -> None:
+    async def quick(x: int) -> int:
+        assert asyncio.current_task() is not None
+        return x * 2
+
+    async def main() -> None:
+        assert eager.step(asyncio.get_running_loop(), quick(21)) == (eager.DONE, 42)
+
+    asyncio.run(main())
+
+
+def test_exceptions_are_returned_not_raised() -> None:
+    async def broken() -> None:
+        raise KeyError('k')
+
+    async def main() -> None:
+        state, exc = eager.step(asyncio.get_running_loop(), broken())
+        assert state == eager.RAISED and isinstance(exc, KeyError)
+
+    asyncio.run(main())
+
+
+def test_a_suspending_coroutine_continues_in_a_task_with_its_context() -> None:
+    seen: list[str] = []
+
+    async def handler(name: str) -> str:
+        request_id.set(name)           # set in the first step
+        await asyncio.sleep(0.01)
+        seen.append(request_id.get())  # still its own after suspending
+        await asyncio.sleep(0)         # a bare yield
+        return name
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        results = [eager.step(loop, handler(name)) for name in ('a', 'b', 'c')]
+        assert all(state == eager.PENDING for state, _ in results)
+        assert [await task for _, task in results] == ['a', 'b', 'c']
+        assert request_id.get() == '-'  # nothing leaked into the caller's context
+
+    asyncio.run(main())
+    assert seen == ['a', 'b', 'c']
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason='asyncio.timeout and TaskGroup are 3.11+')
+def test_timeout_and_task_group_work_from_the_first_line() -> None:
+    async def with_timeout() -> str:
+        try:
+            async with asyncio.timeout(0.05):   # type: ignore[attr-defined]
+                await asyncio.sleep(10)
+        except TimeoutError:
+            return 'timed out'
+        return 'not reached'
+
+    async def with_group() -> list[int]:
+        async with asyncio.TaskGroup() as group:   # type: ignore[attr-defined]
+            tasks = [group.create_task(asyncio.sleep(0.01, result=i)) for i in range(3)]
+        return [t.result() for t in tasks]
+
+    async def quick_timeout() -> str:
+        async with asyncio.timeout(5):   # type: ignore[attr-defined]
+            return 'fast'
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        state, task = eager.step(loop, with_timeout())
+        assert state == eager.PENDING and await task == 'timed out'
+        state, task = eager.step(loop, with_group())
+        assert state == eager.PENDING and await task == [0, 1, 2]
+        assert eager.step(loop, quick_timeout()) == (eager.DONE, 'fast')
+
+    asyncio.run(main())
+
+
+def test_cancelling_the_task_reaches_the_coroutine() -> None:
+    events: list[str] = []
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append('cancelled')
+            raise
+
+    async def main() -> None:
+        state, task = eager.step(asyncio.get_running_loop(), slow())
+        assert state == eager.PENDING
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert events == ['cancelled']
+
+
+def test_system_exit_propagates_as_from_a_task() -> None:
+    async def leave() -> None:
+        raise SystemExit(3)
+
+    async def main() -> None:
+        with pytest.raises(SystemExit):
+            eager.step(asyncio.get_running_loop(), leave())
+
+    asyncio.run(main())
