@@ -21,13 +21,13 @@ it lives on the worker process's single loop thread.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import functools
 import inspect
 import logging
 import os
 import pickle
-import queue
 import signal
 import socket
 import sys
@@ -172,9 +172,11 @@ class Worker:
     def _put_nowait(self, result: Any) -> None:
         """Send ``result`` to the parent's ``Pool.process_message(result, result_done)``.
 
-        Raises :class:`queue.Full` when this worker's share of ``max_results`` results are
-        waiting for ``result_done()``; :class:`pickle.PicklingError` (or whatever pickling
-        raises) when ``result`` cannot be pickled.
+        Never blocks and never drops: when this worker's share of ``max_results`` results
+        already wait for ``result_done()`` in the parent, the result waits here, and the
+        worker frees no task slot until the parent has caught up (so the parent sends it no
+        more work meanwhile). Raises whatever pickling raises if ``result`` cannot be
+        pickled.
         """
         self._require_runner().put_result(result)
 
@@ -219,6 +221,8 @@ class _Runner:
         self.running: dict[int, asyncio.Future[Any]] = {}
         self.open_slots = 0       # Looppool-style tasks whose _task_done() is still due
         self.freed = 0            # slots freed since the last flush, sent as one FREED
+        self.held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.deferred = 0         # slots whose freeing waits for held results to drain
         self.stopping = False
         self.stopped = False
         cls = type(worker)
@@ -242,7 +246,7 @@ class _Runner:
                 if task is not None:
                     task.cancel()
             elif kind == protocol.CREDIT:
-                self.credit += arg
+                self.credited(arg)
             elif kind == protocol.STOP:
                 self.stopping = True
                 self.maybe_stop()
@@ -295,16 +299,22 @@ class _Runner:
     def finish(self, tid: int, reply: bool, value: Any, failed: bool = False,
                note: str | None = None) -> None:
         """Answer a task: a reply for submit(), or a freed slot (and result) for a note."""
+        # A modern task's end frees its slot (Looppool style: _task_done does), unless
+        # results are held back, which defers it: see hold_or_send.
+        frees = not self.looppool_style
+        if frees and self.held:
+            frees = False
+            self.deferred += 1
         if reply:
             if failed:
-                kind = protocol.ERROR_KEEP if self.looppool_style else protocol.ERROR
+                kind = protocol.ERROR if frees else protocol.ERROR_KEEP
                 self.channel.send(kind, tid, self.encode_error(value, note))
             else:
-                kind = protocol.REPLY_KEEP if self.looppool_style else protocol.REPLY
+                kind = protocol.REPLY if frees else protocol.REPLY_KEEP
                 try:
                     payload = dumps(value)
                 except BaseException as exc:
-                    kind = protocol.ERROR_KEEP if self.looppool_style else protocol.ERROR
+                    kind = protocol.ERROR if frees else protocol.ERROR_KEEP
                     payload = self.encode_error(
                         pickle.PicklingError(
                             f'worker {self.number} (pid {self.pid}) could not pickle the '
@@ -318,7 +328,7 @@ class _Runner:
             elif not failed and value is not None and not self.looppool_style \
                     and tid != _REPLAYED:
                 self.send_result(value)
-            if not self.looppool_style:
+            if frees:
                 self.slot_freed()
         if self.stopping:
             self.maybe_stop()
@@ -348,7 +358,10 @@ class _Runner:
         if self.open_slots <= 0:
             raise RuntimeError('_task_done() called more often than messages were received')
         self.open_slots -= 1
-        self.slot_freed()
+        if self.held:
+            self.deferred += 1
+        else:
+            self.slot_freed()
         if self.stopping:
             self.maybe_stop()
 
@@ -358,28 +371,53 @@ class _Runner:
             self.channel.send(protocol.FREED, freed)
 
     def put_result(self, result: Any) -> None:
-        if self.credit <= 0:
-            raise queue.Full(f'worker {self.number}: max_results results are waiting for '
-                             'result_done() in the parent')
         payload = dumps(result)  # a result that cannot be pickled raises to the caller
-        self.credit -= 1
-        self.channel.send(protocol.RESULT, _origin.get(), payload)
+        self.hold_or_send(_origin.get(), payload)
 
     def send_result(self, result: Any) -> None:
-        """Send a result, even past the credit: a note's return value is never dropped."""
+        """Send a note's return value; one that cannot be pickled is logged."""
         try:
             payload = dumps(result)
         except Exception:
             log.exception('worker %d: could not pickle a result of type %s; it was dropped',
                           self.number, type(result).__qualname__)
             return
-        self.credit -= 1
-        self.channel.send(protocol.RESULT, _origin.get(), payload)
+        self.hold_or_send(_origin.get(), payload)
+
+    def hold_or_send(self, origin: int, payload: bytes) -> None:
+        """Send a result if the parent has room for it, else hold it here.
+
+        At most this worker's share of ``max_results`` results wait for ``result_done()``
+        in the parent. Past that, results wait in this process, and while any wait the
+        worker frees no task slots, so the parent sends it no more work: backpressure from
+        a slow ``process_message`` all the way to ``put_nowait``, and nothing is dropped.
+        """
+        if self.credit > 0 and not self.held:
+            self.credit -= 1
+            self.channel.send(protocol.RESULT, origin, payload)
+        else:
+            self.held.append((origin, payload))
+
+    def credited(self, count: int) -> None:
+        """The parent acknowledged ``count`` results: send what was held, then free the
+        slots that waited for it."""
+        self.credit += count
+        held = self.held
+        while held and self.credit > 0:
+            self.credit -= 1
+            origin, payload = held.popleft()
+            self.channel.send(protocol.RESULT, origin, payload)
+        if not held and self.deferred:
+            self.freed += self.deferred
+            self.deferred = 0
+            self.channel.schedule_flush()
+        if self.stopping:
+            self.maybe_stop()
 
     # -- stopping --------------------------------------------------------------------------
 
     def maybe_stop(self) -> None:
-        if self.stopped or self.running or self.open_slots:
+        if self.stopped or self.running or self.open_slots or self.held:
             return
         self.stopped = True
         eager.start(self.loop, self.finalise_and_exit())
@@ -399,6 +437,7 @@ class _Runner:
         for task in list(self.running.values()):
             task.cancel()
         self.open_slots = 0
+        self.credited(len(self.held))   # past the deadline: send what is held regardless
         self.maybe_stop()
 
     def on_parent_lost(self) -> None:

@@ -159,22 +159,63 @@ def test_put_waits_for_room() -> None:
 
 
 def test_max_results_bounds_results_waiting_for_result_done() -> None:
+    """At most max_results results wait for result_done(); the rest wait in the worker,
+    which takes no new task meanwhile; nothing is dropped."""
     pending: list = []
+    received: list = []
 
     def process_message(result, result_done) -> None:
+        received.append(result)
         pending.append(result_done)  # ingested later
 
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Echo, max_results=3) as pool:
+        async with looppool.Pool(pool_size=1, worker_class=Echo, max_results=3,
+                                 max_tasks=1) as pool:
             pool.process_message = process_message
-            # the fourth _put_nowait finds no room: queue.Full in the worker
-            assert await pool.submit(('try_put', 5)) == -3
-            await wait_until(lambda: len(pending) == 3, what='three results')
-            for done in pending:
+            assert await pool.submit(('put', *range(5))) == 5   # _put_nowait never raises
+            await wait_until(lambda: len(received) == 3, what='three results')
+            # the worker holds two results, so its slot stays taken: no new task runs
+            later = pool.submit(('record', 'later'))
+            await asyncio.sleep(0.2)
+            assert len(received) == 3 and not later.done()
+            stats = pool.stats()
+            assert stats['in_flight'] == 1 and stats['waiting'] == 1
+            for done in pending[:]:
                 done()
-            await wait_until(lambda: True)
-            await asyncio.sleep(0.05)
-            assert await pool.submit(('try_put', 2)) == 2
+            await wait_until(lambda: len(received) == 5, what='the held results')
+            for done in pending[3:]:
+                done()
+            await asyncio.wait_for(later, 5)
+            assert received == [0, 1, 2, 3, 4]
+
+    run(main())
+
+
+def test_a_slow_process_message_slows_put_nowait_down_without_losing_results() -> None:
+    """Looppool style at full speed: results come back faster than they are ingested."""
+    received: list = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        all_in = loop.create_future()
+
+        async def process_message(result, result_done) -> None:
+            await asyncio.sleep(0)   # a coroutine that lets the loop turn
+            received.append(result[0])
+            result_done()
+            if len(received) == 3000:
+                all_in.set_result(None)
+
+        async with looppool.Pool(pool_size=2, worker_class=ClassicPlain, max_tasks=64,
+                                 max_results=16) as pool:
+            pool.process_message = process_message
+            for index in range(3000):
+                try:
+                    pool.put_nowait(index)
+                except queue.Full:
+                    await pool.put(index)
+            await asyncio.wait_for(all_in, 30)
+        assert sorted(received) == list(range(3000))
 
     run(main())
 
