@@ -6,6 +6,7 @@ The public names; see the manual for the guide and the design.
 from ._version import __version__
 from .errors import LooppoolError, PoolClosed, WorkerLost, WorkerStartError
 from .pool import Pool
+from .remote import connect, connect_sync, serve, shared
 from .worker import Worker, task_done
 
 __all__ = [
@@ -16,5 +17,9 @@ __all__ = [
     'WorkerLost',
     'WorkerStartError',
     '__version__',
+    'connect',
+    'connect_sync',
+    'serve',
+    'shared',
     'task_done',
 ]

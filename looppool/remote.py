@@ -40,6 +40,7 @@ import hmac
 import ipaddress
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 import pickle
 import queue
@@ -1476,8 +1477,11 @@ def _ensure_host(spec: dict[str, Any], start_timeout: float) -> bool:
 
 
 def _start_detached_host(spec: dict[str, Any], start_timeout: float) -> None:
+    # Not sys.executable: under uWSGI or mod_wsgi that is the server's binary. This is the
+    # interpreter multiprocessing would start (multiprocessing.set_executable() sets it).
+    python = multiprocessing.spawn.get_executable()
     process = subprocess.Popen(
-        [sys.executable, '-m', 'looppool.remote'], stdin=subprocess.PIPE,
+        [python, '-m', 'looppool.remote'], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
         close_fds=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, sys.path))))

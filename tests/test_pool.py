@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(60)
 def test_public_names() -> None:
     assert sorted(looppool.__all__) == sorted([
         'LooppoolError', 'Pool', 'PoolClosed', 'Worker', 'WorkerLost', 'WorkerStartError',
-        '__version__', 'task_done'])
+        '__version__', 'connect', 'connect_sync', 'serve', 'shared', 'task_done'])
+    assert looppool.serve is looppool.remote.serve
     for name in looppool.__all__:
         assert getattr(looppool, name) is not None
 
