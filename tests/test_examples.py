@@ -359,7 +359,8 @@ def received_metrics(sock: socket.socket) -> dict[str, list[tuple[float, str]]]:
 
 # -- the examples ----------------------------------------------------------------------------
 
-TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_table.py'}
+TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_table.py',
+          'operating.py'}
 
 
 def test_every_example_is_tested() -> None:
@@ -509,6 +510,82 @@ def test_lookup_table(tmp_path: Path, start_method: str | None) -> None:
     assert [line.split(':')[0] for line in outcome.stderr.splitlines()] == [
         'ERROR looppool'], outcome
     assert 'worker 1 (pid ' in outcome.stderr, outcome
+
+
+@START_METHODS
+def test_operating(tmp_path: Path, start_method: str | None) -> None:
+    """One reporting period of statsd packets, worker logs in the parent, titles, stats()."""
+    outcome = run_example(example_command('operating.py', start_method), tmp_path)
+    assert outcome.returncode == 0, outcome
+    assert outcome.stderr == '', outcome
+    assert outcome.lines[-1] == 'pool stopped', outcome
+    sections = dict(re.findall(r'^-- (.*?)\n(.*?)(?=^-- |^pool stopped$)', outcome.stdout,
+                               re.M | re.S))
+    period, logs, titles, stats = (
+        sections[heading] for heading in (
+            'statsd packets of one reporting period (0.5 s)',
+            "log records from the workers, printed by the parent's handler",
+            'process titles', 'pool.stats()'))
+
+    # The period's packets, by sender: the pool's own metrics and each worker's gauges.
+    sent: dict[str, list[tuple[str, float, str]]] = {}
+    for sender, body in re.findall(r'^from the (pool|worker \d):\n((?:    .*\n)+)', period,
+                                   re.M):
+        for name, value, kind in re.findall(r'^    ([\w.]+):([\d.]+)\|(\w+)$', body, re.M):
+            sent.setdefault(sender, []).append((name, float(value), kind))
+    assert set(sent) == {'pool', 'worker 0', 'worker 1'}, outcome
+    pool = {(name, kind): value for name, value, kind in sent['pool'] if kind != 'ms'}
+    # The three prices asked for in the period, and nothing else.
+    assert pool[('shop.looppool.tasks.submitted', 'c')] == 3, outcome
+    assert pool[('shop.looppool.tasks.completed', 'c')] == 3, outcome
+    for gauge in ('tasks.in_flight', 'tasks.waiting', 'worker.0.in_flight',
+                  'worker.1.in_flight'):
+        assert pool[(f'shop.looppool.{gauge}', 'g')] == 0, outcome
+    durations = [value for name, value, kind in sent['pool'] if kind == 'ms']
+    assert len(durations) == 3 and all(10 <= value < 5000 for value in durations), outcome
+    assert all(name == 'shop.looppool.tasks.duration' for name, _, kind in sent['pool']
+               if kind == 'ms'), outcome
+    for number in (0, 1):
+        gauges = {name: value for name, value, kind in sent[f'worker {number}']
+                  if kind == 'g'}
+        assert {name.split('.', 3)[3] for name in gauges} == {
+            'cpu', 'rss', 'maxrss', 'ioloop.handler', 'ioloop.callback', 'ioloop.timeout',
+            'ioloop.lag'}, outcome
+        assert gauges[f'shop.worker.{number}.rss'] > 0, outcome
+        # The loop watches at least its own wake-up pipe and the channel to the parent.
+        assert gauges[f'shop.worker.{number}.ioloop.handler'] >= 2, outcome
+
+    # The titles name each worker and the parent's own title.
+    parent = re.search(r'^parent \(pid \d+\): (.+)$', titles, re.M)
+    assert parent and 'operating.py' in parent.group(1), outcome
+    worker_pids = {}
+    for number, pid, title in re.findall(r'^worker (\d) \(pid (\d+)\): (.+)$', titles, re.M):
+        assert title == f'looppool worker {number} | {parent.group(1)}', outcome
+        worker_pids[int(number)] = int(pid)
+    assert sorted(worker_pids) == [0, 1], outcome
+
+    # Each record names the worker it was made in; the exception keeps its traceback.
+    log_lines = logs.splitlines()
+    assert log_lines[0] == (
+        f'WARNING shop.pricing (processName=looppool worker 0, worker_number=0, '
+        f'worker_pid={worker_pids[0]}): stock of apples is low'), outcome
+    assert log_lines[1] == (
+        f'ERROR shop.pricing (processName=looppool worker 1, worker_number=1, '
+        f"worker_pid={worker_pids[1]}): could not read the quantity 'seven'"), outcome
+    assert log_lines[2] == 'Traceback (most recent call last):', outcome
+    assert log_lines[-1] == "ValueError: invalid literal for int() with base 10: 'seven'", \
+        outcome
+
+    # stats() is plain data: three prices and two logging tasks, all answered.
+    numbers = json.loads(stats)
+    assert {key: numbers[key] for key in (
+        'state', 'pool_size', 'submitted', 'completed', 'failed', 'lost', 'restarts',
+        'in_flight', 'waiting')} == {
+        'state': 'running', 'pool_size': 2, 'submitted': 5, 'completed': 5, 'failed': 0,
+        'lost': 0, 'restarts': 0, 'in_flight': 0, 'waiting': 0}, outcome
+    assert {worker['number']: worker['pid'] for worker in numbers['workers']} == \
+        worker_pids, outcome
+    assert all(worker['alive'] and worker['ready'] for worker in numbers['workers']), outcome
 
 
 # -- entry point for the helper programs ---------------------------------------------------
