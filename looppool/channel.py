@@ -201,6 +201,25 @@ class Channel:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
+    def send_parts(self, kind: int, arg: int, parts: list[Buffer]) -> None:
+        """Queue one frame whose payload is ``parts`` joined, without joining them."""
+        size = sum(len(part) if type(part) is bytes else memoryview(part).nbytes
+                   for part in parts)
+        if size > _MAX_PAYLOAD:
+            raise ValueError(f'a batch pickles to {size} bytes; the limit is 4 GiB')
+        wbuf = self._wbuf
+        wbuf += HEADER.pack(size, kind, arg)
+        for part in parts:
+            if len(part) < _LARGE:
+                wbuf += part
+            else:
+                self._queue.append(wbuf)
+                self._queue.append(part)
+                wbuf = self._wbuf = bytearray()
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
     def schedule_flush(self) -> None:
         """Make sure ``before_flush`` and a flush run in the next loop iteration."""
         if not self._flush_scheduled and not self.closed:

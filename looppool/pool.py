@@ -69,6 +69,11 @@ log = logging.getLogger('looppool')
 
 NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 
+# A submit() waiting to be pickled with its loop iteration's batch (not a wire kind).
+_BATCHED = 0
+# A batch is cut at this many tasks, so one frame stays a bounded amount of work.
+_MAX_BATCH = 1024
+
 _OPTIONS = {
     'stop_timeout': 30.0,
     'cancel_grace': 5.0,
@@ -100,7 +105,9 @@ Item = tuple[int, int, Any, Any]
 class _TaskFuture(asyncio.Future[Any]):
     """The future of one ``submit()``: cancelling it cancels the task in the worker."""
 
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started', '_lp_sink')
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started', '_lp_sink',
+                 '_lp_message')
+    _lp_message: Any    # the message itself, kept to batch it and, rarely, to resend it
     _lp_pool: Pool
     _lp_tid: int
     _lp_link: _Link | None
@@ -153,7 +160,7 @@ class _Link:
 
     __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
-                 'started_at', 'sent', 'retiring', '__weakref__')
+                 'started_at', 'sent', 'retiring', 'batch', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -170,6 +177,7 @@ class _Link:
         self.exited = False
         self.kill_reason: str | None = None
         self.started_at = 0.0
+        self.batch: list[_TaskFuture] = []   # tasks to pickle together at the next flush
         self.sent = 0           # tasks sent, for max_tasks_per_worker
         self.retiring = False   # being recycled: takes no new work, exits when drained
 
@@ -309,6 +317,8 @@ class Pool:
         self._warned_results = False
         self._counts = collections.Counter[str]()
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
+        # A pool host forwards each reply's bytes unpickled, so its workers answer one by one.
+        self._batch_replies = True
         self._metrics: PoolMetrics | None = None
         # A pool host routes results to its clients as bytes: (origin, payload, result_done).
         self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
@@ -431,12 +441,15 @@ class Pool:
             self._check_worker_num(worker_num)
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
-        return self._submit_payload(dumps(message), worker_num, timeout, _TaskFuture, None)
+        return self._submit_payload(message, worker_num, timeout, _TaskFuture, None, 0,
+                                    _BATCHED)
 
     def _submit_payload(self, payload: Any, worker_num: int | None, timeout: float | None,
-                        cls: type[_TaskFuture], sink: Any, tid: int = 0) -> _TaskFuture:
-        """Send an already pickled message (arguments checked by the caller). A pool host
-        chooses ``tid`` itself, so that results can be routed by it."""
+                        cls: type[_TaskFuture], sink: Any, tid: int = 0,
+                        kind: int = protocol.TASK) -> _TaskFuture:
+        """Send a message (arguments checked by the caller): an object to batch
+        (``kind=_BATCHED``), or a pickle a pool host forwards (``TASK``). A host chooses
+        ``tid`` itself, so that results can be routed by it."""
         if not tid:
             tid = self._next_tid
             self._next_tid = tid + 1
@@ -446,11 +459,12 @@ class Pool:
         future._lp_link = None
         future._lp_timer = None
         future._lp_sink = sink
+        future._lp_message = payload
         future._lp_started = self._loop.time() if self._metrics is not None else 0.0
         if timeout is not None:
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
         self._counts['submitted'] += 1
-        self._dispatch((protocol.TASK, tid, payload, future), worker_num)
+        self._dispatch((kind, tid, payload, future), worker_num)
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
@@ -601,12 +615,25 @@ class Pool:
     def _send(self, link: _Link, item: Item) -> None:
         kind, tid, payload, future = item
         link.used += 1
-        if kind == protocol.TASK:
+        if kind == _BATCHED:
+            # Pickled with the rest of this loop iteration's tasks, at the flush.
             link.inflight[tid] = future
             future._lp_link = link
-        elif future is not None:
-            future.set_result(None)
-        link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+            batch = link.batch
+            batch.append(future)
+            if len(batch) == 1:
+                link.channel.schedule_flush()  # type: ignore[union-attr]
+            elif len(batch) >= _MAX_BATCH:
+                self._send_batch(link)
+        else:
+            if link.batch:
+                self._send_batch(link)   # what was submitted earlier goes first
+            if kind == protocol.TASK:
+                link.inflight[tid] = future
+                future._lp_link = link
+            elif future is not None:
+                future.set_result(None)
+            link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
         if self._recycle_after is not None:
             link.sent += 1
             if link.sent >= self._recycle_after:
@@ -685,8 +712,14 @@ class Pool:
                     future.cancel()
                 else:
                     future.set_exception(error)
+            elif kind == protocol.REPLIES:
+                count = self._on_replies(link, payload)
+                freed += count
+                completed += count
             elif kind == protocol.FREED:
                 freed += arg
+            elif kind == protocol.RESEND:
+                self._resend(link, payload)
             elif kind == protocol.RESULT:
                 self._deliver(link, arg, payload)
             elif kind == protocol.READY:
@@ -705,6 +738,34 @@ class Pool:
             slot = self._slots[link.number]
             if slot.link is link:
                 self._refill(slot)
+
+    def _on_replies(self, link: _Link, payload: Any) -> int:
+        tids, values_pickle = protocol.unpack_ids(payload)
+        inflight = link.inflight
+        try:
+            values = loads(values_pickle)
+        except BaseException as exc:
+            # Rare: a reply whose class this process cannot import. Its batch-mates' values
+            # are in the same pickle, so they fail with it; the error says so.
+            error = self._unpickle_error(link, f'batch of {len(tids)} replies', exc)
+            for tid in tids:
+                future = inflight.pop(tid, None)
+                if future is not None and not future.done():
+                    _cancel_timer(future)
+                    future.set_exception(error)
+            return len(tids)
+        metrics = self._metrics
+        now = self._loop.time() if metrics is not None else 0.0
+        for tid, value in zip(tids, values):
+            future = inflight.pop(tid, None)
+            if future is None or future.done():
+                continue
+            if future._lp_timer is not None:
+                future._lp_timer.cancel()
+            future.set_result(value)
+            if metrics is not None:
+                metrics.durations.offer(now - future._lp_started)
+        return len(tids)
 
     def _deliver(self, link: _Link, origin: int, payload: Any) -> None:
         if self._raw_results is not None:
@@ -787,6 +848,8 @@ class Pool:
         if link is None or tid not in link.inflight or link.channel is None \
                 or link.channel.closed:
             return
+        if future in link.batch:
+            return   # not sent yet: the batch leaves it out
         link.channel.send(protocol.CANCEL, tid)
         grace = self._options['cancel_grace']
         self._timers.append(
@@ -819,6 +882,7 @@ class Pool:
             close_fds=close_fds,
             log_level=logging.getLogger().getEffectiveLevel(),
             forward_logs=bool(self._options['forward_logs']),
+            batch_replies=self._batch_replies,
             cancel_grace=self._options['cancel_grace'],
         )
         link = _Link(slot.number)
@@ -837,7 +901,7 @@ class Pool:
         link.channel = Channel(parent_sock, self._loop,
                                functools.partial(self._on_frames, link),
                                functools.partial(self._on_channel_closed, link),
-                               before_flush=link.before_flush)
+                               before_flush=functools.partial(self._before_flush, link))
         _parent_fds.add(link.channel.fileno())
         self._loop.add_reader(link.sentinel, self._on_exit, link)
         slot.link = link
@@ -863,6 +927,8 @@ class Pool:
         self._spawn(slot)
         link.stop_sent = True
         assert link.channel is not None
+        if link.batch:
+            self._send_batch(link)
         link.channel.send(protocol.STOP, 0)
 
     def _check_memory(self) -> None:
@@ -893,6 +959,70 @@ class Pool:
                 links.append(slot.link)
             links.extend(slot.retiring)
         return links
+
+    def _before_flush(self, link: _Link) -> None:
+        link.before_flush()
+        if link.batch:
+            self._send_batch(link)
+
+    def _send_batch(self, link: _Link) -> None:
+        """Pickle the tasks queued for ``link`` in one go and send them as one frame.
+
+        A message that cannot be pickled fails its own future (nothing of it is sent); a
+        task cancelled before it left is dropped here, freeing its slot.
+        """
+        batch = link.batch
+        link.batch = []
+        before = len(batch)
+        if any(future.done() for future in batch):
+            for future in batch:
+                if future.done():
+                    self._unsend(link, future)
+            batch = [future for future in batch if not future.done()]
+        try:
+            data = dumps([future._lp_message for future in batch])
+        except Exception:
+            for future in batch:
+                try:
+                    dumps(future._lp_message)
+                except Exception as exc:
+                    future.set_exception(exc)
+                    self._counts['failed'] += 1
+                    self._unsend(link, future)
+            batch = [future for future in batch if not future.done()]
+            data = dumps([future._lp_message for future in batch])
+        if batch:
+            assert link.channel is not None
+            link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
+                [future._lp_tid for future in batch], data))
+        if len(batch) < before:   # slots came free: let waiting messages have them
+            slot = self._slots[link.number]
+            if slot.link is link:
+                self._refill(slot)
+
+    def _unsend(self, link: _Link, future: _TaskFuture) -> None:
+        link.inflight.pop(future._lp_tid, None)
+        link.used -= 1
+
+    def _resend(self, link: _Link, payload: Any) -> None:
+        """The worker could not unpickle a batch: send its tasks one by one, so that only
+        the message at fault fails (with the worker's unpickling error)."""
+        try:
+            tids = loads(payload)
+        except BaseException:  # pragma: no cover - a list of ints
+            return
+        assert link.channel is not None
+        for tid in tids:
+            future = link.inflight.get(tid)
+            if future is None:
+                continue
+            try:
+                link.channel.send(protocol.TASK, tid, dumps(future._lp_message))
+            except Exception as exc:  # pragma: no cover - it pickled a moment ago
+                link.inflight.pop(tid, None)
+                link.used -= 1
+                if not future.done():
+                    future.set_exception(exc)
 
     def _title(self, number: int) -> str | None:
         title = self._options['title']
@@ -1020,6 +1150,8 @@ class Pool:
             return
         link.stop_sent = True
         assert link.channel is not None
+        if link.batch:
+            self._send_batch(link)   # the tasks before the stop
         link.channel.send(protocol.STOP, 0)
 
     def _check_stopped(self) -> None:
@@ -1093,7 +1225,7 @@ class Pool:
                 links = self._links()
                 for link in links:
                     assert link.channel is not None
-                    if link.channel.wants_write or link.acks:
+                    if link.channel.wants_write or link.acks or link.batch:
                         link.channel.flush()
                 keys = []
                 for link in links:

@@ -15,6 +15,7 @@ STOP       0            --; finish accepted tasks, run ``_finalise``, exit
 TERMINATE  0            --; cancel every task, run ``_finalise``, exit now
 REPLAY     0            pickled sticky broadcast, replayed to a replacement: run like
                         NOTE, but its return value is dropped (nobody asked for it)
+TASKS      count        a batch of TASKs sent in one loop iteration: see ``pack``
 ========== ============ ===========================================================
 
 Worker to parent:
@@ -32,7 +33,14 @@ FREED        count        --; that many slots are free (``_task_done`` and notes
 RESULT       origin       pickled ``_put_nowait`` result for ``process_message``; origin is
                           the id of the task (or the note's origin) being handled
 LOG          0            pickled ``logging.LogRecord`` attributes
+REPLIES      count        a batch of REPLYs: see ``pack``
+RESEND       0            pickled task ids of a TASKS batch the worker could not
+                          unpickle: send them again one by one, so that only the
+                          message at fault fails
 ============ ============ =========================================================
+
+Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
+even when the messages or replies cannot be unpickled: see :func:`pack`, :func:`unpack_ids`.
 
 The ``*_KEEP`` kinds exist for Looppool-style workers, where a task's slot is freed by
 ``_task_done()`` rather than by the end of ``_process_message``.
@@ -41,10 +49,12 @@ The ``*_KEEP`` kinds exist for Looppool-style workers, where a task's slot is fr
 from __future__ import annotations
 
 import pickle
+import struct
 from typing import Any, NamedTuple
 
-TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY = range(1, 8)
+TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS = range(1, 9)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
+REPLIES, RESEND = 25, 26
 
 # Protocol 5 adds out-of-band buffers and is the fastest for large bytes-like payloads.
 PROTOCOL = 5
@@ -55,6 +65,22 @@ def dumps(obj: Any) -> bytes:
 
 
 loads = pickle.loads
+
+_IDS_SIZE = struct.Struct('<I')
+
+
+def pack(ids: list[int], items_pickle: bytes) -> list[bytes]:
+    """The parts of a batch payload: size of the ids' pickle, the ids, the items."""
+    head = dumps(ids)
+    return [_IDS_SIZE.pack(len(head)), head, items_pickle]
+
+
+def unpack_ids(payload: Any) -> tuple[list[int], Any]:
+    """The ids of a batch and the (still pickled) items."""
+    size, = _IDS_SIZE.unpack_from(payload)
+    start = _IDS_SIZE.size
+    view = memoryview(payload)
+    return loads(view[start:start + size]), view[start + size:]
 
 
 class WorkerConfig(NamedTuple):
@@ -69,3 +95,4 @@ class WorkerConfig(NamedTuple):
     log_level: int
     forward_logs: bool
     cancel_grace: float
+    batch_replies: bool

@@ -442,6 +442,7 @@ class _Host:
         self.idle_timeout = idle_timeout
         self.pool = Pool(loop, worker_class=worker_class, **pool_options)
         self.pool._raw_results = self.route_result
+        self.pool._batch_replies = False
         self.client_share = self.pool._max_tasks
         self.sessions: dict[int, _Session] = {}
         self.next_session = 1

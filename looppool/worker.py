@@ -222,12 +222,15 @@ class _Runner:
         self.open_slots = 0       # Looppool-style tasks whose _task_done() is still due
         self.freed = 0            # slots freed since the last flush, sent as one FREED
         self.held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.reply_tids: list[int] = []
+        self.reply_values: list[Any] = []
         self.deferred = 0         # slots whose freeing waits for held results to drain
         self.stopping = False
         self.stopped = False
         cls = type(worker)
         self.looppool_style = cls._process_message is not Worker._process_message
         self.call = worker._process_message if self.looppool_style else worker.handle
+        self.batch_replies = config.batch_replies and not self.looppool_style
         self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
                                before_flush=self.before_flush)
 
@@ -235,7 +238,9 @@ class _Runner:
 
     def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
         for kind, arg, payload in frames:
-            if kind == protocol.TASK:
+            if kind == protocol.TASKS:
+                self.start_batch(payload)
+            elif kind == protocol.TASK:
                 self.start_task(arg, payload, True)
             elif kind == protocol.NOTE:
                 self.start_task(arg, payload, False)
@@ -253,17 +258,36 @@ class _Runner:
             elif kind == protocol.TERMINATE:
                 self.terminate()
 
+    def start_batch(self, payload: Any) -> None:
+        """Run a batch of tasks, in order. If the batch cannot be unpickled (a message's
+        class cannot be imported here), ask the parent to send its tasks one by one."""
+        tids, messages_pickle = protocol.unpack_ids(payload)
+        try:
+            messages = loads(messages_pickle)
+        except BaseException:
+            self.channel.send(protocol.RESEND, 0, dumps(tids))
+            return
+        run = self.run
+        for tid, message in zip(tids, messages):
+            run(tid, message, True)
+
     def start_task(self, tid: int, payload: Any, reply: bool) -> None:
-        """Run one message; ``tid`` is the task id, or for a note (``reply`` false) the
-        origin its results are routed to."""
-        _origin.set(tid)
+        """Unpickle and run one message; ``tid`` is the task id, or for a note (``reply``
+        false) the origin its results are routed to."""
         try:
             message = loads(payload)
         except BaseException as exc:
+            _origin.set(tid)
+            if self.looppool_style:
+                self.open_slots += 1   # freed right away: the handler never ran
             self.finish(tid, reply, exc, failed=True, note='could not unpickle the message')
             if self.looppool_style:
                 self.task_done()
             return
+        self.run(tid, message, reply)
+
+    def run(self, tid: int, message: Any, reply: bool) -> None:
+        _origin.set(tid)
         if self.looppool_style:
             self.open_slots += 1
         try:
@@ -306,7 +330,13 @@ class _Runner:
             frees = False
             self.deferred += 1
         if reply:
-            if failed:
+            if frees and not failed and self.batch_replies:
+                # Pickled with the other replies of this loop iteration, at the flush.
+                self.reply_tids.append(tid)
+                self.reply_values.append(value)
+                if len(self.reply_tids) == 1:
+                    self.channel.schedule_flush()
+            elif failed:
                 kind = protocol.ERROR if frees else protocol.ERROR_KEEP
                 self.channel.send(kind, tid, self.encode_error(value, note))
             else:
@@ -366,9 +396,35 @@ class _Runner:
             self.maybe_stop()
 
     def before_flush(self) -> None:
+        if self.reply_tids:
+            self.send_replies()
         if self.freed:
             freed, self.freed = self.freed, 0
             self.channel.send(protocol.FREED, freed)
+
+    def send_replies(self) -> None:
+        """Send this iteration's replies as one frame; a reply that cannot be pickled
+        fails its own task with a PicklingError instead."""
+        tids, values = self.reply_tids, self.reply_values
+        self.reply_tids, self.reply_values = [], []
+        try:
+            data = dumps(values)
+        except Exception:
+            good_tids, good_values = [], []
+            for tid, value in zip(tids, values):
+                try:
+                    dumps(value)
+                except Exception as exc:
+                    self.channel.send(protocol.ERROR, tid, self.encode_error(
+                        pickle.PicklingError(
+                            f'worker {self.number} (pid {self.pid}) could not pickle the '
+                            f'reply ({type(value).__qualname__}): {exc!r}'), None))
+                else:
+                    good_tids.append(tid)
+                    good_values.append(value)
+            tids, data = good_tids, dumps(good_values)
+        if tids:
+            self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
 
     def put_result(self, result: Any) -> None:
         payload = dumps(result)  # a result that cannot be pickled raises to the caller

@@ -202,14 +202,31 @@ def test_a_cpu_bound_task_that_ignores_cancellation_gets_its_worker_replaced() -
 def test_an_unpicklable_message_fails_in_the_caller_before_anything_is_sent() -> None:
     async def main() -> None:
         async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            # submit() pickles with its loop iteration's batch: the future fails, the
+            # batch-mates go through, and the worker never sees the bad message
+            before, bad, after = pool.submit(1), pool.submit(Unpicklable()), pool.submit(2)
             with pytest.raises(TypeError, match='refuses to be pickled'):
-                pool.submit(Unpicklable())
+                await bad
+            assert (await before, await after) == (1, 2)
             with pytest.raises(TypeError, match='refuses to be pickled'):
-                pool.put_nowait(Unpicklable())
+                await pool.broadcast(Unpicklable())
             with pytest.raises(TypeError, match='refuses to be pickled'):
-                pool.broadcast(Unpicklable())
-            assert pool.stats()['submitted'] == 0
-            assert await pool.submit(1) == 1
+                pool.put_nowait(Unpicklable())   # no future: it raises right here
+            stats = pool.stats()
+            assert stats['in_flight'] == 0 and stats['failed'] == 2
+            assert await pool.submit(3) == 3
+
+    run(main())
+
+
+def test_a_batch_the_worker_cannot_rebuild_is_resent_so_only_the_bad_message_fails(
+        ) -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            futures = [pool.submit(1), pool.submit(UnpicklableInWorker()), pool.submit(3)]
+            done = await asyncio.gather(*futures, return_exceptions=True)
+            assert done[0] == 1 and done[2] == 3
+            assert isinstance(done[1], ValueError) and 'cannot be rebuilt' in str(done[1])
 
     run(main())
 
