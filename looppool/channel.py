@@ -26,7 +26,7 @@ import asyncio
 import collections
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Union
 
 __all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'encode', 'socketpair']
@@ -201,7 +201,7 @@ class Channel:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
-    def send_parts(self, kind: int, arg: int, parts: list[Buffer]) -> None:
+    def send_parts(self, kind: int, arg: int, parts: Sequence[Buffer]) -> None:
         """Queue one frame whose payload is ``parts`` joined, without joining them."""
         size = sum(len(part) if type(part) is bytes else memoryview(part).nbytes
                    for part in parts)

@@ -73,6 +73,8 @@ NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 _BATCHED = 0
 # A batch is cut at this many tasks, so one frame stays a bounded amount of work.
 _MAX_BATCH = 1024
+# A worker that dies within this many seconds of starting, twice running, backs off.
+_QUICK_DEATH = 1.0
 
 _OPTIONS = {
     'stop_timeout': 30.0,
@@ -198,7 +200,7 @@ class _Slot:
     """One worker number: its current process and the messages waiting for it."""
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
-                 'restart_timer', 'retiring', 'recycles')
+                 'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'baseline_rss')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -210,6 +212,8 @@ class _Slot:
         self.restart_timer: asyncio.TimerHandle | None = None
         self.retiring: list[_Link] = []   # recycled processes finishing their last tasks
         self.recycles = 0
+        self.quick_deaths = 0
+        self.baseline_rss = 0   # a fresh worker's RSS (fork shares the parent's pages)
 
 
 class Pool:
@@ -698,10 +702,10 @@ class Pool:
             elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
                 if kind == protocol.ERROR:
                     freed += 1
-                self._counts['failed'] += 1
                 future = inflight.pop(arg, None)
                 if future is None or future.done():
-                    continue
+                    continue   # the caller gave up (cancel, timeout): not a failure
+                self._counts['failed'] += 1
                 _cancel_timer(future)
                 if future._lp_sink is not None:
                     _TaskFuture.set_result(future, None)
@@ -709,7 +713,12 @@ class Pool:
                     continue
                 error = self._decode_error(link, payload)
                 if isinstance(error, asyncio.CancelledError):
-                    future.cancel()
+                    if self._kill_at is not None:   # cancelled by stop()'s escalation
+                        future.set_exception(PoolClosed(
+                            'the pool\'s stop timeout passed, so this task was cancelled in '
+                            f'worker {link.number}'))
+                    else:                           # the handler cancelled itself
+                        future.cancel()
                 else:
                     future.set_exception(error)
             elif kind == protocol.REPLIES:
@@ -930,6 +939,17 @@ class Pool:
         if link.batch:
             self._send_batch(link)
         link.channel.send(protocol.STOP, 0)
+        # Its last tasks get the stop deadline: then they are cancelled, then killed.
+        self._timers.append(self._loop.call_later(
+            self._options['stop_timeout'], self._retire_overdue, weakref.ref(link)))
+
+    def _retire_overdue(self, link_ref: weakref.ref[_Link]) -> None:
+        link = link_ref()
+        if link is None or link.exited or link.channel is None or link.channel.closed:
+            return
+        link.kill_reason = 'it was being recycled and its tasks outlived stop_timeout'
+        link.channel.send(protocol.TERMINATE, 0)
+        self._timers.append(self._loop.call_later(self._options['kill_grace'], _kill, link))
 
     def _check_memory(self) -> None:
         self._memory_timer = None
@@ -945,7 +965,15 @@ class Pool:
                 rss = psutil.Process(link.pid).memory_info().rss
             except psutil.Error:
                 continue
-            if rss > limit:
+            if not slot.baseline_rss:
+                slot.baseline_rss = rss
+                if rss > limit:
+                    log.warning('max_memory_per_worker (%.1f MiB) is below the RSS of a fresh '
+                                'worker %d (%.1f MiB; under fork it counts pages shared with '
+                                'the parent); memory recycling is off for it', limit / 2 ** 20,
+                                slot.number, rss / 2 ** 20)
+                continue
+            if rss > limit and slot.baseline_rss <= limit:
                 self._recycle(link, f'its resident memory ({rss / 2 ** 20:.1f} MiB) exceeded '
                                     f'max_memory_per_worker ({limit / 2 ** 20:.1f} MiB)')
         self._memory_timer = self._loop.call_later(self._options['memory_check_interval'],
@@ -993,8 +1021,15 @@ class Pool:
             data = dumps([future._lp_message for future in batch])
         if batch:
             assert link.channel is not None
-            link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
-                [future._lp_tid for future in batch], data))
+            try:
+                link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
+                    [future._lp_tid for future in batch], data))
+            except ValueError as exc:   # over the 4 GiB frame limit: these tasks fail
+                for future in batch:
+                    future.set_exception(ValueError(str(exc)))
+                    self._counts['failed'] += 1
+                    self._unsend(link, future)
+                batch = []
         if len(batch) < before:   # slots came free: let waiting messages have them
             slot = self._slots[link.number]
             if slot.link is link:
@@ -1087,9 +1122,22 @@ class Pool:
                           link.pid, _how_it_ended(exitcode), len(lost), reason)
             self._fail(lost, error, 'lost')
             if self._state is RUNNING and slot.link is None and not link.retiring:
-                slot.restarts += 1
-                self._counts['restarts'] += 1
-                self._spawn(slot)
+                # A worker that dies soon after it started (a sticky broadcast that crashes
+                # it, say) is restarted with back-off, like one that cannot start at all.
+                if self._loop.time() - link.started_at < _QUICK_DEATH:
+                    slot.quick_deaths += 1
+                else:
+                    slot.quick_deaths = 0
+                if slot.quick_deaths >= 2:
+                    delay = min(0.1 * 2 ** (slot.quick_deaths - 2), 10.0)
+                    log.warning('worker %d died %d times in a row soon after starting; '
+                                'restarting it in %.1f s', slot.number, slot.quick_deaths,
+                                delay)
+                    slot.restart_timer = self._loop.call_later(delay, self._restart, slot)
+                else:
+                    slot.restarts += 1
+                    self._counts['restarts'] += 1
+                    self._spawn(slot)
         if self._state is STOPPING:
             if slot.link is None:
                 for item in slot.targeted:
@@ -1104,7 +1152,10 @@ class Pool:
         if traceback_text:
             what = f'could not start: its _initialise() raised\n{traceback_text}'
         else:
-            what = f'{_how_it_ended(exitcode)} before it was ready ({_likely_cause(exitcode)})'
+            what = (f'{_how_it_ended(exitcode)} before it was ready, before _initialise ran '
+                    '(likely causes: under spawn or forkserver the main module must be '
+                    'importable and its start-up code guarded by if __name__ == '
+                    '"__main__"; see the worker\'s stderr)')
         error = WorkerStartError(f'worker {slot.number} (pid {link.pid}) {what}', slot.number,
                                  link.pid, exitcode, traceback_text)
         log.error('%s', error)

@@ -424,7 +424,11 @@ class _Runner:
                     good_values.append(value)
             tids, data = good_tids, dumps(good_values)
         if tids:
-            self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
+            try:
+                self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
+            except ValueError as exc:   # over the 4 GiB frame limit
+                for tid in tids:
+                    self.channel.send(protocol.ERROR, tid, self.encode_error(exc, None))
 
     def put_result(self, result: Any) -> None:
         payload = dumps(result)  # a result that cannot be pickled raises to the caller
@@ -497,11 +501,19 @@ class _Runner:
         self.maybe_stop()
 
     def on_parent_lost(self) -> None:
-        # The parent closed its end or died: nobody is left to answer, so cancel and exit.
+        # The parent closed its end or died: nobody is left to answer, so cancel what runs,
+        # let the handlers' except/finally blocks run (for at most 0.8 s), and exit.
         self.stopping = True
-        for task in list(self.running.values()):
+        tasks = list(self.running.values())
+        for task in tasks:
             task.cancel()
-        self.loop.stop()
+        if not tasks:
+            self.loop.stop()
+            return
+        self.loop.call_later(0.8, self.loop.stop)
+        signal.alarm(1)   # a handler that blocks the loop must not keep the process alive
+        done = asyncio.gather(*tasks, return_exceptions=True)
+        done.add_done_callback(lambda _: self.loop.stop())
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
@@ -514,17 +526,35 @@ def _describe(exc: BaseException) -> str:
 
 # -- the worker process ------------------------------------------------------------------------
 
+# Sent by Linux when the parent dies. Its default action ends the process; once the worker
+# runs, a handler turns it into an orderly exit (see _on_parent_death).
+_PARENT_DEATH = getattr(signal, 'SIGRTMIN', signal.SIGUSR2) + 1 \
+    if hasattr(signal, 'SIGRTMIN') else signal.SIGUSR2
+
+
 def _set_parent_death_signal() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a backstop for EOF)."""
+    """Ask Linux to signal this process when its parent dies (a backstop for EOF)."""
     if not sys.platform.startswith('linux'):
         return
     try:
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, _PARENT_DEATH, 0, 0, 0)
     except Exception:  # pragma: no cover - EOF on the channel still ends the worker
         pass
+
+
+def _on_parent_death(runner: _Runner) -> None:
+    """The parent died: cancel the handlers and let them clean up, as on end of file.
+
+    A handler may be blocking the loop (CPU-bound), so an alarm ends the process in a
+    second whatever happens: workers never outlive their parent for long.
+    """
+    def handler(signum: int, frame: Any) -> None:
+        signal.alarm(1)
+        runner.loop.call_soon_threadsafe(runner.on_parent_lost)
+    signal.signal(_PARENT_DEATH, handler)
 
 
 def _set_title(config: protocol.WorkerConfig) -> None:
@@ -573,6 +603,8 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     worker._runner = runner
     if config.forward_logs:
         _forward_logs(runner, config)
+    if sys.platform.startswith('linux'):
+        _on_parent_death(runner)
     try:
         result = worker._initialise()
         if inspect.isawaitable(result):
@@ -591,8 +623,10 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     except (SystemExit, KeyboardInterrupt) as exc:
         # A handler raised it: the process ends as asked; the pool fails this worker's
         # tasks with WorkerLost and replaces it.
-        exit_code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) \
-            else 1
+        if isinstance(exc, SystemExit):
+            exit_code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+        else:
+            exit_code = 1
         log.error('worker %d (pid %d): a handler raised %s; the worker exits with code %d',
                   config.number, os.getpid(), type(exc).__name__, exit_code)
     finally:

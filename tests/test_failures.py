@@ -98,6 +98,7 @@ def test_a_dead_worker_fails_only_its_tasks_and_is_replaced() -> None:
     (('exit', 7), 'exited with code 7'),
     (('kill_self', signal.SIGSEGV), 'died with signal 11 (SIGSEGV)'),
     (('system_exit', 4), 'exited with code 4'),
+    (('system_exit', None), 'exited with code 0'),
     (('sync_keyboard_interrupt',), 'exited with code 1'),
 ])
 def test_a_handler_that_ends_its_process_is_handled(how, expected) -> None:
@@ -382,3 +383,49 @@ def test_arbitrary_messages_and_exceptions_round_trip(shared_pool_loop, message,
     with pytest.raises(type(error)) as caught:
         loop.run_until_complete(pool.submit(('raise', error)))
     assert caught.value.args == error.args
+
+
+class CrashOnReplay(Echo):
+    async def do_poison(self) -> None:
+        os._exit(5)
+
+
+def test_a_sticky_message_that_crashes_workers_restarts_them_with_back_off() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=CrashOnReplay) as pool:
+            with pytest.raises(looppool.WorkerLost):
+                await pool.broadcast(('poison',), sticky=True)
+            await asyncio.sleep(2)
+            # every replacement replays the poison and dies: without back-off that was
+            # well over a hundred restarts in two seconds
+            assert pool.stats()['restarts'] <= 8
+
+    run(main())
+
+
+def test_a_memory_limit_below_a_fresh_workers_size_warns_instead_of_looping(caplog) -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo, max_memory_per_worker=1024,
+                                 memory_check_interval=0.05) as pool:
+            await asyncio.sleep(0.5)
+            assert pool.stats()['recycles'] == 0
+            assert await pool.submit('fine') == 'fine'
+
+    with caplog.at_level(logging.WARNING, logger='looppool'):
+        run(main())
+    warnings = [r for r in caplog.records if 'memory recycling is off' in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_a_recycled_worker_whose_task_hangs_is_ended_at_the_stop_deadline() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo, max_tasks_per_worker=1,
+                                 stop_timeout=0.5, kill_grace=0.3) as pool:
+            hung = pool.submit(('spin', 60))   # the worker is recycled right after this
+            started = time.monotonic()
+            with pytest.raises(looppool.WorkerLost, match='recycled'):
+                await asyncio.wait_for(hung, 10)
+            assert time.monotonic() - started < 5
+            assert await pool.submit('next') == 'next'
+
+    run(main())

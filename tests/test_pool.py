@@ -317,6 +317,8 @@ def test_timeout_raises_and_cancels_the_task_in_the_worker() -> None:
             await wait_until(lambda: results, what='the worker to report the cancellation')
             assert results == [('cancelled', 0)]
             assert await pool.submit(1) == 1
+            stats = pool.stats()
+            assert stats['timed_out'] == 1 and stats['failed'] == 0
 
     run(main())
 

@@ -47,8 +47,10 @@ def test_stop_escalates_past_its_deadline_when_a_worker_hangs() -> None:
         assert await quick == 'done'
         with pytest.raises(looppool.WorkerLost, match='stop timeout passed'):
             await hung
-        # the cooperative one was cancelled by the terminate message, not killed
-        assert cooperative.done()
+        # the cooperative one was cancelled by the terminate message: not a CancelledError
+        # in the caller, but a clear PoolClosed
+        with pytest.raises(looppool.PoolClosed, match='stop timeout passed'):
+            await cooperative
         assert pool.stats()['state'] == 'stopped'
 
     run(main())
@@ -260,3 +262,42 @@ def test_a_process_forked_after_the_pool_leaves_it_alone_at_exit(tmp_path) -> No
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == 'same worker'
     assert 'Error' not in done.stderr and 'Traceback' not in done.stderr, done.stderr
+
+
+def test_handlers_clean_up_when_the_parent_dies(tmp_path) -> None:
+    marker = tmp_path / 'cleaned'
+    program = _program(tmp_path, f'''
+        import asyncio, looppool
+
+        class Careful(looppool.Worker):
+            async def handle(self, message):
+                try:
+                    await asyncio.sleep(60)
+                finally:
+                    with open({str(marker)!r}, 'w') as f:
+                        f.write('cleaned up')
+
+        async def main():
+            async with looppool.Pool(pool_size=1, worker_class=Careful) as pool:
+                pool.submit('work')
+                await asyncio.sleep(0.3)
+                print('ready', flush=True)
+                await asyncio.sleep(60)
+
+        if __name__ == '__main__':
+            asyncio.run(main())
+    ''')
+    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == 'ready'
+        parent.kill()
+        parent.wait(5)
+        wait_for(marker.exists, timeout=5, what="the handler's finally block to run")
+        assert marker.read_text() == 'cleaned up'
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if parent.stdout:
+            parent.stdout.close()

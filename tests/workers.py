@@ -71,6 +71,9 @@ class Echo(looppool.Worker):
     async def do_exit(self, code: int) -> None:
         os._exit(code)
 
+    async def do_system_exit(self, code: int | None) -> None:
+        raise SystemExit(code)
+
     async def do_kill_self(self, signum: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), signum)
 
