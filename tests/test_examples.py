@@ -361,11 +361,15 @@ def received_metrics(sock: socket.socket) -> dict[str, list[tuple[float, str]]]:
 
 TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_table.py',
           'operating.py'}
+# Run for real, against real servers, by tests/test_servers.py.
+TESTED_IN_TEST_SERVERS = {'server_tornado.py', 'server_gunicorn.py', 'gunicorn_conf.py',
+                          'server_uwsgi.py', 'server_flask.py', 'shared_workers.py'}
 
 
 def test_every_example_is_tested() -> None:
     found = {path.name for path in EXAMPLES.glob('*.py')}
-    assert found == TESTED, 'every program in examples/ needs a test here'
+    assert found == TESTED | TESTED_IN_TEST_SERVERS, \
+        'every program in examples/ needs a test (here or in test_servers.py)'
 
 
 def test_looppool_fetch(tmp_path: Path, http_server: int) -> None:
