@@ -37,9 +37,12 @@ WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'MEM')
 # Repetitions inside one interpreter, and how many seconds a (peer, workload) may spend
 # repeating before it settles for what it has (at least one repetition always runs). The
 # slow peers reach the budget first: ProcessPoolExecutor's IO workload takes ~50 s a go.
+# A full run makes two rounds: on a shared virtual machine, round-trip latency alone moves
+# between 30 and 110 us from one minute to the next, and interleaving spreads that over
+# every peer instead of landing on one.
 MODES = {
-    'full': {'reps': 5, 'budget': 60.0, 'timeout': 900.0, 'startup_reps': 5},
-    'quick': {'reps': 3, 'budget': 1.0, 'timeout': 30.0, 'startup_reps': 1},
+    'full': {'reps': 3, 'rounds': 2, 'budget': 45.0, 'timeout': 900.0, 'startup_reps': 3},
+    'quick': {'reps': 3, 'rounds': 1, 'budget': 1.0, 'timeout': 30.0, 'startup_reps': 1},
 }
 
 
@@ -54,8 +57,9 @@ def parse_args():
     parser.add_argument('--out', default=os.path.join(HERE, 'results'),
                         help='folder for latest.json, latest.txt and latest.png')
     parser.add_argument('--reps', type=int, help='repetitions per interpreter')
-    parser.add_argument('--rounds', type=int, default=1,
-                        help='repeat the whole sweep this many times, interleaved')
+    parser.add_argument('--rounds', type=int,
+                        help='repeat the whole sweep this many times, interleaved '
+                             '(default: 2, or 1 with --quick)')
     parser.add_argument('--python', default=sys.executable,
                         help='interpreter that runs the peers (default: this one)')
     parser.add_argument('--no-plot', action='store_true')
@@ -92,7 +96,7 @@ class Progress:
 def plan(args, mode):
     """The steps, in order: (workload, peer, reps for that interpreter)."""
     steps = []
-    for _ in range(args.rounds):
+    for _ in range(args.rounds or mode['rounds']):
         for workload in args.workloads:
             for peer in args.peers:
                 if workload == 'W5':
@@ -205,7 +209,14 @@ def machine():
             'load_before': os.getloadavg()}
 
 
+def terminated(signum, frame):
+    # SIGTERM becomes an exception, so that run_step ends the running peer's session (it
+    # is in a session of its own, which no signal sent to this process group reaches).
+    raise SystemExit(128 + signum)
+
+
 def main():
+    signal.signal(signal.SIGTERM, terminated)
     args = parse_args()
     mode = MODES['quick' if args.quick else 'full']
     steps = plan(args, mode)
@@ -233,6 +244,11 @@ def main():
             progress.line(f'{workload} {peers.PEERS[peer]}: left {len(strays)} process(es) '
                           'behind; they were killed')
     results['machine']['load_after'] = os.getloadavg()
+    # The interpreter measured is the peers' (--python), not necessarily this one.
+    for run in results['runs']:
+        if run['info']:
+            results['machine']['python'] = run['info']['versions']['python']
+            break
     results['seconds'] = time.monotonic() - progress.started
     results['summary'] = report.summarize(results)
     text = report.render(results)
