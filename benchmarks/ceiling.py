@@ -108,6 +108,7 @@ class _Conn:
             self.loop.remove_writer(self.sock.fileno())
             if self.drained is not None:
                 self.drained.set_result(None)
+                self.drained = None
 
     async def wait_drained(self):
         if self.out:
