@@ -306,8 +306,7 @@ class _Host:
         try:
             value = await awaitable
         except BaseException as exc:
-            # SystemExit included: one handler does not end a Dask worker shared by others.
-            self.finish(tid, reply, exc, True)
+            self.finish(tid, reply, exc, True)   # SystemExit included: see finish()
         else:
             self.finish(tid, reply, value)
 
@@ -320,6 +319,14 @@ class _Host:
         if frees and self.held:
             frees = False
             self.deferred += 1
+        if failed and isinstance(value, (SystemExit, KeyboardInterrupt)):
+            # Raised in the caller's task, these would end the caller's loop; and a Dask
+            # worker, which other actors and Dask's own work share, is not the pool's to end.
+            stand_in = RuntimeError(
+                f'the handler raised {type(value).__name__}({getattr(value, "code", "")!r}) '
+                f'in worker {self.number} (pid {self.pid}); the Dask worker was not ended')
+            stand_in.__traceback__ = value.__traceback__
+            value = stand_in
         if reply:
             if failed:
                 kind = protocol.ERROR if frees else protocol.ERROR_KEEP
@@ -784,6 +791,7 @@ class DaskPool:
             workers.append({
                 'number': slot.number,
                 'address': link.address if link else None,
+                'hostname': link.hostname if link else None,
                 'pid': link.pid if link else None,
                 'alive': bool(link and not link.lost),
                 'ready': bool(link and link.ready),
@@ -1136,13 +1144,16 @@ class DaskPool:
         slot.link = link
         # The actor replays the sticky broadcasts as notes: each frees a slot when done.
         link.used = len(self._sticky)
-        self._background(self._start_link(slot, link, list(self._sticky.values())))
+        task = self._loop.create_task(self._start_link(slot, link, list(self._sticky.values())))
+        link.tasks.add(task)
+        task.add_done_callback(link.tasks.discard)
         self._refill(slot)
 
     async def _start_link(self, slot: _Slot, link: _Link, sticky: list[bytes]) -> None:
         try:
             await asyncio.wait_for(self._create(link, sticky), self._start_timeout)
         except asyncio.CancelledError:
+            self._release(link)   # the actor may exist already
             raise
         except _StartFailure as failure:
             self._start_failed(slot, link, failure)
@@ -1352,6 +1363,12 @@ class DaskPool:
                 if link is not None and link.address == address and link.ready:
                     self._lose(link, f'the scheduler removed Dask worker {address} (it '
                                      'died, was retired, or stopped answering heartbeats)')
+            for slot in self._slots:
+                link = slot.link
+                if link is not None and link.address == address and not link.ready \
+                        and not link.lost:
+                    self._start_failed(slot, link, _StartFailure(
+                        f'its Dask worker {address} left while the actor was being created'))
         elif action == 'add-worker' and address:
             self._suspects.pop(address, None)
             if self._worker_joined is not None and not self._worker_joined.done():

@@ -162,7 +162,8 @@ class _Link:
 
     __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
-                 'started_at', 'sent', 'retiring', 'batch', '__weakref__')
+                 'started_at', 'sent', 'retiring', 'batch', 'baseline_rss', 'terminated',
+                 '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -180,6 +181,8 @@ class _Link:
         self.kill_reason: str | None = None
         self.started_at = 0.0
         self.batch: list[_TaskFuture] = []   # tasks to pickle together at the next flush
+        self.baseline_rss = 0     # its RSS when first measured (fork shares parent pages)
+        self.terminated = False   # told to cancel everything (stop or recycle deadline)
         self.sent = 0           # tasks sent, for max_tasks_per_worker
         self.retiring = False   # being recycled: takes no new work, exits when drained
 
@@ -200,7 +203,7 @@ class _Slot:
     """One worker number: its current process and the messages waiting for it."""
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
-                 'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'baseline_rss')
+                 'restart_timer', 'retiring', 'recycles', 'quick_deaths')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -213,7 +216,6 @@ class _Slot:
         self.retiring: list[_Link] = []   # recycled processes finishing their last tasks
         self.recycles = 0
         self.quick_deaths = 0
-        self.baseline_rss = 0   # a fresh worker's RSS (fork shares the parent's pages)
 
 
 class Pool:
@@ -436,8 +438,10 @@ class Pool:
         raising. ``timeout`` (seconds, counted from this call) raises :class:`TimeoutError`
         and cancels the task in the worker, as does cancelling the future.
 
-        Raises :class:`PoolClosed` once :meth:`stop` was called, and whatever pickling
-        raises if ``message`` cannot be pickled (before anything is sent).
+        The messages submitted in one loop iteration travel to a worker pickled together,
+        as one frame: a message that cannot be pickled fails its own future with the
+        pickling error (nothing of it is sent; the others go through). Raises
+        :class:`PoolClosed` once :meth:`stop` was called.
         """
         if self._state is not RUNNING:
             raise self._not_running()
@@ -632,12 +636,20 @@ class Pool:
         else:
             if link.batch:
                 self._send_batch(link)   # what was submitted earlier goes first
+            try:
+                link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+            except ValueError as exc:   # over the 4 GiB frame limit: nothing was sent
+                link.used -= 1
+                if future is None:
+                    raise               # put_nowait(): raise to its caller
+                if not future.done():
+                    future.set_exception(exc)
+                return
             if kind == protocol.TASK:
                 link.inflight[tid] = future
                 future._lp_link = link
             elif future is not None:
                 future.set_result(None)
-            link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
         if self._recycle_after is not None:
             link.sent += 1
             if link.sent >= self._recycle_after:
@@ -713,10 +725,10 @@ class Pool:
                     continue
                 error = self._decode_error(link, payload)
                 if isinstance(error, asyncio.CancelledError):
-                    if self._kill_at is not None:   # cancelled by stop()'s escalation
+                    if link.terminated:   # cancelled by a deadline (stop, or a recycle)
                         future.set_exception(PoolClosed(
-                            'the pool\'s stop timeout passed, so this task was cancelled in '
-                            f'worker {link.number}'))
+                            f'worker {link.number} was told to give up '
+                            f'({link.kill_reason}), so this task was cancelled there'))
                     else:                           # the handler cancelled itself
                         future.cancel()
                 else:
@@ -948,6 +960,7 @@ class Pool:
         if link is None or link.exited or link.channel is None or link.channel.closed:
             return
         link.kill_reason = 'it was being recycled and its tasks outlived stop_timeout'
+        link.terminated = True
         link.channel.send(protocol.TERMINATE, 0)
         self._timers.append(self._loop.call_later(self._options['kill_grace'], _kill, link))
 
@@ -965,15 +978,15 @@ class Pool:
                 rss = psutil.Process(link.pid).memory_info().rss
             except psutil.Error:
                 continue
-            if not slot.baseline_rss:
-                slot.baseline_rss = rss
+            if not link.baseline_rss:
+                link.baseline_rss = rss
                 if rss > limit:
                     log.warning('max_memory_per_worker (%.1f MiB) is below the RSS of a fresh '
                                 'worker %d (%.1f MiB; under fork it counts pages shared with '
                                 'the parent); memory recycling is off for it', limit / 2 ** 20,
                                 slot.number, rss / 2 ** 20)
                 continue
-            if rss > limit and slot.baseline_rss <= limit:
+            if rss > limit and link.baseline_rss <= limit:
                 self._recycle(link, f'its resident memory ({rss / 2 ** 20:.1f} MiB) exceeded '
                                     f'max_memory_per_worker ({limit / 2 ** 20:.1f} MiB)')
         self._memory_timer = self._loop.call_later(self._options['memory_check_interval'],
@@ -1024,12 +1037,10 @@ class Pool:
             try:
                 link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
                     [future._lp_tid for future in batch], data))
-            except ValueError as exc:   # over the 4 GiB frame limit: these tasks fail
-                for future in batch:
-                    future.set_exception(ValueError(str(exc)))
-                    self._counts['failed'] += 1
-                    self._unsend(link, future)
-                batch = []
+            except ValueError:   # over the 4 GiB frame limit together: send one by one,
+                # so that only a message over the limit on its own fails
+                self._resend(link, dumps([future._lp_tid for future in batch]))
+                batch = [future for future in batch if not future.done()]
         if len(batch) < before:   # slots came free: let waiting messages have them
             slot = self._slots[link.number]
             if slot.link is link:
@@ -1051,13 +1062,15 @@ class Pool:
             future = link.inflight.get(tid)
             if future is None:
                 continue
+            if future.done():   # cancelled while its batch came back: never ran
+                self._unsend(link, future)
+                continue
             try:
                 link.channel.send(protocol.TASK, tid, dumps(future._lp_message))
-            except Exception as exc:  # pragma: no cover - it pickled a moment ago
-                link.inflight.pop(tid, None)
-                link.used -= 1
-                if not future.done():
-                    future.set_exception(exc)
+            except Exception as exc:   # over the frame limit on its own
+                self._unsend(link, future)
+                future.set_exception(exc)
+                self._counts['failed'] += 1
 
     def _title(self, number: int) -> str | None:
         title = self._options['title']
@@ -1244,7 +1257,8 @@ class Pool:
             slot.targeted.clear()
         for link in self._links():
             if link.channel is not None and not link.channel.closed:
-                link.kill_reason = 'the pool\'s stop timeout passed, so it was killed'
+                link.kill_reason = 'the pool\'s stop timeout passed'
+                link.terminated = True
                 link.channel.send(protocol.TERMINATE, 0)
         grace = self._options['kill_grace']
         self._kill_at = self._loop.time() + grace

@@ -227,6 +227,7 @@ class _Runner:
         self.deferred = 0         # slots whose freeing waits for held results to drain
         self.stopping = False
         self.stopped = False
+        self.orphaned = False     # the parent is gone: exit without _finalise
         cls = type(worker)
         self.looppool_style = cls._process_message is not Worker._process_message
         self.call = worker._process_message if self.looppool_style else worker.handle
@@ -349,7 +350,11 @@ class _Runner:
                         pickle.PicklingError(
                             f'worker {self.number} (pid {self.pid}) could not pickle the '
                             f'reply ({type(value).__qualname__}): {exc!r}'), None)
-                self.channel.send(kind, tid, payload)
+                try:
+                    self.channel.send(kind, tid, payload)
+                except ValueError as exc:   # over the 4 GiB frame limit
+                    self.channel.send(protocol.ERROR if frees else protocol.ERROR_KEEP, tid,
+                                      self.encode_error(exc, None))
         else:
             if failed and not isinstance(value, asyncio.CancelledError):
                 log.error('worker %d: %s %s', self.number,
@@ -477,7 +482,7 @@ class _Runner:
     # -- stopping --------------------------------------------------------------------------
 
     def maybe_stop(self) -> None:
-        if self.stopped or self.running or self.open_slots or self.held:
+        if self.stopped or self.orphaned or self.running or self.open_slots or self.held:
             return
         self.stopped = True
         eager.start(self.loop, self.finalise_and_exit())
@@ -504,6 +509,7 @@ class _Runner:
         # The parent closed its end or died: nobody is left to answer, so cancel what runs,
         # let the handlers' except/finally blocks run (for at most 0.8 s), and exit.
         self.stopping = True
+        self.orphaned = True
         tasks = list(self.running.values())
         for task in tasks:
             task.cancel()

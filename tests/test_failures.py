@@ -425,6 +425,10 @@ def test_a_recycled_worker_whose_task_hangs_is_ended_at_the_stop_deadline() -> N
             started = time.monotonic()
             with pytest.raises(looppool.WorkerLost, match='recycled'):
                 await asyncio.wait_for(hung, 10)
+            await asyncio.sleep(1.2)   # past the quick-death window of the replacement
+            patient = pool.submit(('sleep', 60))   # cancellable: told to give up, not killed
+            with pytest.raises(looppool.PoolClosed, match='recycled'):
+                await asyncio.wait_for(patient, 10)
             assert time.monotonic() - started < 5
             assert await pool.submit('next') == 'next'
 
