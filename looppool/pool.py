@@ -629,7 +629,11 @@ class Pool:
             future._lp_link = link
             batch = link.batch
             batch.append(future)
-            if len(batch) == 1:
+            if link.used == 1:
+                # The worker was idle: nothing to coalesce with, so go now (latency).
+                self._send_batch(link)
+                link.channel.flush()  # type: ignore[union-attr]
+            elif len(batch) == 1:
                 link.channel.schedule_flush()  # type: ignore[union-attr]
             elif len(batch) >= _MAX_BATCH:
                 self._send_batch(link)

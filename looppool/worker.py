@@ -258,6 +258,9 @@ class _Runner:
                 self.maybe_stop()
             elif kind == protocol.TERMINATE:
                 self.terminate()
+        # What these frames produced (replies of handlers that did not suspend, freed
+        # slots) leaves now, together, instead of one loop iteration later.
+        self.channel.flush()
 
     def start_batch(self, payload: Any) -> None:
         """Run a batch of tasks, in order. If the batch cannot be unpickled (a message's
