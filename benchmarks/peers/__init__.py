@@ -19,6 +19,7 @@ import importlib
 PEERS = {
     'looppool_submit': 'looppool submit()',
     'looppool_put_nowait': 'looppool put_nowait()',
+    'looppool_remote': 'looppool remote submit()',
     'process_pool_executor': 'ProcessPoolExecutor',
     'aiomultiprocess_pool': 'aiomultiprocess.Pool',
     'ceiling': 'ceiling (hand-written)',
