@@ -1,0 +1,32 @@
+"""The benchmark keeps working: its quick mode runs once here. No speed is asserted (the
+benchmark measures speed, in one run with its peers, never the test suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'benchmarks', 'run.py'), '--quick',
+         '--out', str(tmp_path)],
+        capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / 'latest.json').read_text())
+    assert set(results['peers']) >= {'looppool_submit', 'looppool_put_nowait',
+                                     'looppool_remote', 'process_pool_executor',
+                                     'aiomultiprocess_pool', 'ceiling'}
+    table = (tmp_path / 'latest.txt').read_text()
+    for column in ('W1 msg/s', 'W2 p50 us', 'W3 s', 'W4 MiB/s', 'W5 start ms', 'RSS MiB'):
+        assert column in table
+    assert (tmp_path / 'latest.png').stat().st_size > 10_000   # the plot was drawn
+    assert '[' in done.stderr   # progress lines went to stderr while it ran
