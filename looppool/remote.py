@@ -185,6 +185,26 @@ def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
     return _OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message)
 
 
+def _resolve_broadcast(future: Any, payload: Any) -> None:
+    """Resolve a broadcast's future (asyncio or concurrent) from the host's answer: the
+    replies in worker order, or the first worker's exception."""
+    replies = []
+    for is_error, reply in loads(payload):
+        if is_error:
+            future.set_exception(_decode_error(reply))
+            return
+        replies.append(loads(reply))
+    future.set_result(replies)
+
+
+def _drop_result(client: Any, result_done: Callable[[], None]) -> None:
+    result_done()
+    if not client._warned:
+        client._warned = True
+        log.warning('a worker sent a result but client.process_message is not set; '
+                    'results are dropped')
+
+
 def _encode_error(exc: BaseException) -> bytes:
     return dumps((exc, ''))
 
@@ -846,11 +866,7 @@ class Client:
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result; assign your own. This default drops it."""
-        result_done()
-        if not self._warned:
-            self._warned = True
-            log.warning('a worker sent a result but client.process_message is not set; '
-                        'results are dropped')
+        _drop_result(self, result_done)
 
     async def connect(self) -> Client:
         """Connect now (a call connects by itself; this surfaces errors early)."""
@@ -1007,14 +1023,7 @@ class Client:
                 else:
                     future.set_exception(error)
             else:
-                replies = []
-                for is_error, reply in loads(payload):
-                    if is_error:
-                        future.set_exception(_decode_error(reply))
-                        break
-                    replies.append(loads(reply))
-                else:
-                    future.set_result(replies)
+                _resolve_broadcast(future, payload)
         self._pump()
 
     def _acknowledged(self, count: int) -> None:
@@ -1157,11 +1166,7 @@ class SyncClient:
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result (on the reader thread); assign your own."""
-        result_done()
-        if not self._warned:
-            self._warned = True
-            log.warning('a worker sent a result but client.process_message is not set; '
-                        'results are dropped')
+        _drop_result(self, result_done)
 
     def close(self) -> None:
         """Close the connection; calls in flight fail with :class:`ConnectionLost`."""
@@ -1337,13 +1342,7 @@ class SyncClient:
         elif kind == H_ERROR:
             future.set_exception(_decode_error(payload))
         elif kind == H_BROADCAST:
-            replies = []
-            for is_error, reply in loads(payload):
-                if is_error:
-                    future.set_exception(_decode_error(reply))
-                    return
-                replies.append(loads(reply))
-            future.set_result(replies)
+            _resolve_broadcast(future, payload)
 
     def _release(self) -> None:
         room = self._room
