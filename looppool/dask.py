@@ -479,6 +479,10 @@ class _Slot:
         self.restart_timer: asyncio.TimerHandle | None = None
 
 
+class _Abandoned(Exception):
+    """The pool gave up on an actor while it was being started."""
+
+
 class _StartFailure(Exception):
     """An actor could not be started: why, and the traceback from the Dask worker if any."""
 
@@ -579,6 +583,10 @@ class DaskPool:
         self._dirty: dict[_Link, None] = {}    # links with something to send, in order
         self._flush_handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Actor starts in progress. An abandoned start is left to end by itself rather
+        # than cancelled: a Dask connection cancelled while it is being made leaks its
+        # socket (Tornado's TCPClient does not close it).
+        self._starters: set[asyncio.Task[Any]] = set()
         self._result_tasks: set[asyncio.Future[Any]] = set()
         self._ready: asyncio.Future[None] | None = None
         self._stop_future: asyncio.Future[None] | None = None
@@ -645,8 +653,9 @@ class DaskPool:
         messages finish and their results reach ``process_message``; then each actor runs
         ``_finalise()`` and ``join()`` and is released (Dask deletes it). After ``timeout``
         seconds (default: ``stop_timeout``) what has not been sent fails with
-        ``PoolClosed``, the actors cancel what still runs, and anything without an answer
-        ``close_timeout`` seconds later fails with ``PoolClosed``. The client stays open.
+        ``PoolClosed``, the actors cancel what still runs (those tasks fail with
+        ``PoolClosed``), and anything without an answer ``close_timeout`` seconds later
+        fails with ``PoolClosed`` too. The client stays open.
         Calling it again waits for the same stop.
         """
         if timeout is None:
@@ -676,8 +685,11 @@ class DaskPool:
         exception raised there is raised here as the same type with the remote traceback
         as ``__cause__``; a message waits in the pool when its worker holds its share of
         ``max_tasks``; ``timeout`` (default: the pool's) raises :class:`TimeoutError` and
-        cancels the task in the actor, as does cancelling the future. A message that
-        reached an actor whose Dask worker is lost fails with :class:`~looppool.WorkerLost`.
+        cancels the task in the actor, as does cancelling the future; a message that cannot
+        be pickled fails its own future with the pickling error, and nothing of it is sent.
+        A message that reached an actor whose Dask worker is lost fails with
+        :class:`~looppool.WorkerLost`. Raises :class:`~looppool.PoolClosed` once
+        :meth:`stop` was called.
         """
         if self._state is not RUNNING:
             raise self._not_running()
@@ -687,7 +699,15 @@ class DaskPool:
             timeout = self._timeout
         elif not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
-        payload = dumps(message)
+        self._counts['submitted'] += 1
+        try:
+            payload = dumps(message)
+        except Exception as exc:
+            # As in the local pool: the pickling error fails this message's own future.
+            self._counts['failed'] += 1
+            failed: asyncio.Future[Any] = self._loop.create_future()
+            failed.set_exception(exc)
+            return failed
         tid = self._next_tid
         self._next_tid = tid + 1
         future = _TaskFuture(loop=self._loop)
@@ -697,7 +717,6 @@ class DaskPool:
         future._lp_timer = None
         if timeout is not None:
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
-        self._counts['submitted'] += 1
         self._dispatch((protocol.TASK, tid, payload, future), worker_num)
         return future
 
@@ -1005,10 +1024,9 @@ class DaskPool:
             elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
                 if kind == protocol.ERROR:
                     freed += 1
-                self._counts['failed'] += 1
                 future = inflight.pop(arg, None)
                 if future is None or future.done():
-                    continue
+                    continue   # cancelled or timed out: not counted as failed
                 _cancel_timer(future)
                 try:
                     remote, text = loads(payload)
@@ -1016,8 +1034,14 @@ class DaskPool:
                 except BaseException as error:
                     remote = self._unpickle_error(link, 'exception', error)
                 if isinstance(remote, asyncio.CancelledError):
-                    future.cancel()
+                    if self._state is STOPPING:   # cancelled by the stop's deadline
+                        future.set_exception(PoolClosed(
+                            f'the pool stopped (its stop timeout passed) while '
+                            f'{link.describe()} was running this task; it was cancelled'))
+                    else:
+                        future.cancel()
                 else:
+                    self._counts['failed'] += 1
                     future.set_exception(remote)
             elif kind == protocol.FREED:
                 freed += arg
@@ -1145,30 +1169,36 @@ class DaskPool:
         # The actor replays the sticky broadcasts as notes: each frees a slot when done.
         link.used = len(self._sticky)
         task = self._loop.create_task(self._start_link(slot, link, list(self._sticky.values())))
-        link.tasks.add(task)
-        task.add_done_callback(link.tasks.discard)
+        self._starters.add(task)
+        task.add_done_callback(self._starters.discard)
         self._refill(slot)
 
     async def _start_link(self, slot: _Slot, link: _Link, sticky: list[bytes]) -> None:
+        """Place, create and initialise one actor; count a failure as a failed start."""
+        failure: _StartFailure | None = None
         try:
             await asyncio.wait_for(self._create(link, sticky), self._start_timeout)
         except asyncio.CancelledError:
             self._release(link)   # the actor may exist already
             raise
-        except _StartFailure as failure:
-            self._start_failed(slot, link, failure)
-            return
+        except _Abandoned:
+            pass
+        except _StartFailure as exc:
+            failure = exc
         except asyncio.TimeoutError:
-            self._start_failed(slot, link, _StartFailure(
+            failure = _StartFailure(
                 f'it was not ready within start_timeout={self._start_timeout} s (is its '
-                'Dask worker frozen, or is no Dask worker running?)'))
-            return
+                'Dask worker frozen, or is no Dask worker running?)')
         except BaseException as exc:
-            self._start_failed(slot, link, _StartFailure(
+            failure = _StartFailure(
                 f'the actor could not be created: {_describe_failure(exc)}',
-                ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+                ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if link.lost:   # given up on meanwhile: the pool stopped, or its worker left
+            self._release(link)
             return
-        if link.lost:
+        if failure is not None:
+            self._start_failed(slot, link, failure)
+            self._release(link)
             return
         link.ready = True
         slot.failures = 0
@@ -1187,6 +1217,9 @@ class DaskPool:
         client = self._client
         async with self._placing:
             address = await self._place(link)
+        # Each step below is awaited to its end even when the pool gives up on this actor
+        # meanwhile (see _starters); the checks between steps stop early instead.
+        _check_abandoned(link)
         # The actor's class must be importable where it runs; a Dask worker that cannot
         # unpickle a task it was sent breaks, so ask first, with a function it surely has.
         try:
@@ -1196,6 +1229,7 @@ class DaskPool:
                 f'looppool.dask cannot be imported on Dask worker {address} ({exc!r}); '
                 'install looppool with the [dask] extra, the same version as the '
                 'client\'s, in every Dask worker\'s environment') from None
+        _check_abandoned(link)
         link.key = f'{self._name}-{link.number}-{link.serial}'
         future = client.submit(_Host, self._class_blob, link.number, self._result_share,
                                key=link.key, workers=[address], allow_other_workers=False,
@@ -1210,6 +1244,7 @@ class DaskPool:
                     'looppool.dask._Host; install looppool (the same version as the '
                     f'client\'s) in the scheduler\'s environment too ({exc})') from None
             raise
+        _check_abandoned(link)
         link.rpc = _rpc(client, address)
         outcome = await self._execute(link, 'setup', sticky)
         if outcome[0] != 'ready':
@@ -1227,6 +1262,7 @@ class DaskPool:
     async def _place(self, link: _Link) -> str:
         """Choose the live Dask worker with the fewest of this pool's actors."""
         while True:
+            _check_abandoned(link)
             workers = await self._live_workers()
             now = self._loop.time()
             trusted = [a for a in workers if self._suspects.get(a, 0.0) <= now]
@@ -1340,7 +1376,10 @@ class DaskPool:
         for task in list(link.tasks):
             if task is not current:
                 task.cancel()
-        self._release(link)
+        if link.ready:
+            self._release(link)
+        # else its start is still running; it releases the actor when it ends (awaiting a
+        # released Dask future could wait for ever)
 
     def _release(self, link: _Link) -> None:
         future, link.future = link.future, None
@@ -1427,8 +1466,11 @@ class DaskPool:
                     self._abandon_link(link)
                     continue
                 closing.append(loop.create_task(self._close_link(link, terminate)))
-            if closing:
-                await asyncio.wait(closing, timeout=self._close_timeout)
+            if self._worker_joined is not None and not self._worker_joined.done():
+                self._worker_joined.set_result(None)   # starts waiting for a worker give up
+            if closing or self._starters:
+                await asyncio.wait(closing + list(self._starters),
+                                   timeout=self._close_timeout)
         finally:
             for slot in self._slots:
                 link = slot.link
@@ -1444,6 +1486,7 @@ class DaskPool:
                 if not link.lost:
                     self._abandon_link(link)
             leftovers = [task for task in self._tasks if task is not asyncio.current_task()]
+            leftovers.extend(self._starters)
             for slot in self._slots:
                 if slot.link is not None:
                     leftovers.extend(slot.link.tasks)
@@ -1579,6 +1622,11 @@ class _EventRouter:
 # -- helpers -----------------------------------------------------------------------------------
 
 _HOST_REFERENCE: bytes | None = None
+
+
+def _check_abandoned(link: _Link) -> None:
+    if link.lost:
+        raise _Abandoned()
 
 
 def _host_reference() -> bytes:
