@@ -4,8 +4,8 @@
 #   bash scripts/test.sh                 # the whole suite
 #   bash scripts/test.sh -k stop -x      # arguments go to pytest
 #
-# Creates .venv if it is missing, installs looppool in it (editable) with the test and bench
-# extras, installs the reference statsd daemon under .npm/ when npm is available, then runs
+# Creates .venv if it is missing, installs looppool in it (editable) with the test, bench
+# and dask extras (so the Dask tests run too), installs the reference statsd daemon under .npm/ when npm is available, then runs
 # pytest. The exit status is pytest's.
 set -euo pipefail
 
@@ -27,7 +27,7 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 
-.venv/bin/python -m pip install -q -e '.[test,bench]'
+.venv/bin/python -m pip install -q -e '.[test,bench,dask]'
 
 if command -v npm >/dev/null 2>&1; then
     if ! npm install --no-save --no-audit --no-fund --loglevel=error \

@@ -360,7 +360,7 @@ def received_metrics(sock: socket.socket) -> dict[str, list[tuple[float, str]]]:
 # -- the examples ----------------------------------------------------------------------------
 
 TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_table.py',
-          'operating.py'}
+          'operating.py', 'dask_cluster.py'}
 # Run for real, against real servers, by tests/test_servers.py.
 TESTED_IN_TEST_SERVERS = {'server_tornado.py', 'server_gunicorn.py', 'gunicorn_conf.py',
                           'server_uwsgi.py', 'server_flask.py', 'shared_workers.py'}
@@ -596,3 +596,33 @@ def test_operating(tmp_path: Path, start_method: str | None) -> None:
 
 if __name__ == '__main__':
     sys.exit(_main(sys.argv[1:]))
+
+
+def test_dask_cluster(tmp_path: Path) -> None:
+    """A DaskPool on a local cluster: sticky stop words, counts, an exception, a killed worker."""
+    pytest.importorskip('distributed', reason='the Dask example needs the dask extra: '
+                                              'pip install "looppool[dask]"')
+    outcome = run_example(example_command('dask_cluster.py'), tmp_path)
+    assert outcome.returncode == 0, outcome
+    assert outcome.lines[-2:] == ['pool stopped', 'cluster closed'], outcome
+    assert 'stop words v1 loaded by workers [0, 1]' in outcome.lines, outcome
+    counted = re.search(r"^counted 200 documents in [\d.]+ s; most common: "
+                        r"\[\('worker', 100\), ", outcome.stdout, re.M)
+    assert counted, outcome
+    assert re.search(r"^a bad document raised TypeError here too: a document must be text, "
+                     r"got int; the worker's traceback ends with \"TypeError: ",
+                     outcome.stdout, re.M), outcome
+    killed = re.search(r'^killed the Dask worker of worker 0 \(pid (\d+)\) with 200 documents '
+                       r'in flight: (\d+) counted, (\d+) lost$', outcome.stdout, re.M)
+    assert killed, outcome
+    # Worker 1's hundred are untouched; worker 0's were lost, unless still queued in the
+    # parent when the actor went, in which case its replacement counted them.
+    assert int(killed.group(2)) + int(killed.group(3)) == 200, outcome
+    assert int(killed.group(2)) >= 100 and int(killed.group(3)) >= 1, outcome
+    back = re.search(r'^worker 0 is back as pid (\d+) on Dask worker \S+, with stop words v1 '
+                     r'\(replayed\); restarts: 1$', outcome.stdout, re.M)
+    assert back and back.group(1) != killed.group(1), outcome
+    # The pool logs the loss once, naming the worker; Dask's nanny may warn as it restarts.
+    errors = [line for line in outcome.stderr.splitlines() if line.startswith('ERROR')]
+    assert len(errors) == 1 and errors[0].startswith(
+        'ERROR looppool.dask: worker 0 (an actor on Dask worker '), outcome
