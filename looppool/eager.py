@@ -23,12 +23,13 @@ step and the Task afterwards.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
 import sys
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-__all__ = ['DONE', 'RAISED', 'PENDING', 'step', 'start']
+__all__ = ['DONE', 'RAISED', 'PENDING', 'Steps', 'step', 'start']
 
 DONE, RAISED, PENDING = 0, 1, 2
 NATIVE = sys.version_info >= (3, 12)
@@ -71,7 +72,7 @@ def step(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]
         if outer is not None:
             _enter_task(loop, outer)
     # Created inside the context: the Task copies it, first-step changes included.
-    task = context.run(loop.create_task, _continue(_Resume(coro, yielded)))
+    task = context.run(loop.create_task, _Resume(coro, yielded))
     stand_in.attach(task)
     return PENDING, task
 
@@ -91,6 +92,82 @@ def start(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]
     else:
         future.set_exception(value)
     return future
+
+
+class Steps:
+    """Eager first steps of many coroutines in a row, as one loop callback runs them.
+
+    ``with Steps(loop) as steps:`` then ``steps.step(coro)`` for each, in order; each call
+    returns what :func:`step` returns and keeps its promises (a context copy per
+    coroutine, a current task during the step). What :func:`step` builds per call is
+    shared here: the stand-in current task is entered once and used again for the next
+    coroutine unless the last one kept a reference to it (or suspended, when its Task
+    takes it over), which ``sys.getrefcount`` tells for certain.
+
+    On Python 3.12 and newer it does what :func:`step` does.
+    """
+
+    __slots__ = ('loop', 'stand_in', 'outer', 'alone')
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.stand_in: _StandIn | None = None
+        self.outer: Any = None
+        self.alone = 0   # the stand-in's reference count when nothing else holds it
+
+    def __enter__(self) -> Steps:
+        if not NATIVE:
+            loop = self.loop
+            self.outer = asyncio.current_task(loop)
+            if self.outer is not None:
+                _leave_task(loop, self.outer)
+            self._enter_new()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if not NATIVE:
+            _leave_task(self.loop, self.stand_in)
+            self.stand_in = None
+            if self.outer is not None:
+                _enter_task(self.loop, self.outer)
+                self.outer = None
+
+    def _enter_new(self) -> None:
+        stand_in = self.stand_in = _StandIn()
+        _enter_task(self.loop, stand_in)
+        del stand_in
+        # This attribute, the loop's current-task entry, and getrefcount's argument.
+        self.alone = sys.getrefcount(self.stand_in)
+
+    def step(self, coro: Coroutine[Any, Any, Any]) -> tuple[int, Any]:
+        """Run ``coro``'s first step; see :func:`step`."""
+        if NATIVE:
+            return step(self.loop, coro)
+        context = contextvars.copy_context()
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration as stop:
+            if sys.getrefcount(self.stand_in) != self.alone:
+                self._replace()
+            return DONE, stop.value
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            if sys.getrefcount(self.stand_in) != self.alone:
+                self._replace()
+            return RAISED, exc
+        loop = self.loop
+        stand_in = self.stand_in
+        assert stand_in is not None
+        task = context.run(loop.create_task, _Resume(coro, yielded))
+        stand_in.attach(task)
+        self._replace()
+        return PENDING, task
+
+    def _replace(self) -> None:
+        """Someone holds the stand-in: it stays theirs; the next coroutine gets a new one."""
+        _leave_task(self.loop, self.stand_in)
+        self._enter_new()
 
 
 class _StandIn:
@@ -138,36 +215,37 @@ class _StandIn:
         return getattr(self.task, name)
 
 
-class _Resume:
-    """Drives a coroutine that already ran its first step, from where it suspended."""
+class _Resume(collections.abc.Coroutine):  # type: ignore[type-arg]
+    """The coroutine a Task runs to carry on one whose first step already ran.
 
-    __slots__ = ('coro', 'yielded')
+    The Task's first ``send(None)`` gets what that step yielded (the future it waits on,
+    or ``None`` for a bare yield); after that every ``send`` and ``throw`` goes straight to
+    the coroutine. So a cancellation that reaches the Task before it first runs (one
+    requested during the eager step) is thrown into the coroutine where it waits, exactly
+    as a Task would have done.
+    """
+
+    __slots__ = ('coro', 'yielded', 'started')
 
     def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
         self.coro = coro
         self.yielded = yielded
+        self.started = False
+
+    def send(self, value: Any) -> Any:
+        if not self.started:
+            self.started = True
+            pending, self.yielded = self.yielded, None
+            return pending
+        return self.coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self.started = True
+        self.yielded = None
+        return self.coro.throw(*args)
+
+    def close(self) -> None:
+        self.coro.close()
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro = self.coro
-        pending = self.yielded   # what the first step waits on: hand it to the Task
-        self.yielded = None
-        while True:
-            try:
-                sent = yield pending
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:   # the Task throws cancellation in: pass it on
-                try:
-                    pending = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    pending = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
-
-
-async def _continue(resume: _Resume) -> Any:
-    return await resume
+        raise TypeError('a resumed coroutine is run by its Task only')

@@ -43,6 +43,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.util  # noqa: F401 - imported first so its exit hook runs after ours
+import operator
 import os
 import pickle
 import queue
@@ -52,7 +53,7 @@ import sys
 import types
 import weakref
 from collections.abc import Iterable
-from typing import Any, Callable, Deque
+from typing import Any, Callable, Deque, Union
 
 import tornado.ioloop
 
@@ -69,10 +70,8 @@ log = logging.getLogger('looppool')
 
 NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 
-# A submit() waiting to be pickled with its loop iteration's batch (not a wire kind).
-_BATCHED = 0
 # A batch is cut at this many tasks, so one frame stays a bounded amount of work.
-_MAX_BATCH = 1024
+_MAX_BATCH = 256
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
 
@@ -138,6 +137,14 @@ class _RawFuture(_TaskFuture):
         self.exception()  # reported through the sink, so never "unretrieved"
         assert self._lp_sink is not None
         self._lp_sink(True, dumps((exception, '')))
+
+
+_message_of = operator.attrgetter('_lp_message')
+_tid_of = operator.attrgetter('_lp_tid')
+
+# What waits in a queue for room in a worker: a submit()'s own future (its message is
+# pickled with the batch of its loop iteration), or an Item (a pickled note or task).
+Entry = Union[_TaskFuture, Item]
 
 
 class _StopFuture(asyncio.Future[None]):
@@ -208,7 +215,7 @@ class _Slot:
     def __init__(self, number: int) -> None:
         self.number = number
         self.link: _Link | None = None
-        self.targeted: Deque[Item] = collections.deque()
+        self.targeted: Deque[Entry] = collections.deque()
         self.restarts = 0
         self.failures = 0
         self.start_error: WorkerStartError | None = None
@@ -309,7 +316,7 @@ class Pool:
 
         self._state = NEW
         self._slots = [_Slot(number) for number in range(pool_size)]
-        self._pending: Deque[Item] = collections.deque()
+        self._pending: Deque[Entry] = collections.deque()
         self._rr = 0
         self._next_tid = 1
         self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
@@ -449,18 +456,56 @@ class Pool:
             self._check_worker_num(worker_num)
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
-        return self._submit_payload(message, worker_num, timeout, _TaskFuture, None, 0,
-                                    _BATCHED)
+        tid = self._next_tid
+        self._next_tid = tid + 1
+        loop = self._loop
+        future = _TaskFuture(loop=loop)   # as _new_future does, inline (the hot path)
+        future._lp_pool = self
+        future._lp_tid = tid
+        future._lp_link = None
+        future._lp_timer = None
+        future._lp_sink = None
+        future._lp_message = message
+        future._lp_started = loop.time() if self._metrics is not None else 0.0
+        if timeout is not None:
+            future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
+        self._counts['submitted'] += 1
+        # The future itself waits in the queues and the batch: no per-message tuple (the
+        # fewer objects a burst of submits leaves, the less the cyclic GC has to walk).
+        if worker_num is None:
+            # The common cases, inline: queue behind others waiting, or the next worker in
+            # turn with room takes it.
+            if self._pending:
+                self._pending.append(future)
+                return future
+            slots = self._slots
+            size = len(slots)
+            index = self._rr
+            share = self._share
+            for _ in range(size):
+                slot = slots[index]
+                index = index + 1 if index + 1 < size else 0
+                link = slot.link
+                if link is not None and link.used < share and not slot.targeted:
+                    self._rr = index
+                    self._send_task(link, future)
+                    return future
+        self._dispatch(future, worker_num)
+        return future
 
     def _submit_payload(self, payload: Any, worker_num: int | None, timeout: float | None,
-                        cls: type[_TaskFuture], sink: Any, tid: int = 0,
-                        kind: int = protocol.TASK) -> _TaskFuture:
-        """Send a message (arguments checked by the caller): an object to batch
-        (``kind=_BATCHED``), or a pickle a pool host forwards (``TASK``). A host chooses
-        ``tid`` itself, so that results can be routed by it."""
+                        cls: type[_TaskFuture], sink: Any, tid: int = 0) -> _TaskFuture:
+        """Send a pickled message a pool host forwards (arguments checked by the caller).
+        A host chooses ``tid`` itself, so that results can be routed by it."""
         if not tid:
             tid = self._next_tid
             self._next_tid = tid + 1
+        future = self._new_future(cls, tid, payload, sink, timeout)
+        self._dispatch((protocol.TASK, tid, payload, future), worker_num)
+        return future
+
+    def _new_future(self, cls: type[_TaskFuture], tid: int, payload: Any, sink: Any,
+                    timeout: float | None) -> _TaskFuture:
         future = cls(loop=self._loop)
         future._lp_pool = self
         future._lp_tid = tid
@@ -472,7 +517,6 @@ class Pool:
         if timeout is not None:
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
         self._counts['submitted'] += 1
-        self._dispatch((kind, tid, payload, future), worker_num)
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
@@ -590,7 +634,7 @@ class Pool:
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def _dispatch(self, item: Item, worker_num: int | None) -> None:
+    def _dispatch(self, item: Entry, worker_num: int | None) -> None:
         share = self._share
         if worker_num is None:
             if not self._pending:
@@ -620,45 +664,58 @@ class Pool:
             else:
                 slot.targeted.append(item)
 
-    def _send(self, link: _Link, item: Item) -> None:
-        kind, tid, payload, future = item
+    def _send(self, link: _Link, item: Entry) -> None:
+        if not isinstance(item, tuple):
+            self._send_task(link, item)
+            return
         link.used += 1
-        if kind == _BATCHED:
-            # Pickled with the rest of this loop iteration's tasks, at the flush.
+        kind, tid, payload, future = item
+        if link.batch:
+            self._send_batch(link)   # what was submitted earlier goes first
+        try:
+            link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+        except ValueError as exc:   # over the 4 GiB frame limit: nothing was sent
+            link.used -= 1
+            if future is None:
+                raise               # put_nowait(): raise to its caller
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if kind == protocol.TASK:
             link.inflight[tid] = future
             future._lp_link = link
-            batch = link.batch
-            batch.append(future)
-            if link.used == 1:
-                # The worker was idle: nothing to coalesce with, so go now (latency).
-                self._send_batch(link)
-                link.channel.flush()  # type: ignore[union-attr]
-            elif len(batch) == 1:
-                link.channel.schedule_flush()  # type: ignore[union-attr]
-            elif len(batch) >= _MAX_BATCH:
-                self._send_batch(link)
-        else:
-            if link.batch:
-                self._send_batch(link)   # what was submitted earlier goes first
-            try:
-                link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
-            except ValueError as exc:   # over the 4 GiB frame limit: nothing was sent
-                link.used -= 1
-                if future is None:
-                    raise               # put_nowait(): raise to its caller
-                if not future.done():
-                    future.set_exception(exc)
-                return
-            if kind == protocol.TASK:
-                link.inflight[tid] = future
-                future._lp_link = link
-            elif future is not None:
-                future.set_result(None)
+        elif future is not None:
+            future.set_result(None)
         if self._recycle_after is not None:
-            link.sent += 1
-            if link.sent >= self._recycle_after:
-                self._recycle(link, f'it was sent max_tasks_per_worker={self._recycle_after} '
-                                    'tasks')
+            self._count_sent(link)
+
+    def _send_task(self, link: _Link, future: _TaskFuture) -> None:
+        """A submit() to ``link``: pickled with the rest of this loop iteration's tasks, at
+        the flush."""
+        link.used += 1
+        link.inflight[future._lp_tid] = future
+        future._lp_link = link
+        batch = link.batch
+        batch.append(future)
+        if link.used == 1:
+            # The worker was idle: nothing to coalesce with, so go now (latency).
+            self._send_batch(link)
+            link.channel.flush()  # type: ignore[union-attr]
+        elif len(batch) == 1:
+            link.channel.schedule_flush()  # type: ignore[union-attr]
+        elif len(batch) >= _MAX_BATCH:
+            # A long burst: write this part now, so the worker starts on it while the caller
+            # goes on submitting.
+            self._send_batch(link)
+            link.channel.flush()  # type: ignore[union-attr]
+        if self._recycle_after is not None:
+            self._count_sent(link)
+
+    def _count_sent(self, link: _Link) -> None:
+        assert self._recycle_after is not None
+        link.sent += 1
+        if link.sent >= self._recycle_after:
+            self._recycle(link, f'it was sent max_tasks_per_worker={self._recycle_after} tasks')
 
     def _refill(self, slot: _Slot) -> None:
         link = slot.link
@@ -667,21 +724,53 @@ class Pool:
         share = self._share
         targeted = slot.targeted
         pending = self._pending
-        # slot.link is read again each time: a send may recycle the process.
         metrics = self._metrics
+        if not targeted and metrics is None and self._recycle_after is None:
+            # The common case, kept tight: submit()s move from the queue into the batch.
+            inflight = link.inflight
+            batch = link.batch
+            used = link.used
+            while used < share and pending:
+                item = pending[0]
+                if isinstance(item, tuple):
+                    break   # a broadcast's or a host's task: the general path below
+                pending.popleft()
+                if item.done():
+                    continue   # cancelled or timed out while it waited
+                used += 1
+                inflight[item._lp_tid] = item
+                item._lp_link = link
+                batch.append(item)
+                if len(batch) >= _MAX_BATCH:
+                    link.used = used
+                    self._send_batch(link)
+                    used, batch = link.used, link.batch
+            link.used = used
+            if batch:
+                # Now rather than at the end of the iteration: the worker may be idle.
+                self._send_batch(link)
+                link.channel.flush()  # type: ignore[union-attr]
+            if slot.link is not link:
+                return
+        # slot.link is read again each time: a send may recycle the process.
         while (link := slot.link) is not None and link.used < share and (targeted or pending):
             item = targeted.popleft() if targeted else pending.popleft()
-            future = item[3]
-            if future is not None and future.done():
-                continue  # cancelled or timed out while it waited
-            if metrics is not None and type(future) is _TaskFuture:
-                metrics.waits.offer(self._loop.time() - future._lp_started)
-            self._send(link, item)
+            if isinstance(item, tuple):
+                future = item[3]
+                if future is not None and future.done():
+                    continue  # cancelled or timed out while it waited
+                if metrics is not None and type(future) is _TaskFuture:
+                    metrics.waits.offer(self._loop.time() - future._lp_started)
+                self._send(link, item)
+            elif not item.done():   # else cancelled or timed out while it waited
+                if metrics is not None:
+                    metrics.waits.offer(self._loop.time() - item._lp_started)
+                self._send_task(link, item)
         if self._state is STOPPING:
             self._stop_when_drained(slot)
 
-    def _fail_item(self, item: Item, error: BaseException | None) -> None:
-        future = item[3]
+    def _fail_item(self, item: Entry, error: BaseException | None) -> None:
+        future = item if not isinstance(item, tuple) else item[3]
         if future is not None and not future.done():
             _cancel_timer(future)
             future.set_exception(error or PoolClosed('the pool is stopped'))
@@ -1019,13 +1108,13 @@ class Pool:
         batch = link.batch
         link.batch = []
         before = len(batch)
-        if any(future.done() for future in batch):
+        if any(map(_TaskFuture.done, batch)):
             for future in batch:
                 if future.done():
                     self._unsend(link, future)
             batch = [future for future in batch if not future.done()]
         try:
-            data = dumps([future._lp_message for future in batch])
+            data = dumps(list(map(_message_of, batch)))
         except Exception:
             for future in batch:
                 try:
@@ -1040,7 +1129,7 @@ class Pool:
             assert link.channel is not None
             try:
                 link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
-                    [future._lp_tid for future in batch], data))
+                    list(map(_tid_of, batch)), data))
             except ValueError:   # over the 4 GiB frame limit together: send one by one,
                 # so that only a message over the limit on its own fails
                 self._resend(link, dumps([future._lp_tid for future in batch]))

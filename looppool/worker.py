@@ -271,9 +271,47 @@ class _Runner:
         except BaseException:
             self.channel.send(protocol.RESEND, 0, dumps(tids))
             return
-        run = self.run
-        for tid, message in zip(tids, messages):
-            run(tid, message, True)
+        if self.looppool_style or not self.batch_replies:
+            run = self.run
+            for tid, message in zip(tids, messages):
+                run(tid, message, True)
+            return
+        # The common case, kept tight: handle() coroutines stepped eagerly one after
+        # another; those that finish at once answer in this iteration's REPLIES frame.
+        call = self.call
+        finish = self.finish
+        reply_tids = self.reply_tids
+        reply_values = self.reply_values
+        replies_before = len(reply_tids)
+        set_origin = _origin.set
+        with eager.Steps(self.loop) as steps:
+            step = steps.step
+            for tid, message in zip(tids, messages):
+                set_origin(tid)
+                try:
+                    result = call(message)
+                except (SystemExit, KeyboardInterrupt):
+                    raise  # the handler asked the process to end: see worker_main
+                except BaseException as exc:
+                    finish(tid, True, exc, failed=True)
+                    continue
+                if type(result) is not types.CoroutineType:
+                    if inspect.isawaitable(result):
+                        result = _await(result)
+                    else:
+                        finish(tid, True, result)
+                        continue
+                state, value = step(result)
+                if state == eager.DONE and not self.held and not self.stopping:
+                    reply_tids.append(tid)
+                    reply_values.append(value)
+                elif state == eager.PENDING:
+                    self.running[tid] = value
+                    value.add_done_callback(functools.partial(self.task_finished, tid, True))
+                else:
+                    finish(tid, True, value, failed=state == eager.RAISED)
+        if replies_before == 0 and reply_tids:
+            self.channel.schedule_flush()
 
     def start_task(self, tid: int, payload: Any, reply: bool) -> None:
         """Unpickle and run one message; ``tid`` is the task id, or for a note (``reply``

@@ -120,3 +120,65 @@ def test_system_exit_propagates_as_from_a_task() -> None:
             eager.step(asyncio.get_running_loop(), leave())
 
     asyncio.run(main())
+
+
+def test_steps_in_a_row_keep_each_coroutine_apart() -> None:
+    """Steps shares its stand-in between coroutines only while nobody holds on to it: a
+    coroutine that keeps its current task keeps one of its own, and contexts never mix."""
+    kept: list[object] = []
+    seen: list[tuple[str, str]] = []
+
+    async def plain(name: str) -> str:
+        seen.append((name, request_id.get()))
+        request_id.set(name)   # must not reach the next coroutine
+        return name
+
+    async def keeper(name: str) -> str:
+        kept.append(asyncio.current_task())
+        return name
+
+    async def waiter(name: str) -> str:
+        me = asyncio.current_task()
+        await asyncio.sleep(0.01)
+        assert asyncio.current_task() is not me   # now the real Task
+        return name
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with eager.Steps(loop) as steps:
+            outcomes = [steps.step(coro) for coro in (
+                plain('a'), keeper('b'), keeper('c'), plain('d'), waiter('e'), plain('f'))]
+        assert asyncio.current_task() is not None   # main's own task is current again
+        assert [state for state, _ in outcomes] == [eager.DONE] * 4 + [
+            eager.PENDING, eager.DONE]
+        assert await outcomes[4][1] == 'e'
+        assert [value for _, value in outcomes[:4]] == ['a', 'b', 'c', 'd']
+        assert request_id.get() == '-'
+
+    asyncio.run(main())
+    assert seen == [('a', '-'), ('d', '-'), ('f', '-')]
+    # Each keeper got a stand-in no other coroutine used.
+    assert len(kept) == 2 and kept[0] is not kept[1]
+
+
+def test_steps_cancel_requested_during_the_first_step_reaches_the_task() -> None:
+    events: list[str] = []
+
+    async def cancelled_early() -> None:
+        asyncio.current_task().cancel()   # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append('cancelled')
+            raise
+
+    async def main() -> None:
+        with eager.Steps(asyncio.get_running_loop()) as steps:
+            state, task = steps.step(cancelled_early())
+            assert steps.step(asyncio.sleep(0, result='next'))[0] == eager.PENDING
+        assert state == eager.PENDING
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert events == ['cancelled']
