@@ -19,6 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 SHORT = {
     'looppool_submit': 'looppool\nsubmit',
+    'looppool_map': 'looppool\nmap',
     'looppool_put_nowait': 'looppool\nput_nowait',
     'process_pool_executor': 'Process\nPoolExecutor',
     'aiomultiprocess_pool': 'aiomulti-\nprocess',
@@ -26,6 +27,7 @@ SHORT = {
 }
 COLOURS = {
     'looppool_submit': '#1f77b4',
+    'looppool_map': '#08306b',
     'looppool_put_nowait': '#6baed6',
     'process_pool_executor': '#9467bd',
     'aiomultiprocess_pool': '#ff7f0e',

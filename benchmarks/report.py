@@ -26,7 +26,7 @@ TARGETS = [
     ('W5', 'start_ms', 'ceiling', 'within', 3.0),
     ('W5', 'stop_ms', 'ceiling', 'within', 3.0),
 ]
-LOOPPOOL = ('looppool_submit', 'looppool_put_nowait')
+LOOPPOOL = ('looppool_submit', 'looppool_map', 'looppool_put_nowait')
 
 
 def brief(workload, record):

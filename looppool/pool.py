@@ -52,7 +52,7 @@ import signal
 import sys
 import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import Any, Callable, Deque, Union
 
 import tornado.ioloop
@@ -145,6 +145,14 @@ _tid_of = operator.attrgetter('_lp_tid')
 # What waits in a queue for room in a worker: a submit()'s own future (its message is
 # pickled with the batch of its loop iteration), or an Item (a pickled note or task).
 Entry = Union[_TaskFuture, Item]
+
+
+class _ChunkFuture(_TaskFuture):
+    """One chunk of ``map()`` in a worker: resolves to ``(replies, errors)``."""
+
+    __slots__ = ('_lp_count', '_lp_after')
+    _lp_count: int      # messages in the chunk
+    _lp_after: dict[int, BaseException] | None   # a message after them failed to pickle
 
 
 class _StopFuture(asyncio.Future[None]):
@@ -336,6 +344,7 @@ class Pool:
         # A pool host routes results to its clients as bytes: (origin, payload, result_done).
         self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
+        self._room_waiters: list[asyncio.Future[None]] = []   # map()s waiting for room
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -410,6 +419,7 @@ class Pool:
         future = self._stop_future = _StopFuture(loop=loop)
         future._lp_awaited = False
         self._state = STOPPING
+        self._wake_room()
         self._stop_deadline = loop.time() + timeout
         self._timers.append(loop.call_later(timeout, self._escalate))
         for slot in self._slots:
@@ -588,6 +598,196 @@ class Pool:
         self._dispatch((protocol.NOTE, 0, payload, future), worker_num)
         return future
 
+    async def map(self, messages: Iterable[Any] | AsyncIterable[Any], *,
+                  chunksize: int | None = None) -> AsyncIterator[Any]:
+        """Send every message of ``messages`` to the workers; yield the replies in order.
+
+        ``async for reply in pool.map(urls): ...`` is ``submit()`` for each message, made
+        for bulk work: the messages travel in chunks of ``chunksize`` (one pickle, one
+        frame and one future per chunk, not per message), each chunk to the next worker in
+        turn with room for all of it, and a worker starts every handler of a chunk at
+        once. The iterable (or async iterable) is read as room frees up, so memory stays
+        bounded by ``max_tasks`` however long it is; each message counts against
+        ``max_tasks`` like a submitted one.
+
+        An exception raised by a handler (or ``WorkerLost``, when a worker dies with the
+        chunk) is raised here at that message's place, after the replies before it; the
+        chunks still out are cancelled, as they are when the loop over ``map()`` is left
+        early. ``chunksize`` defaults to a quarter of a worker's share of ``max_tasks``, at
+        most 1024, and for messages of known length (a list, a range) to no more than
+        spreads them over four chunks a worker. Needs a Worker with ``handle()``.
+        """
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if self._worker_class._process_message is not Worker._process_message:
+            raise TypeError(f'map() needs replies: {self._worker_class.__qualname__} '
+                            'overrides _process_message (Looppool style); give it a '
+                            'handle() method')
+        if chunksize is None:
+            chunksize = max(1, min(1024, self._share // 4))
+            known = operator.length_hint(messages, 0)
+            if known:   # spread a short one over every worker, a few chunks each
+                chunksize = min(chunksize, -(-known // (4 * self.pool_size)))
+        else:
+            _check_int('chunksize', chunksize, 1)
+            chunksize = min(chunksize, self._share)
+        source = _Chunks(messages, chunksize)
+        # The chunks sent and not yet yielded, in order. The workers' shares bound those in
+        # flight to max_tasks; this bounds those done and waiting for their turn to as many,
+        # so a slow message at the head does not let replies pile up behind it.
+        window: collections.deque[tuple[_ChunkFuture, int]] = collections.deque()
+        held = 0
+        limit = 2 * max(self._max_tasks, chunksize)
+        try:
+            while True:
+                # Send while a worker has room for a whole chunk (the queued submits first).
+                while not source.done and self._state is RUNNING and held + chunksize <= limit:
+                    link = self._link_with_room(chunksize)
+                    if link is None:
+                        break
+                    chunk = await source.take()
+                    if chunk:
+                        window.append((self._send_chunk(link, chunk), len(chunk)))
+                        held += len(chunk)
+                # Yield what is ready at the head, in order.
+                yielded = False
+                while window and window[0][0].done():
+                    yielded = True
+                    head, size = window.popleft()
+                    held -= size
+                    replies, errors = head.result()
+                    if not errors:
+                        for reply in replies:
+                            yield reply
+                        continue
+                    first = min(errors)
+                    for reply in replies[:max(first, 0)]:
+                        yield reply
+                    raise errors[first]
+                if not window:
+                    if source.done:
+                        return
+                    if self._state is not RUNNING:
+                        raise PoolClosed('the pool stopped before map() sent every message')
+                    if yielded:
+                        continue   # everything sent was yielded: send the next chunks
+                # Wait for the head chunk, or for room to send another.
+                waiter = self._loop.create_future()
+                self._room_waiters.append(waiter)
+                wake = functools.partial(_wake, waiter)
+                oldest = window[0][0] if window else None
+                if oldest is not None:
+                    oldest.add_done_callback(wake)
+                try:
+                    await waiter
+                finally:
+                    if oldest is not None:
+                        oldest.remove_done_callback(wake)
+        finally:
+            for future, _ in window:
+                future.cancel()
+
+    def _wake_room(self) -> None:
+        """Room came free, a worker is back or the pool is stopping: map()s look again."""
+        waiters, self._room_waiters = self._room_waiters, []
+        for waiter in waiters:
+            _wake(waiter)
+
+    def _link_with_room(self, count: int) -> _Link | None:
+        """The next worker in turn with room for ``count`` more tasks, if none wait."""
+        if self._pending:
+            return None
+        share = self._share
+        slots = self._slots
+        size = len(slots)
+        index = self._rr
+        for _ in range(size):
+            slot = slots[index]
+            index = index + 1 if index + 1 < size else 0
+            link = slot.link
+            if link is not None and link.used + count <= share and not slot.targeted:
+                self._rr = index
+                return link
+        return None
+
+    def _send_chunk(self, link: _Link, chunk: list[Any]) -> _ChunkFuture:
+        tid = self._next_tid
+        self._next_tid = tid + 1
+        future = _ChunkFuture(loop=self._loop)
+        future._lp_pool = self
+        future._lp_tid = tid
+        future._lp_link = None
+        future._lp_timer = None
+        future._lp_sink = None
+        future._lp_message = None
+        future._lp_started = 0.0
+        future._lp_count = len(chunk)
+        future._lp_after = None
+        try:
+            payload = dumps(chunk)
+        except Exception as chunk_error:
+            # Find the message at fault: those before it go, it fails in its place.
+            index, fault = 0, chunk_error   # if each pickles alone, the chunk fails at once
+            for position, message in enumerate(chunk):
+                try:
+                    dumps(message)
+                except Exception as exc:
+                    index, fault = position, exc
+                    break
+            if index == 0:
+                future.set_result(([], {0: fault}))
+                return future
+            future._lp_count = index
+            future._lp_after = {index: fault}
+            payload = dumps(chunk[:index])
+        self._send_chunk_payload(link, future, payload)
+        return future
+
+    def _send_chunk_payload(self, link: _Link, future: _ChunkFuture, payload: bytes) -> None:
+        count = future._lp_count
+        self._counts['submitted'] += count
+        if link.batch:
+            self._send_batch(link)   # what was submitted earlier goes first
+        assert link.channel is not None
+        try:
+            link.channel.send(protocol.MAP, future._lp_tid, payload)
+        except ValueError as exc:   # over the 4 GiB frame limit
+            future.set_result(([], {0: exc}))
+            return
+        link.used += count
+        link.inflight[future._lp_tid] = future
+        future._lp_link = link
+        if self._recycle_after is not None:
+            self._count_sent(link, count)
+
+    def _on_mapped(self, link: _Link, tid: int, payload: Any) -> int:
+        """A chunk's answer: resolve its future; returns the slots it frees."""
+        future = link.inflight.pop(tid, None)
+        frees_list, data = protocol.unpack_ids(payload)
+        frees = frees_list[0]
+        count = future._lp_count if isinstance(future, _ChunkFuture) else frees
+        try:
+            replies, blobs = loads(data)
+        except BaseException as exc:
+            replies, blobs = None, {-1: exc}
+        if replies is None:
+            frees = count   # the worker could not tell how many it was sent
+        if not isinstance(future, _ChunkFuture) or future.done():
+            return frees
+        self._counts['completed'] += count
+        errors: dict[int, BaseException] = {}
+        for index, blob in blobs.items():
+            error = blob if isinstance(blob, BaseException) else self._decode_error(link, blob)
+            if isinstance(error, asyncio.CancelledError) and link.terminated:
+                error = PoolClosed(f'worker {link.number} was told to give up '
+                                   f'({link.kill_reason}), so this task was cancelled there')
+            errors[max(index, 0)] = error
+        self._counts['failed'] += len(errors)
+        if future._lp_after is not None:   # a message after these could not be pickled
+            errors.update(future._lp_after)
+        future.set_result((replies if replies is not None else [], errors))
+        return frees
+
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one result a worker sent with ``_put_nowait`` (or a note's return value).
 
@@ -711,9 +911,9 @@ class Pool:
         if self._recycle_after is not None:
             self._count_sent(link)
 
-    def _count_sent(self, link: _Link) -> None:
+    def _count_sent(self, link: _Link, count: int = 1) -> None:
         assert self._recycle_after is not None
-        link.sent += 1
+        link.sent += count
         if link.sent >= self._recycle_after:
             self._recycle(link, f'it was sent max_tasks_per_worker={self._recycle_after} tasks')
 
@@ -830,6 +1030,8 @@ class Pool:
                 count = self._on_replies(link, payload)
                 freed += count
                 completed += count
+            elif kind == protocol.MAPPED:
+                freed += self._on_mapped(link, arg, payload)
             elif kind == protocol.FREED:
                 freed += arg
             elif kind == protocol.RESEND:
@@ -852,6 +1054,8 @@ class Pool:
             slot = self._slots[link.number]
             if slot.link is link:
                 self._refill(slot)
+            if self._room_waiters:
+                self._wake_room()
 
     def _on_replies(self, link: _Link, payload: Any) -> int:
         tids, values_pickle = protocol.unpack_ids(payload)
@@ -956,7 +1160,7 @@ class Pool:
         """The caller gave up on ``future``: stop the work in the worker, if it started."""
         _cancel_timer(future)
         if future.cancelled():
-            self._counts['cancelled'] += 1
+            self._counts['cancelled'] += _weight(future)
         link = future._lp_link
         tid = future._lp_tid
         if link is None or tid not in link.inflight or link.channel is None \
@@ -1225,7 +1429,9 @@ class Pool:
                 link.number, link.pid, exitcode)
             if lost or self._state is RUNNING:
                 log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
-                          link.pid, _how_it_ended(exitcode), len(lost), reason)
+                          link.pid, _how_it_ended(exitcode),
+                          sum(map(_weight, lost)),
+                          reason)
             self._fail(lost, error, 'lost')
             if self._state is RUNNING and slot.link is None and not link.retiring:
                 # A worker that dies soon after it started (a sticky broadcast that crashes
@@ -1251,6 +1457,8 @@ class Pool:
                         f'the pool stopped before worker {slot.number} could take this task'))
                 slot.targeted.clear()
             self._check_stopped()
+        if self._room_waiters:
+            self._wake_room()   # a replacement has room; or map() must see the pool stop
 
     def _start_failed(self, slot: _Slot, link: _Link, exitcode: int | None,
                       lost: list[_TaskFuture]) -> None:
@@ -1297,7 +1505,7 @@ class Pool:
             if not future.done():
                 _cancel_timer(future)
                 future.set_exception(error)
-                self._counts[counter] += 1
+                self._counts[counter] += _weight(future)
 
     # -- stopping --------------------------------------------------------------------------
 
@@ -1320,6 +1528,7 @@ class Pool:
 
     def _finish_stop(self) -> None:
         self._state = STOPPED
+        self._wake_room()
         if self._memory_timer is not None:
             self._memory_timer.cancel()
         if self._metrics is not None:
@@ -1543,3 +1752,45 @@ def _end_pools_at_exit() -> None:
     for pool in list(_live_pools):
         if pool._state in (RUNNING, STOPPING):
             pool._abandon_at_exit()
+
+
+def _weight(future: _TaskFuture) -> int:
+    """How many messages a future stands for: a chunk of map() many, others one."""
+    return future._lp_count if isinstance(future, _ChunkFuture) else 1
+
+
+def _wake(waiter: asyncio.Future[None], _: Any = None) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Chunks:
+    """Reads an iterable or an async iterable in lists of ``size``."""
+
+    __slots__ = ('iterator', 'is_async', 'size', 'done')
+
+    def __init__(self, messages: Iterable[Any] | AsyncIterable[Any], size: int) -> None:
+        self.is_async = hasattr(messages, '__aiter__')
+        if self.is_async:
+            self.iterator: Any = messages.__aiter__()  # type: ignore[union-attr]
+        elif hasattr(messages, '__iter__'):
+            self.iterator = iter(messages)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f'map() takes an iterable or an async iterable of messages, '
+                            f'not {type(messages).__qualname__}')
+        self.size = size
+        self.done = False
+
+    async def take(self) -> list[Any]:
+        chunk: list[Any] = []
+        if self.is_async:
+            try:
+                while len(chunk) < self.size:
+                    chunk.append(await self.iterator.__anext__())
+            except StopAsyncIteration:
+                self.done = True
+        else:
+            chunk = list(itertools.islice(self.iterator, self.size))
+            if len(chunk) < self.size:
+                self.done = True
+        return chunk

@@ -16,6 +16,8 @@ TERMINATE  0            --; cancel every task, run ``_finalise``, exit now
 REPLAY     0            pickled sticky broadcast, replayed to a replacement: run like
                         NOTE, but its return value is dropped (nobody asked for it)
 TASKS      count        a batch of TASKs sent in one loop iteration: see ``pack``
+MAP        task id      pickled list of messages (a chunk of ``Pool.map``): each is
+                        handled as a TASK; the worker answers with one MAPPED
 ========== ============ ===========================================================
 
 Worker to parent:
@@ -37,6 +39,10 @@ REPLIES      count        a batch of REPLYs: see ``pack``
 RESEND       0            pickled task ids of a TASKS batch the worker could not
                           unpickle: send them again one by one, so that only the
                           message at fault fails
+MAPPED       task id      the answer to a MAP, packed like a batch (see ``pack``): the
+                          "ids" are ``[slots freed]``, the items ``(replies, errors)``,
+                          errors mapping a position to a pickled ``(exception, text)``;
+                          ``(None, {-1: error})`` when the chunk could not be unpickled
 ============ ============ =========================================================
 
 Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
@@ -52,9 +58,9 @@ import pickle
 import struct
 from typing import Any, NamedTuple
 
-TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS = range(1, 9)
+TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP = range(1, 10)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
-REPLIES, RESEND = 25, 26
+REPLIES, RESEND, MAPPED = 25, 26, 27
 
 # Protocol 5 adds out-of-band buffers and is the fastest for large bytes-like payloads.
 PROTOCOL = 5

@@ -18,6 +18,7 @@ import importlib
 # The order is the order of the table and the plot.
 PEERS = {
     'looppool_submit': 'looppool submit()',
+    'looppool_map': 'looppool map()',
     'looppool_put_nowait': 'looppool put_nowait()',
     'looppool_remote': 'looppool remote submit()',
     'process_pool_executor': 'ProcessPoolExecutor',

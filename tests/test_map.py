@@ -1,0 +1,246 @@
+"""Pool.map(): replies in order, bounded reading of the input, errors in their place,
+cancellation of what is still out, and the pool's bounds kept."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+import looppool
+from conftest import run, wait_until
+from looppool.errors import RemoteTraceback
+from workers import Classic, Echo
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def collect(pool: looppool.Pool, messages: Any, **options: Any) -> list[Any]:
+    return [reply async for reply in pool.map(messages, **options)]
+
+
+def test_replies_come_in_order_from_every_worker() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            # Later messages finish first inside each chunk; the order holds anyway.
+            messages = [('sleep', 0.002 * (i % 7), i) for i in range(300)]
+            assert await collect(pool, messages, chunksize=8) == list(range(300))
+            owners = await collect(pool, [('whoami',)] * 40, chunksize=5)
+            assert {number for number, _ in owners} == {0, 1}
+            # A plain list of tiny messages, default chunks, and an empty input.
+            assert await collect(pool, range(10_000)) == list(range(10_000))
+            assert await collect(pool, []) == []
+            assert pool.stats()['in_flight'] == 0
+
+    run(main())
+
+
+def test_an_async_iterable_is_read_as_room_frees_up() -> None:
+    async def source() -> AsyncIterator[int]:
+        for i in range(50):
+            if i % 10 == 0:
+                await asyncio.sleep(0.001)
+            yield i
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            assert await collect(pool, source(), chunksize=4) == list(range(50))
+
+    run(main())
+
+
+def test_the_input_is_read_lazily_and_in_flight_stays_within_max_tasks() -> None:
+    read = 0
+
+    def messages() -> Iterator[Any]:
+        nonlocal read
+        for i in range(200):
+            read += 1
+            yield ('sleep', 0.05, i)
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=16) as pool:
+            replies = pool.map(messages(), chunksize=4)
+            first = await replies.__anext__()
+            assert first == 0
+            # At most max_tasks in flight and as many answered, waiting their turn: the
+            # rest of the input has not been read.
+            assert read <= 2 * 16
+            peak = 0
+            rest = []
+            async for reply in replies:
+                peak = max(peak, pool.stats()['in_flight'])
+                rest.append(reply)
+            assert [first] + rest == list(range(200))
+            assert 0 < peak <= 16
+            concurrent = await pool.broadcast(('max_concurrent',))
+            assert max(concurrent) <= 8   # each worker's share of max_tasks
+
+    run(main())
+
+
+def test_a_slow_first_message_does_not_let_replies_pile_up() -> None:
+    read = 0
+
+    def messages() -> Iterator[Any]:
+        nonlocal read
+        for i in range(1000):
+            read += 1
+            yield ('sleep', 0.5, i) if i == 0 else i
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=16) as pool:
+            replies: list[Any] = []
+
+            async def consume() -> None:
+                async for reply in pool.map(messages(), chunksize=4):
+                    replies.append(reply)
+
+            consumer = asyncio.ensure_future(consume())
+            await asyncio.sleep(0.3)
+            # The others were answered long ago, but only a window of them was sent.
+            assert replies == [] and read <= 2 * 16
+            await consumer
+            assert replies == list(range(1000))
+
+    run(main())
+
+
+def test_a_handler_error_is_raised_in_its_place_and_the_rest_is_cancelled() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            messages = [1, 2, ('raise', KeyError('bad message')), 4] + [
+                ('cancellable', 30)] * 20
+            got = []
+            cancelled = []
+            pool.process_message = lambda result, done: (cancelled.append(result), done())
+            with pytest.raises(KeyError, match='bad message') as raised:
+                async for reply in pool.map(messages, chunksize=2):
+                    got.append(reply)
+            assert got == [1, 2]
+            assert isinstance(raised.value.__cause__, RemoteTraceback)
+            assert 'do_raise' in str(raised.value.__cause__)
+            # The chunks still out were cancelled in the workers, not left to run 30 s.
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+            assert len(cancelled) == 20
+            assert await pool.submit('still here') == 'still here'
+
+    run(main())
+
+
+def test_leaving_the_loop_early_cancels_what_is_still_out() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            cancelled = []
+            pool.process_message = lambda result, done: (cancelled.append(result), done())
+            replies = pool.map([0] + [('cancellable', 30)] * 9, chunksize=1)
+            async for reply in replies:
+                assert reply == 0
+                break
+            await replies.aclose()
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+            assert len(cancelled) == 9
+            assert pool.stats()['lost'] == 0
+
+    run(main())
+
+
+def test_a_worker_killed_during_map_raises_worker_lost_and_is_replaced() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            pids = [worker['pid'] for worker in pool.stats()['workers']]
+            messages = [('sleep', 0.01, i) for i in range(20)] + [('kill_self',)] + [
+                ('sleep', 0.01, i) for i in range(20)]
+            with pytest.raises(looppool.WorkerLost, match=r'died with signal 9 \(SIGKILL\)'):
+                await collect(pool, messages, chunksize=3)
+            await wait_until(lambda: all(w['ready'] for w in pool.stats()['workers']),
+                             what='the replacement')
+            assert [w['pid'] for w in pool.stats()['workers']] != pids
+            assert await collect(pool, range(100), chunksize=7) == list(range(100))
+
+    run(main())
+
+
+def test_a_message_that_cannot_be_pickled_fails_in_its_place() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            got = []
+            with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+                async for reply in pool.map([1, 2, 3, lambda: None, 5], chunksize=10):
+                    got.append(reply)
+            assert got == [1, 2, 3]
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+
+    run(main())
+
+
+class BadReply(Echo):
+    async def do_bad_reply(self) -> Any:
+        return lambda: None
+
+
+def test_a_reply_that_cannot_be_pickled_fails_in_its_place() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=BadReply) as pool:
+            got = []
+            with pytest.raises(pickle.PicklingError, match='could not pickle the reply'):
+                async for reply in pool.map([1, ('bad_reply',), 3], chunksize=10):
+                    got.append(reply)
+            assert got == [1]
+            assert await collect(pool, [4, 5]) == [4, 5]
+
+    run(main())
+
+
+def test_stop_during_map_delivers_what_was_sent_then_raises_pool_closed() -> None:
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=4)
+        pool.start()
+        got = []
+        with pytest.raises(looppool.PoolClosed):
+            async for reply in pool.map([('sleep', 0.05, i) for i in range(40)],
+                                        chunksize=2):
+                got.append(reply)
+                if len(got) == 1:
+                    stopping = pool.stop()
+        await stopping
+        # What was in the workers when stop() came was answered, in order.
+        # (its chunk of two, and at most max_tasks=4 more in flight).
+        assert got == list(range(len(got))) and 1 <= len(got) <= 6
+        with pytest.raises(looppool.PoolClosed):
+            await collect(pool, [1])
+
+    run(main())
+
+
+def test_bad_arguments_are_refused_with_clear_errors() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            with pytest.raises(ValueError, match='chunksize must be at least 1'):
+                await collect(pool, [1], chunksize=0)
+            with pytest.raises(TypeError, match='chunksize must be an int'):
+                await collect(pool, [1], chunksize=2.5)
+            with pytest.raises(TypeError, match='iterable or an async iterable'):
+                await collect(pool, 42)
+        async with looppool.Pool(pool_size=1, worker_class=Classic) as pool:
+            with pytest.raises(TypeError, match='give it a handle'):
+                await collect(pool, [1])
+
+    run(main())
+
+
+def test_map_and_submit_share_the_workers_fairly() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=8) as pool:
+            submitted = [pool.submit(('sleep', 0.01, f's{i}')) for i in range(30)]
+            mapped = await collect(pool, [('sleep', 0.01, i) for i in range(30)],
+                                   chunksize=2)
+            assert mapped == list(range(30))
+            assert await asyncio.gather(*submitted) == [f's{i}' for i in range(30)]
+            stats = pool.stats()
+            assert stats['in_flight'] == 0 and stats['completed'] >= 60
+
+    run(main())
