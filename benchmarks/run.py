@@ -99,6 +99,8 @@ def plan(args, mode):
     for _ in range(args.rounds or mode['rounds']):
         for workload in args.workloads:
             for peer in args.peers:
+                if workload not in peers.ONLY.get(peer, (workload,)):
+                    continue
                 if workload == 'W5':
                     steps.extend([(workload, peer, 1)] * mode['startup_reps'])
                 else:

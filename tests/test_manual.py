@@ -1,10 +1,15 @@
-"""The manual builds with Sphinx, warnings as errors, and the design page shows its picture."""
+"""The manual builds with Sphinx, warnings as errors, and the design page shows its picture;
+the README's example runs."""
 
 from __future__ import annotations
 
+import ast
+import os
 import pathlib
+import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -50,7 +55,26 @@ def test_design_page_shows_the_message_path(built_manual: pathlib.Path) -> None:
 @pytest.mark.timeout(BUILD_TIMEOUT)
 def test_api_page_documents_the_public_names(built_manual: pathlib.Path) -> None:
     api = (built_manual / 'api.html').read_text(encoding='utf-8')
-    for name in ('looppool.Pool', 'looppool.Worker', 'looppool.task_done',
+    for name in ('looppool.Pool', 'looppool.Pool.submit', 'looppool.Pool.map',
+                 'looppool.Worker', 'looppool.task_done',
                  'looppool.WorkerLost', 'looppool.PoolClosed',
                  'looppool.utility.ResourceReporter'):
         assert f'id="{name}"' in api, f'the API page has no entry for {name}'
+
+
+@pytest.mark.timeout(60)
+def test_the_readme_example_runs(tmp_path: pathlib.Path) -> None:
+    """The README's example is a program: it runs as printed and prints what it says."""
+    readme = (ROOT / 'README.rst').read_text(encoding='utf-8')
+    block = re.search(r'^\.\. code-block:: python\n\n((?:    .*\n|\n)+)', readme, re.M)
+    assert block, 'README.rst has no python code block'
+    program = tmp_path / 'readme_example.py'
+    program.write_text(textwrap.dedent(block.group(1)), encoding='utf-8')
+    environment = dict(os.environ, PYTHONPATH=str(ROOT))
+    outcome = subprocess.run([sys.executable, '-W', 'error', str(program)], cwd=tmp_path,
+                             env=environment, capture_output=True, text=True, timeout=50)
+    assert outcome.returncode == 0, outcome.stderr
+    one, many, sizes, completed = re.fullmatch(
+        r"([0-9a-f]{64}) (\[.*\]) (\[.*\]) (\d+)\n", outcome.stdout).groups()
+    assert len(ast.literal_eval(many)) == 3, outcome
+    assert ast.literal_eval(sizes) == [64] * 4 and completed == '8', outcome

@@ -6,7 +6,8 @@ import looppool
 from peers.looppool_submit import WORKERS
 
 START_METHOD = 'default'   # the interpreter's, which is what a user gets
-NOTES = 'Pool defaults (max_tasks=4096); map() for bursts (default chunks), submit() for one'
+NOTES = ('Pool defaults (max_tasks=4096); map() with its default chunks; runs the workloads '
+         'that send bursts (W1, W3, W6): elsewhere it would be submit() again')
 
 
 class Peer:
