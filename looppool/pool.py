@@ -72,6 +72,8 @@ NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 
 # A batch is cut at this many tasks, so one frame stays a bounded amount of work.
 _MAX_BATCH = 256
+# Freed slots that are refilled before the end of a read that holds many frames.
+_EARLY_REFILL = 256
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
 
@@ -1030,6 +1032,13 @@ class Pool:
                 count = self._on_replies(link, payload)
                 freed += count
                 completed += count
+                if freed >= _EARLY_REFILL and len(frames) > 1:
+                    # A long read: send the worker more work now, not after the rest.
+                    link.used -= freed
+                    freed = 0
+                    slot = self._slots[link.number]
+                    if slot.link is link:
+                        self._refill(slot)
             elif kind == protocol.MAPPED:
                 freed += self._on_mapped(link, arg, payload)
             elif kind == protocol.FREED:

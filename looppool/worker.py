@@ -59,6 +59,8 @@ start_coroutine = eager.start
 _origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
 # The origin of a replayed sticky broadcast: its return value goes nowhere.
 _REPLAYED = -1
+# Replies that leave before the end of a read that holds many batches.
+_EARLY_REPLIES = 256
 
 
 def task_done(fn: _F) -> _F:
@@ -241,6 +243,10 @@ class _Runner:
         for kind, arg, payload in frames:
             if kind == protocol.TASKS:
                 self.start_batch(payload)
+                if len(self.reply_tids) >= _EARLY_REPLIES:
+                    # A long read: send what is answered so far, so the parent can send
+                    # more work while this process goes on with the rest of the read.
+                    self.channel.flush()
             elif kind == protocol.MAP:
                 self.start_map(arg, payload)
             elif kind == protocol.TASK:
