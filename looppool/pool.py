@@ -53,7 +53,7 @@ import sys
 import types
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from typing import Any, Callable, Deque, Union
+from typing import Any, Callable, Deque, TypeVar, Union
 
 import tornado.ioloop
 
@@ -141,6 +141,7 @@ class _RawFuture(_TaskFuture):
         self._lp_sink(True, dumps((exception, '')))
 
 
+_AnyTaskFuture = TypeVar('_AnyTaskFuture', bound=_TaskFuture)
 _message_of = operator.attrgetter('_lp_message')
 _tid_of = operator.attrgetter('_lp_tid')
 
@@ -470,39 +471,14 @@ class Pool:
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         tid = self._next_tid
         self._next_tid = tid + 1
-        loop = self._loop
-        future = _TaskFuture(loop=loop)   # as _new_future does, inline (the hot path)
-        future._lp_pool = self
-        future._lp_tid = tid
-        future._lp_link = None
-        future._lp_timer = None
-        future._lp_sink = None
-        future._lp_message = message
-        future._lp_started = loop.time() if self._metrics is not None else 0.0
-        if timeout is not None:
-            future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
+        future = self._new_future(_TaskFuture, tid, message, None, timeout)
         self._counts['submitted'] += 1
         # The future itself waits in the queues and the batch: no per-message tuple (the
         # fewer objects a burst of submits leaves, the less the cyclic GC has to walk).
-        if worker_num is None:
-            # The common cases, inline: queue behind others waiting, or the next worker in
-            # turn with room takes it.
-            if self._pending:
-                self._pending.append(future)
-                return future
-            slots = self._slots
-            size = len(slots)
-            index = self._rr
-            share = self._share
-            for _ in range(size):
-                slot = slots[index]
-                index = index + 1 if index + 1 < size else 0
-                link = slot.link
-                if link is not None and link.used < share and not slot.targeted:
-                    self._rr = index
-                    self._send_task(link, future)
-                    return future
-        self._dispatch(future, worker_num)
+        if worker_num is None and self._pending:
+            self._pending.append(future)   # the common case in a burst, inline
+        else:
+            self._dispatch(future, worker_num)
         return future
 
     def _submit_payload(self, payload: Any, worker_num: int | None, timeout: float | None,
@@ -513,11 +489,12 @@ class Pool:
             tid = self._next_tid
             self._next_tid = tid + 1
         future = self._new_future(cls, tid, payload, sink, timeout)
+        self._counts['submitted'] += 1
         self._dispatch((protocol.TASK, tid, payload, future), worker_num)
         return future
 
-    def _new_future(self, cls: type[_TaskFuture], tid: int, payload: Any, sink: Any,
-                    timeout: float | None) -> _TaskFuture:
+    def _new_future(self, cls: type[_AnyTaskFuture], tid: int, payload: Any, sink: Any,
+                    timeout: float | None) -> _AnyTaskFuture:
         future = cls(loop=self._loop)
         future._lp_pool = self
         future._lp_tid = tid
@@ -528,7 +505,6 @@ class Pool:
         future._lp_started = self._loop.time() if self._metrics is not None else 0.0
         if timeout is not None:
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
-        self._counts['submitted'] += 1
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
@@ -644,7 +620,8 @@ class Pool:
             while True:
                 # Send while a worker has room for a whole chunk (the queued submits first).
                 while not source.done and self._state is RUNNING and held + chunksize <= limit:
-                    link = self._link_with_room(chunksize)
+                    # The submits waiting in the pool go first.
+                    link = None if self._pending else self._next_link(chunksize)
                     if link is None:
                         break
                     chunk = await source.take()
@@ -695,34 +672,11 @@ class Pool:
         for waiter in waiters:
             _wake(waiter)
 
-    def _link_with_room(self, count: int) -> _Link | None:
-        """The next worker in turn with room for ``count`` more tasks, if none wait."""
-        if self._pending:
-            return None
-        share = self._share
-        slots = self._slots
-        size = len(slots)
-        index = self._rr
-        for _ in range(size):
-            slot = slots[index]
-            index = index + 1 if index + 1 < size else 0
-            link = slot.link
-            if link is not None and link.used + count <= share and not slot.targeted:
-                self._rr = index
-                return link
-        return None
 
     def _send_chunk(self, link: _Link, chunk: list[Any]) -> _ChunkFuture:
         tid = self._next_tid
         self._next_tid = tid + 1
-        future = _ChunkFuture(loop=self._loop)
-        future._lp_pool = self
-        future._lp_tid = tid
-        future._lp_link = None
-        future._lp_timer = None
-        future._lp_sink = None
-        future._lp_message = None
-        future._lp_started = 0.0
+        future = self._new_future(_ChunkFuture, tid, None, None, None)
         future._lp_count = len(chunk)
         future._lp_after = None
         try:
@@ -836,21 +790,31 @@ class Pool:
 
     # -- dispatch --------------------------------------------------------------------------
 
+    def _next_link(self, count: int = 1) -> _Link | None:
+        """The next worker in turn with room for ``count`` more tasks and nothing waiting
+        for it in particular; the turn moves past it. None if there is none."""
+        limit = self._share - count
+        slots = self._slots
+        size = len(slots)
+        index = self._rr
+        for _ in range(size):
+            slot = slots[index]
+            index = index + 1 if index + 1 < size else 0
+            link = slot.link
+            if link is not None and link.used <= limit and not slot.targeted:
+                self._rr = index
+                return link
+        return None
+
     def _dispatch(self, item: Entry, worker_num: int | None) -> None:
         share = self._share
         if worker_num is None:
             if not self._pending:
+                link = self._next_link()
+                if link is not None:
+                    self._send(link, item)
+                    return
                 slots = self._slots
-                size = len(slots)
-                index = self._rr
-                for _ in range(size):
-                    slot = slots[index]
-                    index = index + 1 if index + 1 < size else 0
-                    link = slot.link
-                    if link is not None and link.used < share and not slot.targeted:
-                        self._rr = index
-                        self._send(link, item)
-                        return
                 if all(slot.start_error is not None for slot in slots):
                     self._fail_item(item, slots[0].start_error)
                     return
