@@ -26,6 +26,7 @@ import asyncio
 import collections
 import socket
 import struct
+import sys
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -36,6 +37,10 @@ _HEADER_SIZE = HEADER.size
 _MAX_PAYLOAD = 2 ** 32 - 1
 # Payloads at least this large are sent from their own buffer, not copied.
 _LARGE = 1 << 16
+# A large frame is received into a buffer of its own size. One buffer up to this size is
+# kept and used again for the next large frame, once nothing refers to it any more: a new
+# one costs a page fault per 4 KiB, which for 1 MiB is about as much as the copy itself.
+_SPARE_MAX = 64 << 20
 _READ_SIZE = 1 << 18
 # sendmsg() takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 512
@@ -75,15 +80,17 @@ class Parser:
     into a buffer of its own size, so a large payload is copied once, not once per read.
     """
 
-    __slots__ = ('max_frame', '_leftover', '_big', '_big_view', '_big_fill', '_big_head')
+    __slots__ = ('max_frame', '_leftover', '_big_view', '_big_fill', '_big_head', '_spare',
+                 'delivered_big')
 
     def __init__(self, max_frame: int = _MAX_PAYLOAD) -> None:
         self.max_frame = max_frame
         self._leftover = b''
-        self._big: bytearray | None = None
-        self._big_view: memoryview | None = None
+        self._big_view: memoryview | None = None   # the large frame being collected
         self._big_fill = 0
         self._big_head = (0, 0)
+        self._spare: bytearray | None = None   # a large frame's buffer, to use again
+        self.delivered_big = False   # a large frame was handed out: see reclaim()
 
     @property
     def collecting(self) -> memoryview | None:
@@ -94,17 +101,36 @@ class Parser:
 
     def collected(self, count: int) -> list[Frame]:
         """``count`` bytes were received into :attr:`collecting`."""
-        assert self._big is not None
+        assert self._big_view is not None
         self._big_fill += count
-        if self._big_fill < len(self._big):
+        if self._big_fill < len(self._big_view):
             return []
         kind, arg = self._big_head
-        payload = self._big
-        self._big = self._big_view = None
+        payload = self._big_view
+        self._big_view = None
+        self.delivered_big = True
         return [(kind, arg, payload)]
 
+    def reclaim(self) -> None:
+        """The frames handed out are done with: keep the large frame's buffer for the next
+        one, unless something still refers to it (a view kept, or queued to be sent on)."""
+        self.delivered_big = False
+        # Held by this attribute and by getrefcount's argument, and by nothing else when
+        # every memoryview of it is gone (the views share one reference to it).
+        if self._spare is not None and sys.getrefcount(self._spare) > 2:
+            self._spare = None
+
+    def _buffer(self, size: int) -> memoryview:
+        """A writable buffer of ``size`` bytes for a large frame."""
+        spare = self._spare
+        if spare is not None and len(spare) >= size:
+            return memoryview(spare)[:size]
+        buffer = bytearray(size)
+        self._spare = buffer if size <= _SPARE_MAX else None
+        return memoryview(buffer)
+
     def feed(self, data: bytes) -> list[Frame]:
-        if self._big is not None:
+        if self._big_view is not None:
             view = self.collecting
             assert view is not None
             take = min(len(view), len(data))
@@ -130,11 +156,10 @@ class Parser:
             end = start + size
             if end > total:
                 if size >= _LARGE:
-                    big = bytearray(size)
+                    big = self._buffer(size)
                     have = total - start
                     big[:have] = whole[start:]
-                    self._big = big
-                    self._big_view = memoryview(big)
+                    self._big_view = big
                     self._big_fill = have
                     self._big_head = (kind, arg)
                     pos = total
@@ -279,6 +304,7 @@ class Channel:
             return False
         parser = self._parser
         target = parser.collecting
+        target_set = target is not None
         try:
             if target is not None:
                 count = self._sock.recv_into(target)
@@ -293,9 +319,13 @@ class Channel:
         if not count:
             self._lost()
             return False
-        frames = parser.collected(count) if target is not None else parser.feed(data)
+        del target
+        frames = parser.collected(count) if target_set else parser.feed(data)
         if frames:
             self._on_frames(frames)
+            if parser.delivered_big:
+                del frames
+                parser.reclaim()
         return True
 
     def drain(self) -> None:
