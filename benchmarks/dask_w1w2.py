@@ -1,6 +1,7 @@
 """W1 and W2 for a DaskPool on a local Dask cluster, next to the local pool, in one run.
 
-    .venv/bin/python benchmarks/dask_w1w2.py [--reps N] [--w1 COUNT] [--w2 COUNT] [--json]
+    .venv/bin/python benchmarks/dask_w1w2.py [--reps N] [--w1 COUNT] [--w2 COUNT]
+                                             [--warm-up COUNT] [--json]
 
 - **W1 throughput**: 100,000 tiny echo messages submitted at once, every reply awaited;
   messages per second.
@@ -74,8 +75,8 @@ async def measure(args):
             DaskPool(client, Echo, pool_size=2) as dask:
         pools = {'local': local, 'dask': dask}
         for pool in pools.values():   # warm-up: first-use costs are not what is measured
-            await w1(pool, 2000)
-            await w2(pool, 50)
+            await w1(pool, args.warm_up)
+            await w2(pool, max(1, args.warm_up // 40))
         for rep in range(args.reps):
             for name, pool in pools.items():
                 gc.collect()
@@ -97,6 +98,9 @@ def main():
     parser.add_argument('--reps', type=int, default=3, help='repetitions (default 3)')
     parser.add_argument('--w1', type=int, default=100_000, help='W1 message count')
     parser.add_argument('--w2', type=int, default=2_000, help='W2 round trips')
+    parser.add_argument('--warm-up', type=int, default=2_000,
+                        help='W1 messages sent to each pool before measuring (default 2,000; '
+                             'the tests use a small count for a quick run)')
     parser.add_argument('--json', action='store_true', help='print the figures as JSON')
     args = parser.parse_args()
     results, calls = asyncio.run(measure(args))

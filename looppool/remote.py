@@ -629,7 +629,9 @@ def serve(worker_class: type[Worker], address: Address | None = None, *,
     serves it at ``address``; return once it accepts clients.
 
     ``address`` is a Unix socket path (``None``: :func:`default_address`) or a
-    ``(host, port)`` tuple (port 0 picks a free one; the handle's ``address`` has it). The
+    ``(host, port)`` tuple (port 0 picks a free one; the handle's ``address`` has it). A
+    socket's directory is created with mode 0700 if missing; one that belongs to another
+    user or that others may write to raises :class:`PermissionError` here. The
     host exits when the process that called ``serve()`` exits, and on
     :meth:`HostHandle.stop`. This is the form for a web server's master process: call it
     before the server forks its workers (gunicorn's ``on_starting``, before Tornado's
@@ -649,8 +651,12 @@ def serve(worker_class: type[Worker], address: Address | None = None, *,
     options = dict(pool_options, pool_size=pool_size)
     Pool(None, **options, worker_class=worker_class)  # check the options here, not later
     ctx = multiprocessing.get_context(pool_options.get('mp_context'))
-    if isinstance(address, str) and _answers(address):
-        raise FileExistsError(f'a pool host already answers at {address}')
+    if isinstance(address, str):
+        # Checked here too (the host checks again before it binds) so that an unsafe
+        # directory raises PermissionError in the caller, not a host's traceback.
+        _private_directory(address)
+        if _answers(address):
+            raise FileExistsError(f'a pool host already answers at {address}')
     receiver, sender = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_serve_process, name='looppool-host',
                           args=(worker_class, address, key, ssl_context, options, uids,
@@ -1250,6 +1256,7 @@ class SyncClient:
             return self._sock, self._room
 
     def _handshake(self) -> tuple[socket.socket, int]:
+        sock: socket.socket | None = None
         try:
             if isinstance(self.address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1262,6 +1269,8 @@ class SyncClient:
                     sock, server_hostname=self._server_hostname or (
                         self.address[0] if isinstance(self.address, tuple) else None))
         except OSError as exc:
+            if sock is not None:   # a refused connect() leaves an open socket behind
+                sock.close()
             raise ConnectionLost(f'could not connect to the pool host at {self.address!r}: '
                                  f'{exc!r}') from exc
         try:

@@ -165,9 +165,65 @@ def test_the_sync_client_from_32_threads(host) -> None:
         client.close()
 
 
-def test_the_unix_socket_is_private(host, sock_path) -> None:
-    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(os.path.dirname(sock_path)).st_mode) == 0o700
+def test_a_socket_at_a_given_path_is_born_0600(host, sock_path) -> None:
+    info = os.stat(sock_path)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert info.st_uid == os.getuid()
+
+
+def test_the_default_address_is_private(tmp_path, monkeypatch) -> None:
+    """serve() with no address makes its own directory (0700, ours) and socket (0600)."""
+    runtime = tmp_path / 'xdg'
+    runtime.mkdir(mode=0o755)
+    monkeypatch.setenv('XDG_RUNTIME_DIR', str(runtime))
+    expected = remote.default_address(Echo)
+    directory = os.path.dirname(expected)
+    assert directory == str(runtime / f'looppool-{os.getuid()}')
+    assert not os.path.exists(directory)   # serve() has to make it, not the test
+    handle = remote.serve(Echo, pool_size=1)
+    try:
+        assert handle.address == expected
+        sock_info, dir_info = os.stat(expected), os.stat(directory)
+        assert stat.S_ISSOCK(sock_info.st_mode)
+        assert stat.S_IMODE(sock_info.st_mode) == 0o600
+        assert sock_info.st_uid == os.getuid()
+        assert stat.S_IMODE(dir_info.st_mode) == 0o700
+        assert dir_info.st_uid == os.getuid()
+        client = remote.connect_sync(handle.address)
+        try:
+            assert client.submit('private') == 'private'
+        finally:
+            client.close()
+    finally:
+        handle.stop()
+    assert not os.path.exists(expected)
+
+
+_UNSAFE = [('group-writable', 0o770, None, 'writable by other users'),
+           ('other-writable', 0o707, None, 'writable by other users'),
+           ('owned by another user', 0o700, 65534, 'belongs to uid 65534')]
+
+
+@pytest.mark.parametrize('mode, owner, refusal', [case[1:] for case in _UNSAFE],
+                         ids=[case[0] for case in _UNSAFE])
+def test_an_unsafe_socket_directory_is_refused(tmp_path, monkeypatch, mode, owner,
+                                               refusal) -> None:
+    if owner is not None and os.getuid() != 0:
+        pytest.skip('needs root to give the directory to another uid')
+    runtime = tmp_path / 'xdg'
+    runtime.mkdir(mode=0o755)
+    monkeypatch.setenv('XDG_RUNTIME_DIR', str(runtime))
+    directory = os.path.dirname(remote.default_address(Echo))
+    os.mkdir(directory)
+    os.chmod(directory, mode)   # not through mkdir: the umask would clear group/other bits
+    if owner is not None:
+        os.chown(directory, owner, owner)
+    with pytest.raises(PermissionError, match=refusal):
+        remote.serve(Echo, pool_size=1)
+    with pytest.raises(PermissionError, match=refusal):
+        remote.shared(Echo, idle_timeout=1.0, pool_size=1)
+    assert os.listdir(directory) == []   # no socket, no lock file: nothing was started
 
 
 def test_a_uid_not_allowed_is_refused(sock_path) -> None:
@@ -404,3 +460,158 @@ def test_shared_rejects_classes_from_main_and_bad_options(sock_path) -> None:
         remote.shared(Echo, sock_path, idle_timeout=0)
     with pytest.raises(TypeError, match='worker_class'):
         remote.serve(object, sock_path)
+
+
+# -- routing, recycled starters, the sync client's reconnect -----------------------------------
+
+def test_each_client_gets_only_the_results_of_its_own_messages(host) -> None:
+    """Three clients (two async, one sync) use the same two workers at once; each one's
+    process_message gets exactly the _put_nowait results of its own messages."""
+    rounds = 20
+    names = ['async-0', 'async-1', 'sync']
+    got: dict[str, list] = {name: [] for name in names}
+
+    def collector(name: str):
+        def process_message(result, result_done) -> None:
+            got[name].append(result)
+            result_done()
+        return process_message
+
+    def expected(name: str) -> list:
+        tagged = [(name, r, part) for r in range(rounds) for part in (0, 1, 'note')]
+        return sorted(tagged, key=repr) + [1] * rounds   # a note's return value comes too
+
+    def received(name: str) -> list:
+        tagged = [r for r in got[name] if isinstance(r, tuple)]
+        return sorted(tagged, key=repr) + [r for r in got[name] if not isinstance(r, tuple)]
+
+    sync_client = remote.connect_sync(host.address)
+    sync_client.process_message = collector('sync')
+
+    def sync_work() -> None:
+        for r in range(rounds):
+            assert sync_client.submit(('put', ('sync', r, 0), ('sync', r, 1)),
+                                      worker_num=r % 2) == 2
+            sync_client.put_nowait(('put', ('sync', r, 'note')), worker_num=r % 2)
+
+    async def main() -> None:
+        clients = [remote.connect(host.address) for _ in range(2)]
+        try:
+            for name, client in zip(names, clients):
+                client.process_message = collector(name)
+            loop = asyncio.get_running_loop()
+            in_thread = loop.run_in_executor(None, sync_work)
+            calls = []
+            for r in range(rounds):   # interleaved: both workers serve every client at once
+                for name, client in zip(names, clients):
+                    calls.append(client.submit(('put', (name, r, 0), (name, r, 1)),
+                                               worker_num=r % 2))
+                    client.put_nowait(('put', (name, r, 'note')), worker_num=r % 2)
+            assert await asyncio.wait_for(asyncio.gather(*calls), 30) == [2] * len(calls)
+            await asyncio.wait_for(in_thread, 30)
+            total = len(names) * rounds * 4
+            # Wherever they went, every result arrives; then each must be with its owner.
+            await wait_until(lambda: sum(map(len, got.values())) >= total, 10,
+                             'every result to reach some client')
+            for name in names:
+                assert received(name) == expected(name), name
+        finally:
+            for client in clients:
+                await client.close()
+
+    try:
+        run(main())
+    finally:
+        sync_client.close()
+
+
+def _start_shared_then_leave(address: str, idle: float, out: multiprocessing.Queue,
+                             leave) -> None:
+    client = remote.shared(Echo, address, idle_timeout=idle, sync=True, pool_size=1)
+    out.put((client.created_new_pool, client.stats()['host_pid']))
+    leave.wait(30)
+    # As a recycled web worker may end: no close(), the kernel drops the connection.
+    os._exit(0)
+
+
+def test_a_shared_host_outlives_the_process_that_started_it(sock_path) -> None:
+    idle = 1.0
+    ctx = multiprocessing.get_context('fork')
+    out, leave = ctx.Queue(), ctx.Event()
+    winner = ctx.Process(target=_start_shared_then_leave, args=(sock_path, idle, out, leave))
+    winner.start()
+    host_pid = None
+    try:
+        created, host_pid = out.get(timeout=60)
+        assert created
+        host = psutil.Process(host_pid)
+        assert host.ppid() != winner.pid
+        client = remote.shared(Echo, sock_path, idle_timeout=idle, sync=True, pool_size=1)
+        try:
+            assert not client.created_new_pool
+            stats = client.stats()
+            assert stats['host_pid'] == host_pid and stats['clients'] == 2
+            leave.set()
+            winner.join(10)
+            assert winner.exitcode == 0
+            wait_for(lambda: client.stats()['clients'] == 1, 10,
+                     'the host to see the starting process leave')
+            # Three idle timeouts later the host still runs, and still serves this client.
+            with pytest.raises(psutil.TimeoutExpired):
+                host.wait(timeout=3 * idle)
+            assert client.submit('still served') == 'still served'
+            assert client.stats()['host_pid'] == host_pid
+        finally:
+            client.close()
+        # With no client left it waits idle_timeout, then exits and removes its socket.
+        with pytest.raises(psutil.TimeoutExpired):
+            host.wait(timeout=idle / 2)
+        host.wait(timeout=15)
+        assert not os.path.exists(sock_path)
+    finally:
+        leave.set()
+        winner.join(10)
+        out.close()
+        out.join_thread()
+        if host_pid is not None and _alive(host_pid):   # a failed test: do not leave it
+            os.kill(host_pid, signal.SIGKILL)
+
+
+def test_the_sync_client_reconnects_after_the_host_is_lost(sock_path) -> None:
+    first = remote.serve(Echo, sock_path, pool_size=1)
+    second = None
+    client = remote.connect_sync(first.address)
+    try:
+        assert client.submit(1) == 1
+        first_workers = client.broadcast(('pid',))
+        outcome: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                outcome['reply'] = client.submit(('sleep', 30))
+            except BaseException as exc:
+                outcome['error'] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        wait_for(lambda: client.stats()['in_flight'] == 1, 10, 'the call to reach a worker')
+        os.kill(first.pid, signal.SIGKILL)
+        caller.join(10)
+        assert not caller.is_alive(), 'the call in flight did not end when the host died'
+        error = outcome.get('error')
+        assert isinstance(error, remote.ConnectionLost), outcome
+        assert 'next call connects again' in str(error) and sock_path in str(error)
+        first.process.join(5)
+        with pytest.raises(remote.ConnectionLost, match='could not connect'):
+            client.submit(2)   # no host there yet: said at once, not a hang
+        second = remote.serve(Echo, sock_path, pool_size=1)
+        assert client.submit('again') == 'again'
+        assert client.stats()['host_pid'] == second.pid != first.pid
+        assert client.broadcast(('pid',)) != first_workers
+        wait_for(lambda: not any(_alive(pid) for pid in first_workers), 10,
+                 "the killed host's workers to exit")
+    finally:
+        client.close()
+        first.stop()
+        if second is not None:
+            second.stop()
