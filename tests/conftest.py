@@ -19,19 +19,53 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-# Processes multiprocessing keeps for the whole test session by design.
-_HELPERS = ('multiprocessing.forkserver', 'multiprocessing.resource_tracker',
-            'resource_tracker', 'forkserver')
+# The helper processes multiprocessing keeps for the whole test session by design: the
+# forkserver and the resource tracker this process started. They are told apart from
+# everything else precisely, by the pid multiprocessing recorded when it started them, or
+# (for helpers of a child process) by their exact command line *and* a parent that is not
+# itself such a helper. Matching a word in the command line is not enough: a forkserver's
+# children are forks of it and carry its command line until they retitle themselves, so a
+# leaked worker that never did would look like the forkserver.
+_HELPER_COMMANDS = ('from multiprocessing.forkserver import main; main(',
+                    'from multiprocessing.resource_tracker import main;main(')
+
+
+def _helper_pids() -> set[int]:
+    """The pids of the forkserver and resource tracker this process started, if running."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    pids = {getattr(multiprocessing.forkserver._forkserver, '_forkserver_pid', None),
+            getattr(multiprocessing.resource_tracker._resource_tracker, '_pid', None)}
+    return {pid for pid in pids if pid is not None}
+
+
+def _is_helper_command(cmdline: list[str]) -> bool:
+    return (len(cmdline) >= 2 and cmdline[-2] == '-c'
+            and cmdline[-1].startswith(_HELPER_COMMANDS))
+
+
+def _is_helper(process: psutil.Process, cmdline: list[str], helpers: set[int]) -> bool:
+    if process.pid in helpers:
+        return True
+    if not _is_helper_command(cmdline):
+        return False
+    try:
+        parent = process.parent()
+        return parent is not None and not _is_helper_command(parent.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return False
 
 
 def _children() -> list[psutil.Process]:
+    """This process's descendants, but for multiprocessing's own helper processes."""
+    helpers = _helper_pids()
     found = []
     for child in psutil.Process().children(recursive=True):
         try:
-            cmdline = ' '.join(child.cmdline())
+            cmdline = child.cmdline()
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        if any(helper in cmdline for helper in _HELPERS):
+        if _is_helper(child, cmdline, helpers):
             continue
         found.append(child)
     return found

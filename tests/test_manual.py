@@ -1,15 +1,17 @@
-"""The manual builds with Sphinx, warnings as errors, and the design page shows its picture;
-the README's example runs."""
+"""The manual builds with Sphinx, warnings as errors, and its pages show their pictures (the
+message path, the shared pool, Dask, the benchmark plot); the README's example runs."""
 
 from __future__ import annotations
 
 import ast
+import html.parser
 import os
 import pathlib
 import re
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 
 import pytest
 
@@ -50,6 +52,51 @@ def test_design_page_shows_the_message_path(built_manual: pathlib.Path) -> None:
     design = (built_manual / 'design.html').read_text(encoding='utf-8')
     assert f'{IMAGE}"' in design, 'design.html does not reference the message-path picture'
     assert '<img' in design
+
+
+class _ImageSources(html.parser.HTMLParser):
+    """The ``src`` of every ``<img>`` of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == 'img':
+            source = dict(attrs).get('src')
+            if source:
+                self.sources.append(source)
+
+
+def _shown_pictures(built: pathlib.Path, page: str) -> dict[str, pathlib.Path]:
+    """The pictures ``page`` shows, by file name, each resolved to its file in the build
+    (the test fails for an ``<img>`` whose file is missing)."""
+    parser = _ImageSources()
+    parser.feed((built / f'{page}.html').read_text(encoding='utf-8'))
+    pictures = {}
+    for source in parser.sources:
+        path = urllib.parse.urlparse(source).path
+        if urllib.parse.urlparse(source).scheme or path.startswith('/'):
+            continue   # not part of the build
+        resolved = (built / urllib.parse.unquote(path)).resolve()
+        assert resolved.is_file(), f'{page}.html shows {source}, which is not in the build'
+        pictures[resolved.name] = resolved
+    return pictures
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT)
+@pytest.mark.parametrize('page, picture', [
+    ('design', 'message-path.svg'),      # the path of a message
+    ('sharing', 'sharing.svg'),          # one pool for a pre-forked web server
+    ('dask', 'dask.svg'),                # the same workers on a Dask cluster
+    ('performance', 'benchmark.png'),    # the benchmark's plot
+])
+def test_pages_show_their_pictures(built_manual: pathlib.Path, page: str,
+                                   picture: str) -> None:
+    shown = _shown_pictures(built_manual, page)
+    assert picture in shown, f'{page}.html shows no {picture}; it shows {sorted(shown)}'
+    assert shown[picture].read_bytes() == (MANUAL / '_static' / picture).read_bytes(), (
+        f'{page}.html shows a {picture} that differs from manual/_static/{picture}')
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)

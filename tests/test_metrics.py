@@ -7,22 +7,40 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 import statsd
 
 import looppool
 from conftest import run, wait_until
+from looppool.utility import ResourceReporter
 from workers import Chatty, ClassicBroken, Echo, SelfTitled
 
 pytestmark = pytest.mark.timeout(60)
 
 ROOT = os.path.dirname(looppool.__path__[0])
+
+
+class Flood(looppool.Worker):
+    """Logs a burst of large records on request; every reply is the worker's clock when it
+    started on the message."""
+
+    async def handle(self, message: Any) -> float:
+        started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every process
+        if message[0] == 'log':
+            _, count, size = message
+            logger = logging.getLogger('app.flood')
+            padding = 'x' * size   # an attribute, not the message: keeps pytest's log small
+            for index in range(count):
+                logger.warning('record %d', index, extra={'padding': padding})
+        return started
 
 
 class UdpSink:
@@ -106,6 +124,39 @@ def test_pool_metrics_reach_statsd(sink) -> None:
     assert last_in_flight == 0
 
 
+def test_recycled_workers_are_counted(sink) -> None:
+    client = statsd.StatsClient('127.0.0.1', sink.port, prefix='app')
+
+    async def main() -> dict[str, Any]:
+        async with looppool.Pool(pool_size=1, worker_class=Echo, statsd=client,
+                                 statsd_interval=0.2, max_tasks_per_worker=2) as pool:
+            # A process is recycled once it was sent two tasks; until its replacement is
+            # ready it may take a few more. Go on until a third process answers.
+            pids = [await pool.submit(('pid',))]
+            deadline = time.monotonic() + 20
+            while len(set(pids)) < 3:
+                if time.monotonic() > deadline:
+                    pytest.fail(f'no third worker process within 20 s: {sorted(set(pids))}')
+                pids.append(await pool.submit(('pid',)))
+            assert pool.stats()['recycles'] >= 2
+            await wait_until(lambda: any(n == 'app.looppool.workers.recycles'
+                                         for n, _, _ in sink.metrics()),
+                             what='a periodic report with the recycles')
+        return pool.stats()
+
+    try:
+        final = run(main())
+    finally:
+        client.close()
+    assert final['recycles'] >= 2 and final['restarts'] == 0, final
+    recycles = [(value, kind) for name, value, kind in sink.metrics()
+                if name == 'app.looppool.workers.recycles']
+    assert recycles and all(kind == 'c' for _, kind in recycles), recycles
+    # Every recycle reached statsd, the last ones in the report made at stop.
+    assert sum(value for value, _ in recycles) == final['recycles'], recycles
+    assert 'app.looppool.workers.restarts' not in {name for name, _, _ in sink.metrics()}
+
+
 def test_waiting_for_room_is_timed(sink) -> None:
     client = statsd.StatsClient('127.0.0.1', sink.port)
 
@@ -159,6 +210,53 @@ def test_worker_log_records_reach_the_parents_handlers(method: str) -> None:
     assert formatted.startswith('looppool worker ') and 'ValueError' in formatted
 
 
+# A parent handler that takes this long per record, for this many records of this size:
+# 12 MB, more than the channel's socket buffer holds (the kernel doubles the 4 MiB asked
+# for), so a worker that waited for the parent, at the socket or otherwise, would be held
+# for seconds.
+SLOW_HANDLER_SECONDS = 0.3
+FLOOD_RECORDS = 30
+FLOOD_RECORD_SIZE = 400_000
+# 200 trivial replies take milliseconds; waiting on the slow handler for even four of the
+# records would take longer than this.
+QUICK_REPLIES_BOUND = 1.0
+
+
+def test_a_slow_parent_handler_never_blocks_the_workers_loop() -> None:
+    handled: list[tuple[float, str, int]] = []
+
+    class Slow(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(SLOW_HANDLER_SECONDS)   # a handler stuck on a slow disk or network
+            handled.append((time.monotonic(), record.getMessage(), len(record.padding)))
+
+    handler = Slow()
+    logger = logging.getLogger('app.flood')
+    logger.addHandler(handler)
+    try:
+        async def main() -> tuple[float, list[float]]:
+            async with looppool.Pool(pool_size=1, worker_class=Flood) as pool:
+                flood = pool.submit(('log', FLOOD_RECORDS, FLOOD_RECORD_SIZE))
+                quick = [pool.submit(('stamp',)) for _ in range(200)]
+                flood_started, *stamps = await asyncio.gather(flood, *quick)
+                await wait_until(lambda: len(handled) == FLOOD_RECORDS, timeout=30,
+                                 what='every record to reach the slow handler')
+            return flood_started, stamps
+
+        flood_started, stamps = run(main())
+    finally:
+        logger.removeHandler(handler)
+    # The worker logged and then answered the 200 messages at its own speed, while the
+    # parent was still in its handler...
+    assert max(stamps) - flood_started < QUICK_REPLIES_BOUND, max(stamps) - flood_started
+    assert stamps == sorted(stamps)
+    # ... before the parent had handled even half of the records.
+    assert max(stamps) < handled[FLOOD_RECORDS // 2][0]
+    # And no record was lost or reordered on the way.
+    assert [(message, size) for _, message, size in handled] == [
+        (f'record {index}', FLOOD_RECORD_SIZE) for index in range(FLOOD_RECORDS)]
+
+
 def test_an_unawaited_looppool_task_error_is_logged_once_with_its_traceback(caplog) -> None:
     async def main() -> None:
         pool = looppool.Pool(pool_size=1, worker_class=ClassicBroken)
@@ -201,6 +299,114 @@ def _statsd_daemon() -> str | None:
     return path if os.path.exists(path) else None
 
 
+class DaemonOutput:
+    """What the statsd daemon prints, read with a deadline of its own (``select``), and
+    parsed flush by flush.
+
+    The console backend prints each flush as ``Flushing stats at ...`` followed by a
+    JavaScript object literal (``util.inspect``): ``counters``, ``gauges`` and ``timers``
+    are flat maps of ``'name': value``; ``timer_data`` holds an object per timer with its
+    ``count``. Only flushes printed to the end (``pctThreshold``) are parsed.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.fd = stream.fileno()
+        self.text = ''
+        self.ended = False
+
+    def read_available(self) -> None:
+        """Take what the daemon printed so far, without waiting."""
+        while not self.ended and select.select([self.fd], [], [], 0)[0]:
+            chunk = os.read(self.fd, 65536)
+            self.ended = not chunk
+            self.text += chunk.decode('utf-8', 'replace')
+
+    def read_until(self, condition: Any, timeout: float, what: str) -> None:
+        """Block until ``condition()`` holds; fail the test after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.ended:
+                self.fail(what)
+            readable, _, _ = select.select([self.fd], [], [], remaining)
+            if readable:
+                chunk = os.read(self.fd, 65536)
+                self.ended = not chunk
+                self.text += chunk.decode('utf-8', 'replace')
+
+    async def wait_for(self, condition: Any, timeout: float, what: str) -> None:
+        """As :meth:`read_until`, on a running loop, which keeps running meanwhile."""
+        def check() -> bool:
+            self.read_available()
+            if self.ended:
+                self.fail(what)
+            return bool(condition())
+        await wait_until(check, timeout, what)
+
+    def fail(self, what: str) -> None:
+        pytest.fail(f'{"the statsd daemon exited" if self.ended else "timed out"} waiting '
+                    f'for {what}; it printed:\n{self.text[-3000:]}')
+
+    def flushes(self) -> list[str]:
+        return [flush for flush in self.text.split('Flushing stats at')[1:]
+                if 'pctThreshold' in flush]
+
+    @staticmethod
+    def section(flush: str, name: str) -> str:
+        found = re.search(rf'^  {name}: \{{(.*?)\}},?$', flush, re.M | re.S)
+        assert found, f'no {name} in the flush:\n{flush}'
+        return found.group(1)
+
+    @classmethod
+    def numbers(cls, flush: str, name: str) -> dict[str, float]:
+        return {key: float(value) for key, value in re.findall(
+            r"'?([\w.-]+)'?: (-?[\d.]+(?:e[+-]?\d+)?)", cls.section(flush, name))}
+
+    def counter_totals(self) -> dict[str, float]:
+        """Every counter summed over all the flushes."""
+        totals: dict[str, float] = {}
+        for flush in self.flushes():
+            for key, value in self.numbers(flush, 'counters').items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
+
+    def last_gauges(self) -> dict[str, float]:
+        """Each gauge's value in the last flush that held it."""
+        gauges: dict[str, float] = {}
+        for flush in self.flushes():
+            gauges.update(self.numbers(flush, 'gauges'))
+        return gauges
+
+    def timer_counts(self) -> dict[str, int]:
+        """How many values each timer got, summed over all the flushes."""
+        counts: dict[str, int] = {}
+        for flush in self.flushes():
+            for key in re.findall(r"'?([\w.-]+)'?: \[", self.section(flush, 'timers')):
+                data = re.search(rf"^    '?{re.escape(key)}'?: \{{(.*?)^    \}}", flush,
+                                 re.M | re.S)
+                assert data, f'no timer_data for {key} in the flush:\n{flush}'
+                count = re.search(r'^      count: (\d+)', data.group(1), re.M)
+                assert count, data.group(1)
+                counts[key] = counts.get(key, 0) + int(count.group(1))
+        return counts
+
+
+class CountingClient:
+    """A statsd client seen through ``pipeline()``, counting the reports made with it."""
+
+    def __init__(self, client: statsd.StatsClient) -> None:
+        self.client = client
+        self.reports = 0
+
+    def pipeline(self) -> Any:
+        self.reports += 1
+        return self.client.pipeline()
+
+
+REPORTER_GAUGES = ('cpu', 'rss', 'maxrss', 'ioloop.handler', 'ioloop.callback',
+                   'ioloop.timeout', 'ioloop.lag')
+
+
 @pytest.mark.skipif(shutil.which('node') is None,
                     reason='Node.js is not installed, so the reference statsd daemon '
                            '(npm statsd 0.9) cannot run')
@@ -209,6 +415,8 @@ def _statsd_daemon() -> str | None:
                            '`npm install --no-save --prefix .npm statsd@0.9.0` (scripts/test.sh '
                            'does)')
 def test_the_reference_statsd_daemon_parses_and_aggregates_our_metrics(tmp_path) -> None:
+    daemon_path = _statsd_daemon()
+    assert daemon_path is not None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(('127.0.0.1', 0))
         port = probe.getsockname()[1]
@@ -221,41 +429,70 @@ def test_the_reference_statsd_daemon_parses_and_aggregates_our_metrics(tmp_path)
         'mgmt_port': mgmt_port, 'flushInterval': 300, 'backends': ['./backends/console'],
         'console': {'prettyprint': False}, 'deleteIdleStats': True,
     }))
-    daemon = subprocess.Popen(['node', _statsd_daemon(), str(config)],
-                              cwd=os.path.dirname(_statsd_daemon()), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    daemon = subprocess.Popen(['node', daemon_path, str(config)],
+                              cwd=os.path.dirname(daemon_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
     try:
         assert daemon.stdout is not None
-        deadline = time.monotonic() + 15
-        for line in daemon.stdout:
-            if 'server is up' in line or time.monotonic() > deadline:
-                break
+        output = DaemonOutput(daemon.stdout)
+        output.read_until(lambda: 'server is up' in output.text, 15, 'the daemon to start')
         client = statsd.StatsClient('127.0.0.1', port)
+        reporter_client = CountingClient(statsd.StatsClient('127.0.0.1', port, prefix='app'))
 
         async def main() -> None:
-            async with looppool.Pool(pool_size=2, worker_class=Echo, statsd=client,
-                                     statsd_interval=0.1) as pool:
-                await asyncio.gather(*[pool.submit(i) for i in range(50)])
+            reporter = ResourceReporter(asyncio.get_running_loop(), reporter_client,
+                                        'parent', sleep_time=0.05)
+            reporter.start()
+            try:
+                async with looppool.Pool(pool_size=2, worker_class=Echo, statsd=client,
+                                         statsd_interval=0.1) as pool:
+                    # Half, then the other half once the daemon flushed the first: the
+                    # counts are aggregated over more than one flush.
+                    await asyncio.gather(*[pool.submit(i) for i in range(25)])
+                    await output.wait_for(
+                        lambda: output.counter_totals().get('looppool.tasks.completed'),
+                        15, 'a flush with the first tasks')
+                    await asyncio.gather(*[pool.submit(i) for i in range(25, 50)])
+                # Two periodic reports at least: only those measure ioloop.lag.
+                await wait_until(lambda: reporter_client.reports >= 2,
+                                 what='two reports of the ResourceReporter')
+            finally:
+                reporter.stop()
 
         try:
             run(main())
         finally:
             client.close()
-        seen = ''
-        deadline = time.monotonic() + 15
-        wanted = ("'looppool.tasks.completed': 50", "'looppool.tasks.duration': [",
-                  "'looppool.worker.0.in_flight': 0")
-        while time.monotonic() < deadline:
-            line = daemon.stdout.readline()
-            seen += line
-            if all(w in seen.replace('"', "'") for w in wanted):
-                break
-        flat = seen.replace('"', "'")
-        assert "'statsd.bad_lines_seen': 0" in flat
-        assert "'looppool.tasks.submitted': 50" in flat, seen[-2000:]
-        assert "'looppool.tasks.completed': 50" in flat
-        assert re.search(r"'looppool\.tasks\.duration': \[", flat)
-        assert "'looppool.worker.0.in_flight': 0" in flat
+            reporter_client.client.close()
+
+        def everything_arrived() -> bool:
+            totals = output.counter_totals()
+            gauges = output.last_gauges()
+            return (totals.get('looppool.tasks.completed', 0) >= 50
+                    and output.timer_counts().get('looppool.tasks.duration', 0) >= 50
+                    and 'looppool.worker.1.in_flight' in gauges
+                    and all(f'app.parent.{name}' in gauges for name in REPORTER_GAUGES))
+
+        output.read_until(everything_arrived, 15, 'the daemon to flush our metrics')
+        # One more flush after that, so a late extra packet would be counted too.
+        seen = len(output.flushes())
+        output.read_until(lambda: len(output.flushes()) > seen, 5, 'one more flush')
+
+        totals = output.counter_totals()
+        assert totals['statsd.bad_lines_seen'] == 0, output.text[-3000:]
+        assert len([flush for flush in output.flushes()
+                    if "'looppool.tasks.completed'" in flush]) >= 2
+        assert totals['looppool.tasks.submitted'] == 50
+        assert totals['looppool.tasks.completed'] == 50
+        assert output.timer_counts()['looppool.tasks.duration'] == 50
+        gauges = output.last_gauges()
+        assert gauges['looppool.worker.0.in_flight'] == 0
+        assert gauges['looppool.worker.1.in_flight'] == 0
+        assert gauges['looppool.tasks.in_flight'] == 0
+        parent = {name: gauges[f'app.parent.{name}'] for name in REPORTER_GAUGES}
+        assert parent['rss'] > 1000 and parent['maxrss'] > 1000, parent   # kB
+        assert parent['ioloop.handler'] >= 1 and parent['ioloop.lag'] >= 0, parent
+        assert 0 <= parent['cpu'] <= 100 * (os.cpu_count() or 1), parent
     finally:
         daemon.kill()
         daemon.wait(5)

@@ -3,21 +3,68 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.forkserver
 import os
 import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from typing import Any
 
+import psutil
 import pytest
 from tornado import gen, ioloop
 
+import conftest
 import looppool
 from conftest import run, wait_until
 from workers import Classic, ClassicAsync, ClassicPlain, Echo
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _os_threads() -> int:
+    """Threads of this process as the kernel sees them (C-level ones included)."""
+    return len(os.listdir('/proc/self/task'))
+
+
+class Threads(looppool.Worker):
+    """Answers with the names of the Python threads in its process and the number of its
+    threads as the kernel counts them."""
+
+    async def handle(self, message: Any) -> tuple[list[str], int]:
+        return [thread.name for thread in threading.enumerate()], _os_threads()
+
+
+class Iterations(looppool.Worker):
+    """Notes how many messages it was handed in each turn of its loop.
+
+    The first message of a turn opens a group and schedules, with ``call_soon``, the
+    callback that closes it: asyncio runs that callback in the next turn, after every
+    callback of this one, so each group holds exactly the messages one turn started.
+    ``('groups',)`` answers with the group sizes so far (itself not counted).
+    """
+
+    def _initialise(self) -> None:
+        self.groups: list[int] = []
+        self.open: list[Any] | None = None
+
+    def _close(self) -> None:
+        assert self.open is not None
+        self.groups.append(len(self.open))
+        self.open = None
+
+    async def handle(self, message: Any) -> Any:
+        if message == ('groups',):
+            return self.groups
+        if self.open is None:
+            self.open = []
+            asyncio.get_running_loop().call_soon(self._close)
+        self.open.append(message)
+        return message
 
 
 def test_public_names() -> None:
@@ -400,5 +447,79 @@ def test_bad_call_arguments() -> None:
                 pool.submit(1, timeout=0)
         with pytest.raises(RuntimeError, match='start the pool first'):
             looppool.Pool(pool_size=1, worker_class=Echo).submit(1)
+
+    run(main())
+
+
+@pytest.mark.parametrize('method', ['fork', 'spawn'])
+def test_no_threads_in_the_parent_or_the_workers(method: str) -> None:
+    """The IO loops read the channels themselves: no listener, feeder or helper thread
+    runs on either side, under fork or spawn."""
+    before = {thread.ident for thread in threading.enumerate()}
+    os_before = _os_threads()
+
+    def new_threads() -> list[str]:
+        return [thread.name for thread in threading.enumerate()
+                if thread.ident not in before]
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Threads, mp_context=method) as pool:
+            assert new_threads() == [] and _os_threads() == os_before
+            # Traffic both ways, replies included.
+            replies = await asyncio.gather(*[pool.submit(index) for index in range(100)])
+            assert all(reply == (['MainThread'], 1) for reply in replies), replies[:3]
+            assert await pool.broadcast('threads') == [(['MainThread'], 1)] * 2
+            assert new_threads() == [] and _os_threads() == os_before
+        assert new_threads() == [] and _os_threads() == os_before
+
+    run(main())
+
+
+def test_submits_made_in_one_loop_iteration_reach_the_worker_together() -> None:
+    """Frames are coalesced per loop iteration: the parent writes what one iteration
+    submitted when the iteration ends, so the worker is handed it in one read and starts
+    it in one turn of its own loop, however long the iteration took.
+
+    The caller below spends 0.2 s of one iteration submitting 20 messages. Were each
+    submit written at once, the idle worker would read and start them one or a few at a
+    time as they came (it waits in its selector the whole time); coalesced, it gets the
+    first alone (a submit to an idle worker goes at once, for latency) and the other 19
+    in one piece.
+    """
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Iterations) as pool:
+            assert await pool.submit('warm-up') == 'warm-up'
+            futures = []
+            for index in range(20):
+                futures.append(pool.submit(index))
+                # Holds this loop iteration open on purpose (this is no wait for a
+                # condition): the worker has ample time to read anything written so far.
+                time.sleep(0.01)
+            assert await asyncio.gather(*futures) == list(range(20))
+            groups = await pool.submit(('groups',))
+        assert groups[0] == 1            # the warm-up
+        burst = groups[1:]
+        assert sum(burst) == 20
+        assert len(burst) <= 2 and burst[-1] >= 19, burst
+
+    run(main())
+
+
+def test_the_leak_check_sees_forkserver_workers_that_keep_the_forkservers_title() -> None:
+    """conftest's leak check leaves out multiprocessing's forkserver itself, and only it:
+    a worker forked by it that was never retitled carries the forkserver's command line,
+    and must still count as a child."""
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo, mp_context='forkserver',
+                                 title=False) as pool:
+            pids = [pid for _, pid in await pool.broadcast(('whoami',))]
+            server = multiprocessing.forkserver._forkserver._forkserver_pid
+            assert server is not None
+            server_cmdline = psutil.Process(server).cmdline()
+            for pid in pids:
+                assert psutil.Process(pid).cmdline() == server_cmdline
+            seen = {child.pid for child in conftest._children()}
+            assert set(pids) <= seen
+            assert server not in seen
 
     run(main())
