@@ -653,17 +653,24 @@ class _Runner:
 
     def on_parent_lost(self) -> None:
         # The parent closed its end or died: nobody is left to answer, so cancel what runs,
-        # let the handlers' except/finally blocks run (for at most 0.8 s), and exit.
+        # let the handlers' except/finally blocks run (for at most _CLEANUP_GRACE), and
+        # exit. Called by the channel (end of file) and by the death signal, whichever
+        # reaches the loop first; the second call finds it done.
+        if self.orphaned:
+            return
         self.stopping = True
         self.orphaned = True
+        # The loop runs, so the short deadline the death signal set (for a blocked loop)
+        # gives way to the cleanup's; past it, a handler that blocks in its cleanup, or a
+        # join() that hangs, must not keep the process alive.
+        _end_process_after(_ORPHAN_DEADLINE)
         tasks = list(self.running.values())
         for task in tasks:
             task.cancel()
         if not tasks:
             self.loop.stop()
             return
-        self.loop.call_later(0.8, self.loop.stop)
-        signal.alarm(1)   # a handler that blocks the loop must not keep the process alive
+        self.loop.call_later(_CLEANUP_GRACE, self.loop.stop)
         done = asyncio.gather(*tasks, return_exceptions=True)
         done.add_done_callback(lambda _: self.loop.stop())
 
@@ -683,6 +690,30 @@ def _describe(exc: BaseException) -> str:
 _PARENT_DEATH = getattr(signal, 'SIGRTMIN', signal.SIGUSR2) + 1 \
     if hasattr(signal, 'SIGRTMIN') else signal.SIGUSR2
 
+# Once the parent is gone: how long cancelled handlers may take to clean up, and the
+# deadline after which the process ends whatever it is doing. Both fit in the promised
+# second.
+_CLEANUP_GRACE = 0.8
+_ORPHAN_DEADLINE = 0.9
+# How long the loop may take to run the death signal's callback. A loop that has not run it
+# by then is blocked by a handler that does not yield (CPU-bound): its cleanup could not run
+# anyway, so the process ends at once instead of after the cleanup grace.
+_BLOCKED_LOOP_GRACE = 0.2
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process with SIGALRM after ``seconds`` (replacing an earlier deadline).
+
+    SIGALRM's default action is carried out by the kernel, so it ends the process even while
+    the loop is blocked, in Python or in C. The default is restored first: a forked worker
+    inherits the parent's handlers (pytest-timeout's, for one).
+    """
+    if not hasattr(signal, 'setitimer') or \
+            threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        return   # (signals are set from the main thread only; worker_main runs there)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
 
 def _set_parent_death_signal() -> None:
     """Ask Linux to signal this process when its parent dies (a backstop for EOF)."""
@@ -697,14 +728,41 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def _release_forkserver() -> None:
+    """Close the forkserver's "alive" pipe that a forkserver child inherits.
+
+    The forkserver exits when every holder of that pipe has closed it; a worker that holds
+    it keeps the forkserver, its parent, alive after the pool's process died, and so never
+    gets the parent-death signal. Without it the worker's loop, if a handler blocks it,
+    would not see the end of file either. The worker does not use the pipe: a forkserver
+    it started itself would get a pipe of its own.
+    """
+    try:
+        from multiprocessing import forkserver
+        server: Any = getattr(forkserver, '_forkserver')   # private, as its attributes
+        fd = server._forkserver_alive_fd
+        if fd is not None and server._forkserver_pid is None:
+            server._forkserver_alive_fd = None
+            os.close(fd)
+    except Exception:  # pragma: no cover - end of file still ends an idle worker
+        pass
+
+
 def _on_parent_death(runner: _Runner) -> None:
     """The parent died: cancel the handlers and let them clean up, as on end of file.
 
-    A handler may be blocking the loop (CPU-bound), so an alarm ends the process in a
-    second whatever happens: workers never outlive their parent for long.
+    The Python-level handler runs in the main thread between two bytecodes, even while a
+    handler spins without yielding; the loop, though, runs the callback only once that
+    handler returns. So the handler also sets a short deadline: if the loop does not get to
+    the callback within it (on_parent_lost would replace the deadline), the process ends.
+    Workers never outlive their parent for more than a fraction of a second. (C code that
+    runs long without returning to the interpreter, one huge regular expression say, holds
+    the Python-level handler back until it returns.)
     """
     def handler(signum: int, frame: Any) -> None:
-        signal.alarm(1)
+        if runner.orphaned:
+            return   # end of file got there first: the cleanup runs, with its deadline
+        _end_process_after(_BLOCKED_LOOP_GRACE)
         runner.loop.call_soon_threadsafe(runner.on_parent_lost)
     signal.signal(_PARENT_DEATH, handler)
 
@@ -729,6 +787,8 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     _set_parent_death_signal()
     if os.getppid() != parent_pid and config.start_method != 'forkserver':
         os._exit(0)  # the parent died before the death signal was armed
+    if config.start_method == 'forkserver':
+        _release_forkserver()
     for fd in config.close_fds:
         # Under fork this process inherited the parent's ends of every channel; holding
         # them would keep other workers from seeing their parent's death.

@@ -1,10 +1,12 @@
-"""The benchmark keeps working: its quick mode runs once here. No speed is asserted (the
-benchmark measures speed, in one run with its peers, never the test suite)."""
+"""The benchmarks keep working: the main one's quick mode runs once here, and the recovery
+timing with a few kills. No speed is asserted (the benchmark measures speed, in one run
+with its peers, never the test suite)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,3 +32,22 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
         assert column in table
     assert (tmp_path / 'latest.png').stat().st_size > 10_000   # the plot was drawn
     assert '[' in done.stderr   # progress lines went to stderr while it ran
+
+
+def test_the_recovery_benchmark_reports_ordinary_and_quick_deaths() -> None:
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'benchmarks', 'recovery.py'), '--kills', '2',
+         '--quick-kills', '4'],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(done.stdout)
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2, done.stdout
+    ordinary, quick = lines
+    assert ordinary.startswith('fork, ordinary deaths') and '2 kills' in ordinary
+    assert quick.startswith('fork, repeated quick deaths') and '4 kills' in quick
+    assert 'back-off' in quick
+    for line in lines:
+        assert re.search(r'median \d+\.\d ms, worst \d+\.\d ms', line), line
+    # one timing line per kill went to stderr as it ran
+    assert done.stderr.count('replacement answered after') == 6, done.stderr

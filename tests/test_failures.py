@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import time
@@ -18,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import looppool
-from conftest import run, wait_until
+from looppool.errors import RemoteTraceback
+from conftest import _children, run, wait_until
 from workers import Echo, FailingStart
 
 pytestmark = pytest.mark.timeout(90)
@@ -75,6 +78,12 @@ def test_a_dead_worker_fails_only_its_tasks_and_is_replaced() -> None:
             await asyncio.sleep(0.1)
             started = time.monotonic()
             os.kill(pids[0], signal.SIGKILL)
+            # noticed at once, on the process sentinel: a poller with a period of a second
+            # (or even a few tenths) would miss this bound
+            await asyncio.wait(doomed, timeout=5)
+            noticed = time.monotonic() - started
+            assert all(f.done() for f in doomed)
+            assert noticed < 0.5, f'WorkerLost came {noticed:.3f} s after the kill'
             for future in doomed:
                 with pytest.raises(looppool.WorkerLost) as caught:
                     await future
@@ -82,7 +91,6 @@ def test_a_dead_worker_fails_only_its_tasks_and_is_replaced() -> None:
                 assert f'worker 0 (pid {pids[0]}) died with signal 9 (SIGKILL)' in message
                 assert 'out-of-memory' in message and 'replaced' in message
                 assert caught.value.number == 0 and caught.value.exitcode == -9
-            assert time.monotonic() - started < 2
             assert [await f for f in survivors] == [0, 1, 2]
             number, new_pid = await pool.submit(('whoami',), worker_num=0)
             assert number == 0 and new_pid != pids[0]
@@ -279,11 +287,18 @@ def test_a_100_mb_message_works_and_other_tasks_go_on() -> None:
     run(main())
 
 
-def test_recycling_after_max_tasks_starts_the_replacement_first(caplog) -> None:
+def test_recycling_after_max_tasks_is_planned_and_loses_nothing(caplog) -> None:
     async def main() -> None:
         async with looppool.Pool(pool_size=1, worker_class=Echo,
                                  max_tasks_per_worker=5) as pool:
-            pids = [await pool.submit(('pid',)) for _ in range(12)]
+            pids = []
+            for _ in range(12):
+                pids.append(await pool.submit(('pid',)))
+                if len(pids) % 5 == 0:
+                    # recycled after its 5th task; the replacement takes over once ready
+                    await wait_until(lambda: pool.stats()['workers'][0]['pid'] != pids[-1]
+                                     and pool.stats()['workers'][0]['ready'],
+                                     what='the replacement to take over')
             assert len(set(pids)) == 3
             assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [5, 5, 2]
             # in-flight work on a recycled worker completes normally
@@ -301,69 +316,256 @@ def test_recycling_after_max_tasks_starts_the_replacement_first(caplog) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_recycling_on_memory() -> None:
+@pytest.mark.xfail(strict=True, reason='recycle capacity dip: fixed in pool.py next')
+def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip() -> None:
+    """A recycle must not stall the stream of work: the old worker goes on taking tasks
+    until its replacement is ready. Under spawn a fresh worker takes a tenth of a second or
+    more to start, so a recycle that hands work to the replacement before it is ready shows
+    as a gap of about that start-up time between two replies."""
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=1, worker_class=Echo, mp_context='spawn',
+                             max_tasks_per_worker=40)
+        started = time.monotonic()
+        async with pool:
+            first_pid = await pool.submit(('pid',))
+            start_up = time.monotonic() - started   # a fresh worker's start, under spawn
+            pids: list[int] = []
+            answered: list[float] = []
+            changes: list[int] = []   # indexes of the first reply of each new process
+            deadline = time.monotonic() + 15
+            # quick tasks one after another, across two recycles and a few replies more
+            while not (len(changes) >= 2 and len(pids) - changes[-1] > 5):
+                assert time.monotonic() < deadline, f'{len(changes)} recycles in 15 s'
+                pids.append(await pool.submit(('pid',)))
+                answered.append(time.monotonic())
+                if len(pids) > 1 and pids[-1] != pids[-2]:
+                    changes.append(len(pids) - 1)
+            current = pool.stats()['workers'][0]['pid']
+        # the gaps between consecutive replies near each change of process
+        gaps = [answered[index] - answered[index - 1]
+                for change in changes
+                for index in range(max(1, change - 5), change + 6)]
+        worst = max(gaps)
+        assert worst < start_up / 3, (
+            f'a recycle stalled the stream for {worst * 1000:.0f} ms; a fresh worker '
+            f'takes {start_up * 1000:.0f} ms to start')
+        # each replacement answered, the old process never again once it had: and the
+        # last replacement is the pool's worker now
+        assert len(set(pids)) == len(changes) + 1 and pids[0] == first_pid
+        assert pids[-1] == current
+
+    run(main())
+
+
+def test_recycling_on_memory(caplog) -> None:
     # A forked worker starts with the parent's resident pages (more once other tests have
     # imported big packages into this process), so the limit sits above them.
     limit = psutil.Process().memory_info().rss + 100 * 2 ** 20
+    pids = []
 
     async def main() -> None:
         async with looppool.Pool(pool_size=1, worker_class=Greedy,
                                  max_memory_per_worker=limit,
                                  memory_check_interval=0.05) as pool:
             pid = await pool.submit(('pid',))
+            pids.append(pid)
             await pool.submit(('allocate', 200))
             await wait_until(lambda: pool.stats()['workers'][0]['pid'] != pid,
                              what='a recycle')
             assert await pool.submit(('pid',)) != pid
-            assert pool.stats()['lost'] == 0
+            stats = pool.stats()
+            assert stats['lost'] == 0 and stats['restarts'] == 0 and stats['recycles'] == 1
+            # the old process ended on its own (the STOP it was sent), not by a crash
+            await wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status()
+                             == psutil.STATUS_ZOMBIE, what='the recycled worker to exit')
 
-    run(main())
+    with caplog.at_level(logging.DEBUG):
+        run(main())
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    recycled = [(level, text) for level, text in messages if 'recycled' in text]
+    assert len(recycled) == 1, messages
+    level, text = recycled[0]
+    assert level == logging.INFO
+    assert f'worker 0 (pid {pids[0]}) is being recycled (planned, not a crash)' in text
+    assert 'max_memory_per_worker' in text and 'resident memory' in text
+    crash_words = re.compile(r'\b(died|dies|crash|crashed|killed|lost|exited|signal)\b',
+                             re.IGNORECASE)
+    assert not [text for _, text in messages
+                if crash_words.search(text.replace('not a crash', ''))], messages
+    assert not [text for level, text in messages if level >= logging.WARNING], messages
 
 
-def test_chaos_every_future_resolves_while_workers_are_killed() -> None:
+CHAOS_KILLS = 20
+CHAOS_POOL_SIZE = 4
+
+
+def test_chaos_every_future_resolves_while_workers_are_killed(tmp_path, capsys) -> None:
+    """Thousands of tasks while workers are SIGKILLed at random, until a fixed number of
+    kills: every future ends in its reply or WorkerLost, none hangs, every kill is
+    replaced, the pool is back to full strength and no child is left after stop()."""
+    rng = random.Random(3)
+    figures: dict[str, int] = {}
+    before = {child.pid for child in _children()}
+
     async def main() -> None:
-        async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=64) as pool:
-            futures = [pool.submit(('sleep', random.random() * 0.01, index))
-                       for index in range(4000)]
-            kills = 0
-            rng = random.Random(7)
-            while not all(f.done() for f in futures) and kills < 10:
-                await asyncio.sleep(0.05 + rng.random() * 0.05)
-                pids = [w['pid'] for w in pool.stats()['workers'] if w['alive']]
-                if pids:
-                    try:
-                        os.kill(rng.choice(pids), signal.SIGKILL)
-                        kills += 1
-                    except ProcessLookupError:
-                        pass
+        futures: list[asyncio.Future] = []
+        killed: set[int] = set()
+        kills = 0
+        pool = looppool.Pool(pool_size=CHAOS_POOL_SIZE, worker_class=Echo, max_tasks=64)
+        async with pool:
+            async def feed() -> None:
+                # a steady stream, two chunks in flight, until the last kill is done
+                chunk: list[asyncio.Future] = []
+                while kills < CHAOS_KILLS:
+                    previous, chunk = chunk, [
+                        pool.submit(('sleep', rng.random() * 0.005, len(futures) + offset))
+                        for offset in range(100)]
+                    futures.extend(chunk)
+                    if previous:
+                        await asyncio.wait(previous)
+                    else:
+                        await asyncio.sleep(0)
+
+            feeder = asyncio.ensure_future(feed())
+            # Two quick deaths in a row on one slot (a worker killed within a second of its
+            # start) make the pool back off on purpose, which is tested on its own; here a
+            # slot's worker may die young only if the one before it lived, so every kill is
+            # replaced at once and the run stays short.
+            first_seen: dict[int, float] = {}
+            died_young = [False] * CHAOS_POOL_SIZE
+            while kills < CHAOS_KILLS:
+                await asyncio.sleep(0.02 + rng.random() * 0.08)
+                assert not feeder.done(), feeder
+                now = time.monotonic()
+                candidates = []
+                for worker in pool.stats()['workers']:
+                    if not (worker['alive'] and worker['ready']):
+                        continue
+                    age = now - first_seen.setdefault(worker['pid'], now)
+                    young = age < 1.2
+                    if not (young and died_young[worker['number']]):
+                        candidates.append((worker, young))
+                if not candidates:
+                    continue
+                worker, young = rng.choice(candidates)
+                os.kill(worker['pid'], signal.SIGKILL)   # alive and ready, just read
+                killed.add(worker['pid'])
+                died_young[worker['number']] = young
+                kills += 1
+            await asyncio.wait_for(feeder, 30)
             done, pending = await asyncio.wait(futures, timeout=30)
-            assert not pending, f'{len(pending)} futures hung'
             replies = [f for f in done if f.exception() is None]
             lost = [f for f in done if isinstance(f.exception(), looppool.WorkerLost)]
-            assert len(replies) + len(lost) == len(futures)
             for index, future in enumerate(futures):
-                if future.exception() is None:
+                if future.done() and future.exception() is None:
                     assert future.result() == index
-            assert kills >= 3 and lost
-            # back to full strength
-            replies2 = await pool.broadcast(('pid',))
-            assert len(set(replies2)) == 2
-            assert all(psutil.pid_exists(pid) for pid in replies2)
-            print(f'chaos: tasks={len(futures)} kills={kills} replies={len(replies)} '
-                  f'WorkerLost={len(lost)} hung={len(pending)}')
+            await wait_until(lambda: pool.stats()['restarts'] == kills, timeout=10,
+                             what='a replacement for every kill')
+            await wait_until(lambda: all(w['alive'] and w['ready']
+                                         for w in pool.stats()['workers']),
+                             timeout=10, what='the pool back to full strength')
+            pids = await asyncio.wait_for(pool.broadcast(('pid',)), 10)
+            strength = len(set(pids) - killed)
+            restarts = pool.stats()['restarts']
+            lost_count = pool.stats()['lost']
+        left = [c for c in _children() if c.pid not in before and c.is_running()
+                and c.status() != psutil.STATUS_ZOMBIE]
+        figures.update(tasks=len(futures), kills=kills, replies=len(replies),
+                       WorkerLost=len(lost), hung=len(pending), children_left=len(left),
+                       restarts=restarts, strength=strength, lost_stat=lost_count)
 
     run(main())
+    line = (f"chaos: tasks={figures['tasks']} kills={figures['kills']} "
+            f"replies={figures['replies']} WorkerLost={figures['WorkerLost']} "
+            f"hung={figures['hung']} children_left={figures['children_left']} "
+            f"restarts={figures['restarts']} "
+            f"strength={figures['strength']}/{CHAOS_POOL_SIZE}")
+    (tmp_path / 'chaos.txt').write_text(line + '\n')
+    with capsys.disabled():
+        print(f'\n{line}  ({tmp_path / "chaos.txt"})')
+    assert figures['tasks'] >= 2000, line
+    assert figures['kills'] == CHAOS_KILLS, line
+    assert figures['hung'] == 0, line
+    assert figures['replies'] + figures['WorkerLost'] == figures['tasks'], line
+    assert figures['replies'] > 0 and figures['WorkerLost'] > 0, line
+    assert figures['WorkerLost'] == figures['lost_stat'], line
+    assert figures['restarts'] == CHAOS_KILLS, line
+    assert figures['strength'] == CHAOS_POOL_SIZE, line
+    assert figures['children_left'] == 0, line
 
 
-exceptions = st.sampled_from([ValueError, KeyError, RuntimeError, ZeroDivisionError,
-                              LookupError, OSError, ArithmeticError]).flatmap(
-    lambda cls: st.text(max_size=30).map(cls))
+class ParseError(Exception):
+    """Several arguments, all kept in ``args``."""
+
+    def __init__(self, line: int, column: int, reason: str) -> None:
+        super().__init__(line, column, reason)
+
+
+class QuotaExceeded(ValueError):
+    """One argument in ``args``, the rest in attributes (which pickle in ``__dict__``)."""
+
+    def __init__(self, message: str, *, used: object = None, limit: object = None) -> None:
+        super().__init__(message)
+        self.used = used
+        self.limit = limit
+
+
+class Anything(LookupError):
+    """Any number of arguments of any picklable type."""
+
+
+def _same(value: object) -> object:
+    """A form of ``value`` that compares equal exactly when the round trip kept it: types
+    matter (True is not 1), -0.0 is not 0.0, and NaN equals NaN (floats by repr)."""
+    kind = type(value).__qualname__
+    if isinstance(value, float):
+        return kind, repr(value)
+    if isinstance(value, (list, tuple)):
+        return kind, tuple(_same(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return kind, frozenset(_same(item) for item in value)
+    if isinstance(value, dict):
+        return kind, tuple((_same(k), _same(v)) for k, v in value.items())
+    if isinstance(value, BaseException):
+        return kind, _same(value.args), _same(dict(sorted(vars(value).items())))
+    if isinstance(value, bytearray):
+        return kind, bytes(value)
+    return kind, value
+
+
+big_ints = (st.integers() | st.integers(min_value=-2 ** 300, max_value=2 ** 300)
+            | st.sampled_from([2 ** 63, -2 ** 63 - 1, 2 ** 64 + 1, 10 ** 100]))
+floats = st.floats() | st.sampled_from([math.nan, -0.0, math.inf, -math.inf])   # NaN too
+hashables = st.recursive(
+    st.none() | st.booleans() | big_ints | floats | st.text(max_size=10)
+    | st.binary(max_size=10),
+    lambda children: st.tuples(children, children) | st.frozensets(children, max_size=3),
+    max_leaves=6)
 messages = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
-    | st.binary(),
-    lambda children: st.lists(children, max_size=5) | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=5), children, max_size=5),
-    max_leaves=20)
+    hashables | st.text() | st.binary(max_size=200) | st.binary(max_size=8).map(bytearray),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(hashables, children, max_size=4) | st.sets(hashables, max_size=4)
+    | st.frozensets(hashables, max_size=4),
+    max_leaves=16)
+exceptions = st.one_of(
+    st.sampled_from([ValueError, KeyError, RuntimeError, ZeroDivisionError, ArithmeticError]
+                    ).flatmap(lambda cls: st.lists(messages, max_size=3).map(
+                        lambda args: cls(*args))),
+    st.builds(ParseError, big_ints, big_ints, st.text(max_size=20)),
+    st.builds(QuotaExceeded, st.text(max_size=20), used=messages, limit=floats),
+    # OSError picks its subclass by errno (2 -> FileNotFoundError); filename is not in args
+    st.builds(OSError, st.integers(0, 40), st.text(max_size=20), st.text(max_size=20)),
+    st.lists(messages, max_size=4).map(lambda args: Anything(*args)),
+)
+
+
+def test_the_round_trip_comparison_sees_what_pickling_could_lose() -> None:
+    # the helper the property test relies on: NaN is kept, types and signs are not blurred
+    assert _same([math.nan, {math.nan}]) == _same(pickle.loads(pickle.dumps(
+        [math.nan, {math.nan}])))
+    assert _same(True) != _same(1) and _same(0.0) != _same(-0.0)
+    assert _same((1, 2)) != _same([1, 2]) and _same({1}) != _same(frozenset({1}))
+    assert _same(QuotaExceeded('x', used=1)) != _same(QuotaExceeded('x', used=2))
 
 
 @pytest.fixture(scope='module')
@@ -377,16 +579,20 @@ def shared_pool_loop():
 
 
 @settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(message=messages, error=exceptions)
 def test_arbitrary_messages_and_exceptions_round_trip(shared_pool_loop, message, error
                                                       ) -> None:
     loop, pool = shared_pool_loop
     # wrap in a list so that a tuple message is not taken for a command
-    assert loop.run_until_complete(pool.submit([message])) == [message]
+    reply = loop.run_until_complete(asyncio.wait_for(pool.submit([message]), 10))
+    assert _same(reply) == _same([message])
     with pytest.raises(type(error)) as caught:
-        loop.run_until_complete(pool.submit(('raise', error)))
-    assert caught.value.args == error.args
+        loop.run_until_complete(asyncio.wait_for(pool.submit(('raise', error)), 10))
+    assert type(caught.value) is type(error)
+    assert _same(caught.value) == _same(error)
+    assert isinstance(caught.value.__cause__, RemoteTraceback)
 
 
 class CrashOnReplay(Echo):
