@@ -333,6 +333,12 @@ class Channel:
         while self._read_once():
             pass
 
+    def read_available(self) -> None:
+        """Read what the socket holds now, without waiting for the loop to say so (the
+        owner is busy in one long callback and wants the replies that came meanwhile)."""
+        while self._read_once():
+            pass
+
     # -- closing ---------------------------------------------------------------------------
 
     def _lost(self) -> None:

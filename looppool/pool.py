@@ -74,6 +74,9 @@ NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 _MAX_BATCH = 256
 # Freed slots that are refilled before the end of a read that holds many frames.
 _EARLY_REFILL = 256
+# During a burst of submit() calls that waits for room, replies are read every this many
+# + 1 calls (a mask on the task id: the test costs nothing).
+_CATCH_UP_EVERY = 511
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
 
@@ -108,15 +111,17 @@ Item = tuple[int, int, Any, Any]
 class _TaskFuture(asyncio.Future[Any]):
     """The future of one ``submit()``: cancelling it cancels the task in the worker."""
 
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_timer', '_lp_started', '_lp_sink',
-                 '_lp_message')
+    # What every task sets lives in slots; what few set (a timeout, a host's sink, the time
+    # for statsd) defaults on the class and goes in the instance's dict when set: three
+    # stores fewer on the path every message takes.
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_message')
     _lp_message: Any    # the message itself, kept to batch it and, rarely, to resend it
     _lp_pool: Pool
     _lp_tid: int
     _lp_link: _Link | None
-    _lp_timer: asyncio.TimerHandle | None
-    _lp_started: float
-    _lp_sink: Callable[[bool, Any], None] | None
+    _lp_timer: asyncio.TimerHandle | None = None
+    _lp_started: float = 0.0
+    _lp_sink: Callable[[bool, Any], None] | None = None
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -221,7 +226,8 @@ class _Slot:
     """One worker number: its current process and the messages waiting for it."""
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
-                 'restart_timer', 'retiring', 'recycles', 'quick_deaths')
+                 'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'successor',
+                 'successor_failures', 'next_recycle')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -234,6 +240,10 @@ class _Slot:
         self.retiring: list[_Link] = []   # recycled processes finishing their last tasks
         self.recycles = 0
         self.quick_deaths = 0
+        # A recycle starts the replacement first: it takes over once ready (see _take_over).
+        self.successor: _Link | None = None
+        self.successor_failures = 0   # replacements in a row that could not start
+        self.next_recycle = 0.0       # loop time before which no recycle is tried again
 
 
 class Pool:
@@ -340,6 +350,7 @@ class Pool:
         self._timers: list[asyncio.TimerHandle] = []
         self._warned_results = False
         self._counts = collections.Counter[str]()
+        self._submits = 0   # submit() calls; stats() adds them to _counts['submitted']
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
         # A pool host forwards each reply's bytes unpickled, so its workers answer one by one.
         self._batch_replies = True
@@ -348,6 +359,8 @@ class Pool:
         self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
         self._memory_timer: asyncio.TimerHandle | None = None
         self._room_waiters: list[asyncio.Future[None]] = []   # map()s waiting for room
+        self._catching_up = False   # reading replies inside submit(): see _catch_up
+        self._held: list[tuple[_Link, int, int, bytes]] | None = None   # see _hold
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -429,6 +442,9 @@ class Pool:
             if slot.restart_timer is not None:
                 slot.restart_timer.cancel()
                 slot.restart_timer = None
+            if slot.successor is not None:   # a recycle under way: the old worker stays
+                successor, slot.successor = slot.successor, None
+                self._retire(successor)
             self._stop_when_drained(slot)
         self._check_stopped()
 
@@ -471,15 +487,71 @@ class Pool:
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         tid = self._next_tid
         self._next_tid = tid + 1
-        future = self._new_future(_TaskFuture, tid, message, None, timeout)
-        self._counts['submitted'] += 1
+        # _new_future() and the common case of _dispatch() and _send_task(), written out:
+        # this is the path of every message of a burst, and each call saved counts.
+        loop = self._loop
+        future = _TaskFuture(loop=loop)
+        future._lp_pool = self
+        future._lp_tid = tid
+        future._lp_link = None
+        future._lp_message = message
+        if self._metrics is not None:
+            future._lp_started = loop.time()
+        if timeout is not None:
+            future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
+        self._submits += 1   # an int, not _counts: a Counter's += is four times slower
         # The future itself waits in the queues and the batch: no per-message tuple (the
         # fewer objects a burst of submits leaves, the less the cyclic GC has to walk).
-        if worker_num is None and self._pending:
-            self._pending.append(future)   # the common case in a burst, inline
-        else:
-            self._dispatch(future, worker_num)
+        if worker_num is None:
+            pending = self._pending
+            if pending:   # a burst past the workers' shares: wait in line
+                pending.append(future)
+                if not tid & _CATCH_UP_EVERY:
+                    self._catch_up()
+                return future
+            rr = self._rr
+            slots = self._slots
+            slot = slots[rr]
+            link = slot.link
+            if link is not None and link.used < self._share and not slot.targeted \
+                    and self._recycle_after is None:
+                # The next worker in turn has room: into its batch, pickled at the flush.
+                self._rr = rr + 1 if rr + 1 < len(slots) else 0
+                used = link.used = link.used + 1
+                link.inflight[tid] = future
+                future._lp_link = link
+                batch = link.batch
+                batch.append(future)
+                if used == 1 or len(batch) >= _MAX_BATCH:
+                    # An idle worker goes now (latency); a long burst writes this part
+                    # now, so the worker starts on it while the caller goes on.
+                    self._send_batch(link)
+                    link.channel.flush()  # type: ignore[union-attr]
+                elif len(batch) == 1:
+                    link.channel.schedule_flush()  # type: ignore[union-attr]
+                return future
+        self._dispatch(future, worker_num)
         return future
+
+    def _catch_up(self) -> None:
+        """Take in what the workers have sent, during a burst of ``submit()`` calls.
+
+        The loop runs nothing until the caller of a long burst awaits, so without this the
+        workers would finish their shares of ``max_tasks`` early in the burst and then sit
+        idle until it ends. Reading their replies here frees slots, and the refill that
+        follows sends them more of the waiting messages at once. Nothing of the caller's
+        runs in between: futures resolve (their callbacks wait for the loop, as always),
+        and what would call application code (``process_message``, log records) is held
+        for the next loop iteration, in order (see :meth:`_hold`).
+        """
+        self._catching_up = True
+        try:
+            for slot in self._slots:
+                link = slot.link
+                if link is not None and link.channel is not None:
+                    link.channel.read_available()
+        finally:
+            self._catching_up = False
 
     def _submit_payload(self, payload: Any, worker_num: int | None, timeout: float | None,
                         cls: type[_TaskFuture], sink: Any, tid: int = 0) -> _TaskFuture:
@@ -499,10 +571,11 @@ class Pool:
         future._lp_pool = self
         future._lp_tid = tid
         future._lp_link = None
-        future._lp_timer = None
-        future._lp_sink = sink
+        if sink is not None:
+            future._lp_sink = sink
         future._lp_message = payload
-        future._lp_started = self._loop.time() if self._metrics is not None else 0.0
+        if self._metrics is not None:
+            future._lp_started = self._loop.time()
         if timeout is not None:
             future._lp_timer = self._loop.call_later(timeout, self._expire, future, timeout)
         return future
@@ -775,7 +848,7 @@ class Pool:
         return {
             'state': self._state,
             'pool_size': self.pool_size,
-            'submitted': self._counts['submitted'],
+            'submitted': self._counts['submitted'] + self._submits,
             'completed': self._counts['completed'],
             'failed': self._counts['failed'],
             'lost': self._counts['lost'],
@@ -1009,8 +1082,13 @@ class Pool:
                 freed += arg
             elif kind == protocol.RESEND:
                 self._resend(link, payload)
-            elif kind == protocol.RESULT:
-                self._deliver(link, arg, payload)
+            elif kind == protocol.RESULT or kind == protocol.LOG:
+                if self._catching_up or self._held is not None:
+                    self._hold(link, kind, arg, payload)
+                elif kind == protocol.RESULT:
+                    self._deliver(link, arg, payload)
+                else:
+                    self._on_log(link, payload)
             elif kind == protocol.READY:
                 self._on_ready(link)
             elif kind == protocol.START_FAILED:
@@ -1018,8 +1096,6 @@ class Pool:
                     link.start_error = loads(payload)
                 except BaseException:  # pragma: no cover - the text is a plain str
                     link.start_error = '(the start-up traceback could not be read)'
-            elif kind == protocol.LOG:
-                self._on_log(link, payload)
         if completed:
             self._counts['completed'] += completed
         if freed:
@@ -1057,6 +1133,23 @@ class Pool:
             if metrics is not None:
                 metrics.durations.offer(now - future._lp_started)
         return len(tids)
+
+    def _hold(self, link: _Link, kind: int, arg: int, payload: Any) -> None:
+        """Keep a result or log record for the next loop iteration: it arrived while the
+        pool was reading inside a ``submit()`` call (see :meth:`_catch_up`), or after one
+        that is still held, which must go first."""
+        if self._held is None:
+            self._held = []
+            self._loop.call_soon(self._release_held)
+        self._held.append((link, kind, arg, bytes(payload)))   # the view is only lent
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, None
+        for link, kind, arg, payload in held or ():
+            if kind == protocol.RESULT:
+                self._deliver(link, arg, payload)
+            else:
+                self._on_log(link, payload)
 
     def _deliver(self, link: _Link, origin: int, payload: Any) -> None:
         if self._raw_results is not None:
@@ -1158,7 +1251,7 @@ class Pool:
 
     # -- supervision -----------------------------------------------------------------------
 
-    def _spawn(self, slot: _Slot) -> None:
+    def _spawn(self, slot: _Slot, successor: bool = False) -> None:
         ctx = self._mp_context
         parent_sock, child_sock = socketpair()
         start_method = ctx.get_start_method()
@@ -1195,27 +1288,46 @@ class Pool:
                                before_flush=functools.partial(self._before_flush, link))
         _parent_fds.add(link.channel.fileno())
         self._loop.add_reader(link.sentinel, self._on_exit, link)
-        slot.link = link
         # A replacement first replays the sticky broadcasts, then takes its share of work.
         for payload in self._sticky.values():
             link.used += 1
             link.channel.send(protocol.REPLAY, 0, payload)
+        if successor:
+            slot.successor = link   # the current worker serves until this one is ready
+            return
+        slot.link = link
         self._refill(slot)
 
     def _recycle(self, link: _Link, reason: str) -> None:
-        """Replace a healthy worker: the replacement starts first and takes new work, the
-        old process finishes what it was sent and exits."""
+        """Replace a healthy worker without a dip in capacity: the replacement starts
+        while the old process goes on taking work; once the replacement is ready it takes
+        over, and the old process finishes what it was sent and exits."""
         slot = self._slots[link.number]
-        if link.retiring or slot.link is not link or self._state is not RUNNING:
+        if link.retiring or slot.link is not link or slot.successor is not None \
+                or self._state is not RUNNING or self._loop.time() < slot.next_recycle:
             return
-        log.info('worker %d (pid %d) is being recycled (planned, not a crash): %s',
-                 link.number, link.pid, reason)
-        link.retiring = True
+        log.info('worker %d (pid %d) is being recycled (planned, not a crash): %s; its '
+                 'replacement starts now and takes over once ready', link.number, link.pid,
+                 reason)
         slot.recycles += 1
         self._counts['recycles'] += 1
+        self._spawn(slot, successor=True)
+
+    def _take_over(self, slot: _Slot, link: _Link) -> None:
+        """A recycle's replacement is ready: it takes the slot, the old process retires."""
+        old = slot.link
+        slot.successor = None
+        slot.successor_failures = 0
+        slot.link = link
+        if old is not None and not old.exited:
+            self._retire(old)
+        self._refill(slot)
+
+    def _retire(self, link: _Link) -> None:
+        """``link`` takes no new work: it finishes what it was sent, then exits."""
+        slot = self._slots[link.number]
+        link.retiring = True
         slot.retiring.append(link)
-        slot.link = None
-        self._spawn(slot)
         link.stop_sent = True
         assert link.channel is not None
         if link.batch:
@@ -1263,11 +1375,14 @@ class Pool:
                                                    self._check_memory)
 
     def _links(self) -> list[_Link]:
-        """Every live worker process: the current one of each slot and those retiring."""
+        """Every live worker process: the current one of each slot, a recycle's replacement
+        that is starting, and those retiring."""
         links = []
         for slot in self._slots:
             if slot.link is not None:
                 links.append(slot.link)
+            if slot.successor is not None:
+                links.append(slot.successor)
             links.extend(slot.retiring)
         return links
 
@@ -1360,6 +1475,8 @@ class Pool:
         slot = self._slots[link.number]
         slot.failures = 0
         slot.start_error = None
+        if slot.successor is link:
+            self._take_over(slot, link)
         if self._ready is not None and not self._ready.done() and all(
                 s.link is not None and s.link.ready for s in self._slots):
             self._ready.set_result(None)
@@ -1385,13 +1502,28 @@ class Pool:
         slot = self._slots[link.number]
         if slot.link is link:
             slot.link = None
+            if slot.successor is not None and self._state is RUNNING:
+                # Died while its recycle's replacement starts: that one takes over now.
+                slot.link, slot.successor = slot.successor, None
+                self._refill(slot)
         elif link in slot.retiring:
             slot.retiring.remove(link)
         lost = list(link.inflight.values())
         link.inflight.clear()
         link.used = 0
 
-        if not link.ready:
+        if slot.successor is link:
+            # A recycle's replacement that could not start: the worker it was to replace
+            # goes on serving, and the recycle is tried again after a back-off.
+            slot.successor = None
+            slot.successor_failures += 1
+            delay = min(0.1 * 2 ** (slot.successor_failures - 1), 10.0)
+            slot.next_recycle = self._loop.time() + delay
+            log.error('worker %d: the replacement started to recycle it (pid %d) %s; the '
+                      'worker goes on serving, and the recycle is tried again in %.1f s%s',
+                      slot.number, link.pid, _how_it_ended(exitcode), delay,
+                      f'\n{link.start_error}' if link.start_error else '')
+        elif not link.ready:
             self._start_failed(slot, link, exitcode, lost)
         elif not (link.stop_sent and exitcode == 0):
             reason = link.kill_reason or _likely_cause(exitcode)

@@ -316,7 +316,6 @@ def test_recycling_after_max_tasks_is_planned_and_loses_nothing(caplog) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-@pytest.mark.xfail(strict=True, reason='recycle capacity dip: fixed in pool.py next')
 def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip() -> None:
     """A recycle must not stall the stream of work: the old worker goes on taking tasks
     until its replacement is ready. Under spawn a fresh worker takes a tenth of a second or
