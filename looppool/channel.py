@@ -209,8 +209,9 @@ class Channel:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def send(self, kind: int, arg: int, payload: Buffer = b'') -> None:
-        """Queue one frame; it is written when the loop next flushes this channel."""
+    def send(self, kind: int, arg: int, payload: Buffer = b'', now: bool = False) -> None:
+        """Queue one frame; it is written when the loop next flushes this channel, or at
+        once with ``now``."""
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
         if size > _MAX_PAYLOAD:
             raise ValueError(f'a message pickles to {size} bytes; the limit is 4 GiB')
@@ -222,12 +223,16 @@ class Channel:
             self._queue.append(wbuf)
             self._queue.append(payload)
             self._wbuf = bytearray()
-        if not self._flush_scheduled and not self.closed:
+        if now:
+            self.flush()
+        elif not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
-    def send_parts(self, kind: int, arg: int, parts: Sequence[Buffer]) -> None:
-        """Queue one frame whose payload is ``parts`` joined, without joining them."""
+    def send_parts(self, kind: int, arg: int, parts: Sequence[Buffer], now: bool = False
+                   ) -> None:
+        """Queue one frame whose payload is ``parts`` joined, without joining them; with
+        ``now``, write it (and what waits before it) at once instead of at the flush."""
         size = sum(len(part) if type(part) is bytes else memoryview(part).nbytes
                    for part in parts)
         if size > _MAX_PAYLOAD:
@@ -241,7 +246,9 @@ class Channel:
                 self._queue.append(wbuf)
                 self._queue.append(part)
                 wbuf = self._wbuf = bytearray()
-        if not self._flush_scheduled and not self.closed:
+        if now:
+            self.flush()
+        elif not self._flush_scheduled and not self.closed:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
@@ -253,11 +260,19 @@ class Channel:
 
     def flush(self) -> None:
         """Write as much as the kernel takes now; the rest waits for writability."""
-        self._flush_scheduled = False
         if self.closed:
+            self._flush_scheduled = False
             return
         if self.before_flush is not None:
-            self.before_flush()
+            # What it queues is written below: no other flush to schedule for it (that
+            # would cost the loop one more turn).
+            self._flush_scheduled = True
+            try:
+                self.before_flush()
+            finally:
+                self._flush_scheduled = False
+        else:
+            self._flush_scheduled = False
         queue = self._queue
         if self._wbuf:
             queue.append(self._wbuf)
@@ -322,7 +337,17 @@ class Channel:
         del target
         frames = parser.collected(count) if target_set else parser.feed(data)
         if frames:
-            self._on_frames(frames)
+            if self._flush_scheduled:
+                self._on_frames(frames)
+            else:
+                # What the owner sends while it handles these frames is written right
+                # after, in this same turn of the loop: no flush to schedule for it.
+                self._flush_scheduled = True
+                try:
+                    self._on_frames(frames)
+                finally:
+                    if self._flush_scheduled and not self.closed:
+                        self.flush()
             if parser.delivered_big:
                 del frames
                 parser.reclaim()

@@ -525,8 +525,7 @@ class Pool:
                 if used == 1 or len(batch) >= _MAX_BATCH:
                     # An idle worker goes now (latency); a long burst writes this part
                     # now, so the worker starts on it while the caller goes on.
-                    self._send_batch(link)
-                    link.channel.flush()  # type: ignore[union-attr]
+                    self._send_batch(link, now=True)
                 elif len(batch) == 1:
                     link.channel.schedule_flush()  # type: ignore[union-attr]
                 return future
@@ -938,15 +937,13 @@ class Pool:
         batch.append(future)
         if link.used == 1:
             # The worker was idle: nothing to coalesce with, so go now (latency).
-            self._send_batch(link)
-            link.channel.flush()  # type: ignore[union-attr]
+            self._send_batch(link, now=True)
         elif len(batch) == 1:
             link.channel.schedule_flush()  # type: ignore[union-attr]
         elif len(batch) >= _MAX_BATCH:
             # A long burst: write this part now, so the worker starts on it while the caller
             # goes on submitting.
-            self._send_batch(link)
-            link.channel.flush()  # type: ignore[union-attr]
+            self._send_batch(link, now=True)
         if self._recycle_after is not None:
             self._count_sent(link)
 
@@ -987,8 +984,7 @@ class Pool:
             link.used = used
             if batch:
                 # Now rather than at the end of the iteration: the worker may be idle.
-                self._send_batch(link)
-                link.channel.flush()  # type: ignore[union-attr]
+                self._send_batch(link, now=True)
             if slot.link is not link:
                 return
         # slot.link is read again each time: a send may recycle the process.
@@ -1101,7 +1097,8 @@ class Pool:
         if freed:
             link.used -= freed
             slot = self._slots[link.number]
-            if slot.link is link:
+            if slot.link is link and (self._pending or slot.targeted
+                                      or self._state is STOPPING):
                 self._refill(slot)
             if self._room_waiters:
                 self._wake_room()
@@ -1391,8 +1388,9 @@ class Pool:
         if link.batch:
             self._send_batch(link)
 
-    def _send_batch(self, link: _Link) -> None:
-        """Pickle the tasks queued for ``link`` in one go and send them as one frame.
+    def _send_batch(self, link: _Link, now: bool = False) -> None:
+        """Pickle the tasks queued for ``link`` in one go and send them as one frame; with
+        ``now``, write it at once rather than at the end of the loop iteration.
 
         A message that cannot be pickled fails its own future (nothing of it is sent); a
         task cancelled before it left is dropped here, freeing its slot.
@@ -1406,7 +1404,7 @@ class Pool:
                     self._unsend(link, future)
             batch = [future for future in batch if not future.done()]
         try:
-            data = dumps(list(map(_message_of, batch)))
+            data = _pickle_batch(batch)
         except Exception:
             for future in batch:
                 try:
@@ -1416,16 +1414,30 @@ class Pool:
                     self._counts['failed'] += 1
                     self._unsend(link, future)
             batch = [future for future in batch if not future.done()]
-            data = dumps([future._lp_message for future in batch])
-        if batch:
-            assert link.channel is not None
+            data = _pickle_batch(batch)
+        assert link.channel is not None
+        if len(batch) == 1:
+            # One task (a round trip at a time): a TASK frame, without the ids' pickle.
+            future = batch[0]
+            try:
+                link.channel.send(protocol.TASK, future._lp_tid, data, now)
+                now = False   # written
+            except ValueError as exc:   # over the 4 GiB frame limit
+                self._unsend(link, future)
+                future.set_exception(exc)
+                self._counts['failed'] += 1
+                batch = []
+        elif batch:
             try:
                 link.channel.send_parts(protocol.TASKS, len(batch), protocol.pack(
-                    list(map(_tid_of, batch)), data))
+                    list(map(_tid_of, batch)), data), now)
+                now = False   # written
             except ValueError:   # over the 4 GiB frame limit together: send one by one,
                 # so that only a message over the limit on its own fails
                 self._resend(link, dumps([future._lp_tid for future in batch]))
                 batch = [future for future in batch if not future.done()]
+        if now:
+            link.channel.flush()
         if len(batch) < before:   # slots came free: let waiting messages have them
             slot = self._slots[link.number]
             if slot.link is link:
@@ -1857,6 +1869,13 @@ def _end_pools_at_exit() -> None:
     for pool in list(_live_pools):
         if pool._state in (RUNNING, STOPPING):
             pool._abandon_at_exit()
+
+
+def _pickle_batch(batch: list[_TaskFuture]) -> bytes:
+    """The payload of a batch's frame: the messages' list, or one message on its own."""
+    if len(batch) == 1:
+        return dumps(batch[0]._lp_message)
+    return dumps(list(map(_message_of, batch)))
 
 
 def _weight(future: _TaskFuture) -> int:

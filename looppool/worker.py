@@ -290,7 +290,6 @@ class _Runner:
         finish = self.finish
         reply_tids = self.reply_tids
         reply_values = self.reply_values
-        replies_before = len(reply_tids)
         set_origin = _origin.set
         with eager.Steps(self.loop) as steps:
             step = steps.step
@@ -318,8 +317,7 @@ class _Runner:
                     value.add_done_callback(functools.partial(self.task_finished, tid, True))
                 else:
                     finish(tid, True, value, failed=state == eager.RAISED)
-        if replies_before == 0 and reply_tids:
-            self.channel.schedule_flush()
+        # No flush to schedule for these replies: on_frames, our only caller, flushes.
 
     def start_map(self, tid: int, payload: Any) -> None:
         """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in
@@ -408,9 +406,7 @@ class _Runner:
                     dumps(value)
                 except Exception as exc:
                     replies[index] = None
-                    errors[index] = self.encode_error(pickle.PicklingError(
-                        f'worker {self.number} (pid {self.pid}) could not pickle the '
-                        f'reply ({type(value).__qualname__}): {exc!r}'), None)
+                    errors[index] = self.unpicklable(value, exc)
             data = dumps((replies, errors))
         try:
             self.channel.send_parts(protocol.MAPPED, tid, protocol.pack([frees], data))
@@ -492,10 +488,7 @@ class _Runner:
                     payload = dumps(value)
                 except BaseException as exc:
                     kind = protocol.ERROR if frees else protocol.ERROR_KEEP
-                    payload = self.encode_error(
-                        pickle.PicklingError(
-                            f'worker {self.number} (pid {self.pid}) could not pickle the '
-                            f'reply ({type(value).__qualname__}): {exc!r}'), None)
+                    payload = self.unpicklable(value, exc)
                 try:
                     self.channel.send(kind, tid, payload)
                 except ValueError as exc:   # over the 4 GiB frame limit
@@ -513,6 +506,12 @@ class _Runner:
                 self.slot_freed()
         if self.stopping:
             self.maybe_stop()
+
+    def unpicklable(self, value: Any, exc: BaseException) -> bytes:
+        """The error that answers a task whose reply could not be pickled."""
+        return self.encode_error(pickle.PicklingError(
+            f'worker {self.number} (pid {self.pid}) could not pickle the reply '
+            f'({type(value).__qualname__}): {exc!r}'), None)
 
     def encode_error(self, exc: BaseException, note: str | None) -> bytes:
         text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -558,6 +557,19 @@ class _Runner:
         fails its own task with a PicklingError instead."""
         tids, values = self.reply_tids, self.reply_values
         self.reply_tids, self.reply_values = [], []
+        if len(tids) == 1:
+            # One reply (a round trip at a time): a REPLY frame, one pickle, no ids list.
+            tid, value = tids[0], values[0]
+            try:
+                payload = dumps(value)
+            except Exception as exc:
+                self.channel.send(protocol.ERROR, tid, self.unpicklable(value, exc))
+                return
+            try:
+                self.channel.send(protocol.REPLY, tid, payload)
+            except ValueError as exc:   # over the 4 GiB frame limit
+                self.channel.send(protocol.ERROR, tid, self.encode_error(exc, None))
+            return
         try:
             data = dumps(values)
         except Exception:
@@ -566,10 +578,7 @@ class _Runner:
                 try:
                     dumps(value)
                 except Exception as exc:
-                    self.channel.send(protocol.ERROR, tid, self.encode_error(
-                        pickle.PicklingError(
-                            f'worker {self.number} (pid {self.pid}) could not pickle the '
-                            f'reply ({type(value).__qualname__}): {exc!r}'), None))
+                    self.channel.send(protocol.ERROR, tid, self.unpicklable(value, exc))
                 else:
                     good_tids.append(tid)
                     good_values.append(value)
