@@ -210,6 +210,43 @@ def test_worker_log_records_reach_the_parents_handlers(method: str) -> None:
     assert formatted.startswith('looppool worker ') and 'ValueError' in formatted
 
 
+def test_records_of_a_logger_that_does_not_propagate_still_reach_its_handler() -> None:
+    # A logger with a handler of its own and propagate=False, set up in the parent before
+    # the pool starts: a forked worker inherits the setting, and its records must still
+    # come back to that handler (and only to it).
+    records: list[logging.LogRecord] = []
+    above: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def __init__(self, into: list[logging.LogRecord]) -> None:
+            super().__init__()
+            self.into = into
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.into.append(record)
+
+    own, parent = Collect(records), Collect(above)
+    logger, app = logging.getLogger('app.worker'), logging.getLogger('app')
+    logger.addHandler(own)
+    app.addHandler(parent)
+    logger.propagate = False
+    try:
+        async def main() -> None:
+            async with looppool.Pool(pool_size=1, worker_class=Chatty,
+                                     mp_context='fork') as pool:
+                assert await pool.submit('hello') == 'hello'
+                await wait_until(lambda: records, what='the record')
+
+        run(main())
+    finally:
+        logger.propagate = True
+        logger.removeHandler(own)
+        app.removeHandler(parent)
+    assert [r.getMessage() for r in records] == ['handled hello in worker 0']
+    assert records[0].worker_pid != os.getpid()
+    assert not above   # propagate=False still holds in the parent
+
+
 # A parent handler that takes this long per record, for this many records of this size:
 # 12 MB, more than the channel's socket buffer holds (the kernel doubles the 4 MiB asked
 # for), so a worker that waited for the parent, at the socket or otherwise, would be held
