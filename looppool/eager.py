@@ -29,9 +29,11 @@ import sys
 from collections.abc import Coroutine, Generator
 from typing import Any
 
-__all__ = ['DONE', 'RAISED', 'PENDING', 'Steps', 'step', 'start']
+__all__ = ['DONE', 'RAISED', 'PENDING', 'NOT_DONE', 'Steps', 'step', 'start']
 
 DONE, RAISED, PENDING = 0, 1, 2
+# What Steps.run returns for a coroutine that did not finish in its first step.
+NOT_DONE: Any = object()
 NATIVE = sys.version_info >= (3, 12)
 
 # Any object can be a loop's current task; these record it (private, stable since 3.7).
@@ -107,13 +109,14 @@ class Steps:
     On Python 3.12 and newer it does what :func:`step` does.
     """
 
-    __slots__ = ('loop', 'stand_in', 'outer', 'alone')
+    __slots__ = ('loop', 'stand_in', 'outer', 'alone', 'outcome')
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.stand_in: _StandIn | None = None
         self.outer: Any = None
         self.alone = 0   # the stand-in's reference count when nothing else holds it
+        self.outcome: tuple[int, Any] = (DONE, None)   # see run()
 
     def __enter__(self) -> Steps:
         if not NATIVE:
@@ -141,28 +144,40 @@ class Steps:
 
     def step(self, coro: Coroutine[Any, Any, Any]) -> tuple[int, Any]:
         """Run ``coro``'s first step; see :func:`step`."""
+        value = self.run(coro)
+        return (DONE, value) if value is not NOT_DONE else self.outcome
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """:meth:`step` for a loop where most coroutines finish at once: returns the
+        result, or :data:`NOT_DONE` with what :meth:`step` would return in ``outcome``."""
         if NATIVE:
-            return step(self.loop, coro)
+            state, value = step(self.loop, coro)
+            if state == DONE:
+                return value
+            self.outcome = (state, value)
+            return NOT_DONE
         context = contextvars.copy_context()
         try:
             yielded = context.run(coro.send, None)
         except StopIteration as stop:
             if sys.getrefcount(self.stand_in) != self.alone:
                 self._replace()
-            return DONE, stop.value
+            return stop.value
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
             if sys.getrefcount(self.stand_in) != self.alone:
                 self._replace()
-            return RAISED, exc
+            self.outcome = (RAISED, exc)
+            return NOT_DONE
         loop = self.loop
         stand_in = self.stand_in
         assert stand_in is not None
         task = context.run(loop.create_task, _Resume(coro, yielded))
         stand_in.attach(task)
         self._replace()
-        return PENDING, task
+        self.outcome = (PENDING, task)
+        return NOT_DONE
 
     def _replace(self) -> None:
         """Someone holds the stand-in: it stays theirs; the next coroutine gets a new one."""

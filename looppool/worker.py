@@ -294,9 +294,10 @@ class _Runner:
         reply_tids = self.reply_tids
         reply_values = self.reply_values
         held = self.held   # results waiting for credit: replies must wait behind them
+        NOT_DONE = eager.NOT_DONE
         stopping = self.stopping
         with eager.Steps(self.loop) as steps:
-            step = steps.step
+            first_step = steps.run
             for tid, message in zip(tids, messages):
                 try:
                     result = call(message)
@@ -311,11 +312,16 @@ class _Runner:
                     else:
                         finish(tid, True, result)
                         continue
-                state, value = step(result)
-                if state == eager.DONE and not held and not stopping:
-                    reply_tids.append(tid)
-                    reply_values.append(value)
-                elif state == eager.PENDING:
+                value = first_step(result)
+                if value is not NOT_DONE:
+                    if not held and not stopping:
+                        reply_tids.append(tid)
+                        reply_values.append(value)
+                    else:
+                        finish(tid, True, value)
+                    continue
+                state, value = steps.outcome
+                if state == eager.PENDING:
                     self.running[tid] = value
                     value.add_done_callback(functools.partial(self.task_finished, tid, True))
                 else:
