@@ -21,6 +21,7 @@ SHORT = {
     'looppool_submit': 'looppool\nsubmit',
     'looppool_map': 'looppool\nmap',
     'looppool_put_nowait': 'looppool\nput_nowait',
+    'looppool_remote': 'looppool\nremote',
     'process_pool_executor': 'Process\nPoolExecutor',
     'aiomultiprocess_pool': 'aiomulti-\nprocess',
     'ceiling': 'ceiling',

@@ -270,7 +270,8 @@ class Pool:
     :param cancel_grace: seconds a cancelled or timed-out task may take to end in the
         worker before the worker is killed and replaced (default 5).
     :param max_tasks_per_worker: recycle a worker after it was sent this many tasks: a
-        replacement starts first, the old process finishes what it has and exits.
+        replacement starts first while the old process goes on serving; once it is ready
+        it takes over, and the old process finishes what it has and exits.
     :param max_memory_per_worker: recycle a worker whose resident memory (RSS, bytes)
         exceeds this, checked every ``memory_check_interval`` seconds (default 1).
     :param forward_logs: ``True`` (default) sends every log record made in a worker to
