@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -117,12 +119,10 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, method: str) -> None:
         if __name__ == '__main__':
             asyncio.run(main())
     ''')
-    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
-                              text=True)
     pids: list[int] = []
-    try:
+    with _parent(program, pids) as parent:
         assert parent.stdout is not None
-        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        pids += [int(pid) for pid in parent.stdout.readline().split()]
         assert len(pids) == 2 and all(psutil.pid_exists(pid) for pid in pids)
         started = time.monotonic()
         parent.kill()
@@ -132,12 +132,6 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path, method: str) -> None:
         # idle workers see the end of file at once; the promise is "within a second"
         elapsed = time.monotonic() - started
         assert elapsed < 1.0, f'the workers outlived their parent by {elapsed:.2f} s'
-    finally:
-        parent.kill()
-        parent.wait(5)
-        if parent.stdout:
-            parent.stdout.close()
-        _kill_orphans(pids)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'),
@@ -170,12 +164,10 @@ def test_workers_in_cpu_bound_handlers_exit_when_the_parent_is_killed(tmp_path, 
         if __name__ == '__main__':
             asyncio.run(main())
     ''')
-    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
-                              text=True)
     pids: list[int] = []
-    try:
+    with _parent(program, pids) as parent:
         assert parent.stdout is not None
-        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        pids += [int(pid) for pid in parent.stdout.readline().split()]
         assert len(pids) == 2
         # both workers are inside their spin loops before the parent dies
         spinning = {int(parent.stdout.readline().split()[1]) for _ in pids}
@@ -194,6 +186,16 @@ def test_workers_in_cpu_bound_handlers_exit_when_the_parent_is_killed(tmp_path, 
                  what='spinning workers to exit after their parent was killed')
         worst = max(ends.values())
         assert worst < 1.0, f'spinning workers outlived their parent: {ends}'
+
+
+@contextlib.contextmanager
+def _parent(program: str, pids: list[int]) -> Iterator[subprocess.Popen[str]]:
+    """Run ``program`` as a pool's parent process, its output piped; afterwards kill it, and
+    any of ``pids`` (its workers, filled in by the caller) that a failure left behind."""
+    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        yield parent
     finally:
         parent.kill()
         parent.wait(5)
@@ -365,17 +367,10 @@ def test_handlers_clean_up_when_the_parent_dies(tmp_path) -> None:
         if __name__ == '__main__':
             asyncio.run(main())
     ''')
-    parent = subprocess.Popen([sys.executable, program], env=_env(), stdout=subprocess.PIPE,
-                              text=True)
-    try:
+    with _parent(program, []) as parent:
         assert parent.stdout is not None
         assert parent.stdout.readline().strip() == 'ready'
         parent.kill()
         parent.wait(5)
         wait_for(marker.exists, timeout=5, what="the handler's finally block to run")
         assert marker.read_text() == 'cleaned up'
-    finally:
-        parent.kill()
-        parent.wait(5)
-        if parent.stdout:
-            parent.stdout.close()
