@@ -1583,6 +1583,10 @@ class Pool:
         traceback_text = link.start_error or ''
         if traceback_text:
             what = f'could not start: its _initialise() raised\n{traceback_text}'
+        elif exitcode is not None and exitcode < 0:
+            # Killed from outside while it started (in _initialise, or before): not a
+            # problem with the program's main module.
+            what = f'{_how_it_ended(exitcode)} before it was ready; {_likely_cause(exitcode)}'
         else:
             what = (f'{_how_it_ended(exitcode)} before it was ready, before _initialise ran '
                     '(likely causes: under spawn or forkserver the main module must be '

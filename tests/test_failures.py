@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import looppool
 from looppool.errors import RemoteTraceback
 from conftest import _children, run, wait_until
-from workers import Echo, FailingStart
+from workers import Echo, FailingStart, SlowStart
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -186,6 +186,32 @@ def test_a_worker_that_cannot_start_reports_its_traceback_and_backs_off() -> Non
         with pytest.raises(looppool.WorkerStartError, match='cannot open the database'):
             await asyncio.wait_for(pool.submit('y'), 1)
         await pool.stop()
+
+    run(main())
+
+
+def test_a_worker_killed_while_it_starts_is_reported_as_killed(tmp_path, monkeypatch
+                                                                ) -> None:
+    # Killed from outside inside _initialise: the error names the signal and its likely
+    # causes, not an unimportable main module (which is what a silent early exit means).
+    marker = tmp_path / 'starting'
+    monkeypatch.setenv('LOOPPOOL_TEST_STARTING', str(marker))
+
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=1, worker_class=SlowStart, stop_timeout=2)
+        pool.start()
+        try:
+            waiting = pool.submit('x')
+            await wait_until(lambda: marker.exists() and marker.read_text().strip(),
+                             what='the worker to be in _initialise')
+            os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
+            with pytest.raises(looppool.WorkerStartError) as caught:
+                await asyncio.wait_for(waiting, 10)
+        finally:
+            await pool.stop()
+        message = str(caught.value)
+        assert 'signal 9' in message and 'before it was ready' in message, message
+        assert 'out-of-memory' in message and 'main module' not in message, message
 
     run(main())
 

@@ -132,6 +132,20 @@ class ClassicPlain(looppool.Worker):
         self._put_nowait((message, self._number))
 
 
+class SlowStart(looppool.Worker):
+    """Takes its time in _initialise, and says when it is in there."""
+
+    def _initialise(self) -> None:
+        import os
+        import time
+        with open(os.environ['LOOPPOOL_TEST_STARTING'], 'a') as marker:
+            marker.write(f'{os.getpid()}\n')
+        time.sleep(30)
+
+    async def handle(self, message: Any) -> Any:  # pragma: no cover - killed first
+        return message
+
+
 class FailingStart(looppool.Worker):
     def _initialise(self) -> None:
         raise RuntimeError('cannot open the database')
