@@ -401,3 +401,58 @@ def test_start_on_a_closed_loop_raises(statsd: Any) -> None:
     with pytest.raises(RuntimeError, match='closed'):
         reporter.start()
     assert not reporter.is_running()
+
+
+def test_the_looppool_03_instrumented_worker_runs_unchanged() -> None:
+    """The README's class, text unchanged (tests/looppool03_instrumented.py): statsd on
+    localhost:8125, the default ten-second interval, its own process title."""
+    import looppool
+    from looppool03_instrumented import InstrumentatedWorker
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(('127.0.0.1', 8125))
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f'the class reports to localhost:8125, which is taken here ({exc})')
+    sock.setblocking(False)
+    results: list[Any] = []
+
+    async def main() -> tuple[list[str], dict[str, float]]:
+        @looppool.task_done
+        def process_message(result: Any, result_done: Any) -> None:
+            results.append(result)
+
+        pool = looppool.Pool(asyncio.get_running_loop(), 2, InstrumentatedWorker)
+        pool.process_message = process_message
+        pool.start()
+        try:
+            for message in ('alpha', 'beta'):
+                pool.put_nowait(message)
+            await wait_until(lambda: len(results) == 2, what='both results')
+            titles = [' '.join(psutil.Process(w['pid']).cmdline()).strip()
+                      for w in pool.stats()['workers']]
+            gauges: dict[str, float] = {}
+            loop = asyncio.get_running_loop()
+            # The first report comes sleep_time (10 s) after start, from each worker.
+            deadline = time.monotonic() + 20
+            wanted = {f'APP_PREFIX.worker.instrumentated.process.{n}.{g}'
+                      for n in (0, 1) for g in GAUGES}
+            while not wanted <= set(gauges) and time.monotonic() < deadline:
+                packet = await asyncio.wait_for(loop.sock_recv(sock, 65536), 20)
+                gauges.update(parse(packet))
+        finally:
+            await pool.stop()
+        return titles, gauges
+
+    try:
+        titles, gauges = asyncio.run(main())
+    finally:
+        sock.close()
+    assert sorted(results) == [('alpha', 0), ('beta', 1)]
+    assert titles == ['python APP_NAME POOL_NAME pool worker'] * 2
+    for number in (0, 1):
+        prefix = f'APP_PREFIX.worker.instrumentated.process.{number}.'
+        assert gauges[prefix + 'rss'] > 0 and gauges[prefix + 'maxrss'] > 0, gauges
+        assert sorted(k for k in gauges if k.startswith(prefix)) == sorted(
+            prefix + g for g in GAUGES)
