@@ -95,8 +95,9 @@ class ConnectionLost(LooppoolError):
 
 
 class AuthenticationError(LooppoolError):
-    """The pool host refused this client (wrong or missing secret, or a foreign uid), or
-    the host failed to prove it knows the secret."""
+    """The pool host refused this client (wrong or missing secret, or a foreign uid), the
+    host failed to prove it knows the secret, or the client refused a host on a Unix
+    socket that runs as another user."""
 
 
 # -- addresses and access ----------------------------------------------------------------------
@@ -174,6 +175,20 @@ def _peer_uid(sock: socket.socket) -> int | None:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
     uid: int = struct.unpack('3i', creds)[1]
     return uid
+
+
+def _check_host(sock: Any, address: Any) -> None:
+    """Refuse a pool host on a Unix socket that runs as another user (Linux).
+
+    The host sends pickles, which run code as they are read: a socket another user put at
+    the address (in a shared directory, say) must not be talked to. A host run by root is
+    accepted, as root can reach this process anyway.
+    """
+    uid = _peer_uid(sock) if sock is not None else None
+    if uid is not None and uid != os.getuid() and uid != 0:
+        raise AuthenticationError(
+            f'the pool host at {address!r} runs as uid {uid}, not as this user (uid '
+            f'{os.getuid()}) or root; refusing to exchange pickles with it')
 
 
 def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
@@ -727,6 +742,13 @@ class _ClientConnection(_Framed):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.nonce = os.urandom(_NONCE)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            _check_host(transport.get_extra_info('socket'), self.client.address)
+        except AuthenticationError as exc:
+            self.fail(exc)
+
     def refuse(self, reason: str) -> None:
         self.fail(ConnectionLost(f'the pool host sent something unexpected: {reason}'))
 
@@ -1262,6 +1284,11 @@ class SyncClient:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self._connect_timeout)
                 sock.connect(self.address)
+                try:
+                    _check_host(sock, self.address)
+                except AuthenticationError:
+                    sock.close()
+                    raise
             else:
                 sock = socket.create_connection(self.address, self._connect_timeout)
             if self._ssl is not None:

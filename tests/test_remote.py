@@ -271,6 +271,55 @@ def test_a_foreign_uid_is_refused_even_past_the_file_mode() -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root to run a host as another uid')
+@pytest.mark.skipif(not hasattr(socket, 'SO_PEERCRED'), reason='SO_PEERCRED is Linux only')
+def test_clients_refuse_a_host_that_runs_as_another_user() -> None:
+    # Someone else's socket at the address (a shared directory): its "pickles" would run
+    # code in the client, so the client checks who listens before it reads a byte.
+    directory = tempfile.mkdtemp(prefix='looppool-host-uid-test-', dir='/tmp')
+    os.chmod(directory, 0o777)
+    sock_path = os.path.join(directory, 'impostor.sock')
+    code = textwrap.dedent(f'''
+        import os, socket, sys
+        os.setgid(65534); os.setuid(65534)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind({sock_path!r})
+        os.chmod({sock_path!r}, 0o666)
+        server.listen(8)
+        print('listening', flush=True)
+        while True:
+            connection, _ = server.accept()
+            try:
+                connection.sendall(b'not a looppool host')
+            except OSError:
+                pass   # the client hung up first, as it should
+            connection.close()
+    ''')
+    impostor = subprocess.Popen([sys.executable, '-c', code], env=_env(),
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert impostor.stdout is not None
+        assert impostor.stdout.readline().strip() == 'listening'
+        with pytest.raises(remote.AuthenticationError, match='runs as uid 65534'):
+            remote.connect_sync(sock_path).submit(1)
+
+        async def main() -> None:
+            client = remote.connect(sock_path)
+            try:
+                with pytest.raises(remote.AuthenticationError, match='runs as uid 65534'):
+                    await client.submit(1)
+            finally:
+                await client.close()
+
+        run(main())
+    finally:
+        impostor.kill()
+        impostor.wait(5)
+        if impostor.stdout:
+            impostor.stdout.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def test_tcp_needs_a_secret_and_refuses_wrong_ones() -> None:
     with pytest.raises(ValueError, match='needs a secret'):
         remote.serve(Echo, ('127.0.0.1', 0))
