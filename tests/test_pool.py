@@ -523,3 +523,67 @@ def test_the_leak_check_sees_forkserver_workers_that_keep_the_forkservers_title(
             assert server not in seen
 
     run(main())
+
+
+class Reporter(looppool.Worker):
+    """Answers each message, and also sends it to process_message and logs it."""
+
+    async def handle(self, message: Any) -> Any:
+        import logging
+        self._put_nowait((self._number, message))
+        logging.getLogger('app.reporter').warning('%d handled %d', self._number, message)
+        return message
+
+
+def test_a_burst_larger_than_the_bound_runs_no_application_code_inside_submit() -> None:
+    # While the caller submits far more than max_tasks in one go, the pool reads replies
+    # and refills the workers from inside submit(); results for process_message and log
+    # records that arrive then wait for the loop, in order, and nothing is lost.
+    import logging
+    records: list[tuple[bool, str]] = []
+    results: list[tuple[bool, tuple[int, int]]] = []
+    submitting = False
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((submitting, record.getMessage()))
+
+    handler = Collect()
+    logger = logging.getLogger('app.reporter')
+    logger.addHandler(handler)
+    count = 20000
+    try:
+        async def main() -> list[Any]:
+            nonlocal submitting
+
+            def process_message(result: Any, result_done: Any) -> None:
+                results.append((submitting, result))
+                result_done()
+
+            async with looppool.Pool(pool_size=2, worker_class=Reporter, max_tasks=64,
+                                     max_results=64) as pool:
+                pool.process_message = process_message
+                submitting = True
+                futures = [pool.submit(n) for n in range(count)]
+                submitting = False
+                # The pool read replies during the burst: some futures are done already.
+                early = sum(future.done() for future in futures)
+                replies = [await future for future in futures]
+                await wait_until(lambda: len(results) == count and len(records) == count,
+                                 what='every result and record')
+            assert early > 64, early
+            return replies
+
+        replies = run(main())
+    finally:
+        logger.removeHandler(handler)
+    assert replies == list(range(count))
+    assert not [r for r in results if r[0]] and not [r for r in records if r[0]]
+    handled = []
+    for number in (0, 1):
+        mine = [message for _, (worker, message) in results if worker == number]
+        assert mine == sorted(mine) and mine, mine   # each worker's, in the order sent
+        logged = [text for _, text in records if text.startswith(f'{number} ')]
+        assert logged == [f'{number} handled {n}' for n in mine]
+        handled += mine
+    assert sorted(handled) == list(range(count))   # each message once, none lost
