@@ -156,9 +156,15 @@ class Steps:
                 return value
             self.outcome = (state, value)
             return NOT_DONE
-        context = contextvars.copy_context()
+        return contextvars.copy_context().run(self.send_first, coro)
+
+    def send_first(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """:meth:`run` in the current context rather than a copy of it, for a caller that
+        runs many first steps in one copy (Python 3.10 and 3.11 only). The caller keeps
+        the promise of a context per coroutine: it gives the next coroutine a fresh copy
+        once one has changed a variable in this one (see ``worker._Runner.start_some``)."""
         try:
-            yielded = context.run(coro.send, None)
+            yielded = coro.send(None)
         except StopIteration as stop:
             if sys.getrefcount(self.stand_in) != self.alone:
                 self._replace()
@@ -170,10 +176,10 @@ class Steps:
                 self._replace()
             self.outcome = (RAISED, exc)
             return NOT_DONE
-        loop = self.loop
         stand_in = self.stand_in
         assert stand_in is not None
-        task = context.run(loop.create_task, _Resume(coro, yielded))
+        # Created in the current context: the Task copies it, first-step changes included.
+        task = self.loop.create_task(_Resume(coro, yielded))
         stand_in.attach(task)
         self._replace()
         self.outcome = (PENDING, task)

@@ -286,9 +286,33 @@ class _Runner:
             return
         # The common case, kept tight: handle() coroutines stepped eagerly one after
         # another; those that finish at once answer in this iteration's REPLIES frame.
-        # No origin is set for them (a context variable costs a tenth of this loop): it
-        # routes _put_nowait results to a pool host's clients, and a host's workers never
-        # take this path (their replies are not batched).
+        with eager.Steps(self.loop) as steps:
+            if eager.NATIVE:
+                self.start_some(steps, tids, messages, 0, None, None)
+                return
+            # Every first step runs in a copy of this context, as a Task's would. One copy
+            # serves consecutive handlers while none of them changes a variable in it
+            # (comparing it with the original is a pointer comparison until one does):
+            # entering a context per handler would cost a fifth of this loop.
+            base = contextvars.copy_context()
+            position, count = 0, len(tids)
+            while position < count:
+                context = base.copy()
+                position = context.run(self.start_some, steps, tids, messages, position,
+                                       context, base)
+        # No flush to schedule for these replies: on_frames, our only caller, flushes.
+
+    def start_some(self, steps: eager.Steps, tids: list[int], messages: list[Any],
+                   position: int, context: contextvars.Context | None,
+                   base: contextvars.Context | None) -> int:
+        """Start the batch's handlers from ``position`` on; return where it stopped: at the
+        end, or (with ``context``, on Python 3.10 and 3.11) right after a handler that
+        changed a context variable, so that the next one starts in a fresh copy.
+
+        No origin is set for these tasks (a context variable costs a tenth of this loop):
+        it routes _put_nowait results to a pool host's clients, and a host's workers never
+        take this path (their replies are not batched).
+        """
         call = self.call
         finish = self.finish
         reply_tids = self.reply_tids
@@ -296,16 +320,19 @@ class _Runner:
         held = self.held   # results waiting for credit: replies must wait behind them
         NOT_DONE = eager.NOT_DONE
         stopping = self.stopping
-        with eager.Steps(self.loop) as steps:
-            first_step = steps.run
-            for tid, message in zip(tids, messages):
-                try:
-                    result = call(message)
-                except (SystemExit, KeyboardInterrupt):
-                    raise  # the handler asked the process to end: see worker_main
-                except BaseException as exc:
-                    finish(tid, True, exc, failed=True)
-                    continue
+        first_step = steps.run if context is None else steps.send_first
+        count = len(tids)
+        while position < count:
+            tid = tids[position]
+            message = messages[position]
+            position += 1
+            try:
+                result = call(message)
+            except (SystemExit, KeyboardInterrupt):
+                raise  # the handler asked the process to end: see worker_main
+            except BaseException as exc:
+                finish(tid, True, exc, failed=True)
+            else:
                 if type(result) is not types.CoroutineType:
                     if inspect.isawaitable(result):
                         result = _await(result)
@@ -319,14 +346,17 @@ class _Runner:
                         reply_values.append(value)
                     else:
                         finish(tid, True, value)
-                    continue
-                state, value = steps.outcome
-                if state == eager.PENDING:
-                    self.running[tid] = value
-                    value.add_done_callback(functools.partial(self.task_finished, tid, True))
                 else:
-                    finish(tid, True, value, failed=state == eager.RAISED)
-        # No flush to schedule for these replies: on_frames, our only caller, flushes.
+                    state, value = steps.outcome
+                    if state == eager.PENDING:
+                        self.running[tid] = value
+                        value.add_done_callback(
+                            functools.partial(self.task_finished, tid, True))
+                    else:
+                        finish(tid, True, value, failed=state == eager.RAISED)
+            if context is not None and context != base:
+                return position
+        return position
 
     def start_map(self, tid: int, payload: Any) -> None:
         """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in

@@ -587,3 +587,20 @@ def test_a_burst_larger_than_the_bound_runs_no_application_code_inside_submit() 
         assert logged == [f'{number} handled {n}' for n in mine]
         handled += mine
     assert sorted(handled) == list(range(count))   # each message once, none lost
+
+
+def test_handlers_of_one_batch_do_not_see_each_others_context_variables() -> None:
+    # Messages submitted together reach a worker as one batch, whose handlers start one
+    # after another in the same loop callback: each must start in a context of its own, as
+    # a Task would, and one that suspends keeps what it set.
+    from workers import Tagger
+
+    async def main() -> list[Any]:
+        async with looppool.Pool(pool_size=1, worker_class=Tagger) as pool:
+            await pool.submit(('get', None))
+            messages = [('get', None), ('set', 'a'), ('get', None), ('wait', 'b'),
+                        ('get', None), ('set', 'c'), ('set', 'd'), ('get', None)]
+            return list(await asyncio.gather(*(pool.submit(m) for m in messages)))
+
+    assert run(main()) == ['unset', 'unset', 'unset', ('unset', 'b'), 'unset', 'unset',
+                           'unset', 'unset']

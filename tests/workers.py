@@ -185,3 +185,29 @@ class SelfTitled(Echo):
         super()._initialise()
         import setproctitle
         setproctitle.setproctitle(f'my-app lookup worker {self._number}')
+
+
+_tag: Any = None
+
+
+class Tagger(looppool.Worker):
+    """Reports a context variable's value as its handler found it, then sets it; with
+    ``('wait', tag)`` it sets it, suspends, and reports what it holds after."""
+
+    def _initialise(self) -> None:
+        import contextvars
+        global _tag
+        _tag = contextvars.ContextVar('tag', default='unset')
+
+    async def handle(self, message: Any) -> Any:
+        import asyncio
+        kind, tag = message
+        found = _tag.get()
+        if kind == 'set':
+            _tag.set(tag)
+            return found
+        if kind == 'wait':
+            _tag.set(tag)
+            await asyncio.sleep(0.01)
+            return found, _tag.get()
+        return found
