@@ -354,13 +354,9 @@ class Channel:
         return True
 
     def drain(self) -> None:
-        """Read every frame already in the socket (used once the peer has exited)."""
-        while self._read_once():
-            pass
-
-    def read_available(self) -> None:
-        """Read what the socket holds now, without waiting for the loop to say so (the
-        owner is busy in one long callback and wants the replies that came meanwhile)."""
+        """Read every frame the socket holds now, without waiting for the loop to say so:
+        once the peer has exited, or while the owner is busy in one long callback and wants
+        what came meanwhile."""
         while self._read_once():
             pass
 

@@ -549,7 +549,7 @@ class Pool:
             for slot in self._slots:
                 link = slot.link
                 if link is not None and link.channel is not None:
-                    link.channel.read_available()
+                    link.channel.drain()
         finally:
             self._catching_up = False
 
@@ -1312,7 +1312,8 @@ class Pool:
         self._spawn(slot, successor=True)
 
     def _take_over(self, slot: _Slot, link: _Link) -> None:
-        """A recycle's replacement is ready: it takes the slot, the old process retires."""
+        """A recycle's replacement takes the slot (it is ready, or the worker it was to
+        replace died); the old process, if alive, retires."""
         old = slot.link
         slot.successor = None
         slot.successor_failures = 0
@@ -1326,11 +1327,7 @@ class Pool:
         slot = self._slots[link.number]
         link.retiring = True
         slot.retiring.append(link)
-        link.stop_sent = True
-        assert link.channel is not None
-        if link.batch:
-            self._send_batch(link)
-        link.channel.send(protocol.STOP, 0)
+        self._send_stop(link)
         # Its last tasks get the stop deadline: then they are cancelled, then killed.
         self._timers.append(self._loop.call_later(
             self._options['stop_timeout'], self._retire_overdue, weakref.ref(link)))
@@ -1517,8 +1514,7 @@ class Pool:
             slot.link = None
             if slot.successor is not None and self._state is RUNNING:
                 # Died while its recycle's replacement starts: that one takes over now.
-                slot.link, slot.successor = slot.successor, None
-                self._refill(slot)
+                self._take_over(slot, slot.successor)
         elif link in slot.retiring:
             slot.retiring.remove(link)
         lost = list(link.inflight.values())
@@ -1530,7 +1526,7 @@ class Pool:
             # goes on serving, and the recycle is tried again after a back-off.
             slot.successor = None
             slot.successor_failures += 1
-            delay = min(0.1 * 2 ** (slot.successor_failures - 1), 10.0)
+            delay = _back_off(slot.successor_failures)
             slot.next_recycle = self._loop.time() + delay
             log.error('worker %d: the replacement started to recycle it (pid %d) %s; the '
                       'worker goes on serving, and the recycle is tried again in %.1f s%s',
@@ -1559,7 +1555,7 @@ class Pool:
                 else:
                     slot.quick_deaths = 0
                 if slot.quick_deaths >= 2:
-                    delay = min(0.1 * 2 ** (slot.quick_deaths - 2), 10.0)
+                    delay = _back_off(slot.quick_deaths - 1)
                     log.warning('worker %d died %d times in a row soon after starting; '
                                 'restarting it in %.1f s', slot.number, slot.quick_deaths,
                                 delay)
@@ -1612,7 +1608,7 @@ class Pool:
                 for item in self._pending:
                     self._fail_item(item, error)
                 self._pending.clear()
-        delay = min(0.1 * 2 ** (slot.failures - 1), 10.0)
+        delay = _back_off(slot.failures)
         slot.restart_timer = self._loop.call_later(delay, self._restart, slot)
 
     def _restart(self, slot: _Slot) -> None:
@@ -1635,6 +1631,10 @@ class Pool:
         link = slot.link
         if link is None or link.stop_sent or slot.targeted or self._pending:
             return
+        self._send_stop(link)
+
+    def _send_stop(self, link: _Link) -> None:
+        """Tell ``link`` to finish what it was sent and exit (the batch goes first)."""
         link.stop_sent = True
         assert link.channel is not None
         if link.batch:
@@ -1874,6 +1874,11 @@ def _end_pools_at_exit() -> None:
     for pool in list(_live_pools):
         if pool._state in (RUNNING, STOPPING):
             pool._abandon_at_exit()
+
+
+def _back_off(attempt: int) -> float:
+    """Seconds before the next start after ``attempt`` failed ones: 0.1, 0.2, 0.4 ... 10."""
+    return min(0.1 * 2.0 ** (attempt - 1), 10.0)
 
 
 def _pickle_batch(batch: list[_TaskFuture]) -> bytes:

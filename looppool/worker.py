@@ -522,17 +522,7 @@ class _Runner:
                 kind = protocol.ERROR if frees else protocol.ERROR_KEEP
                 self.channel.send(kind, tid, self.encode_error(value, note))
             else:
-                kind = protocol.REPLY if frees else protocol.REPLY_KEEP
-                try:
-                    payload = dumps(value)
-                except BaseException as exc:
-                    kind = protocol.ERROR if frees else protocol.ERROR_KEEP
-                    payload = self.unpicklable(value, exc)
-                try:
-                    self.channel.send(kind, tid, payload)
-                except ValueError as exc:   # over the 4 GiB frame limit
-                    self.channel.send(protocol.ERROR if frees else protocol.ERROR_KEEP, tid,
-                                      self.encode_error(exc, None))
+                self.send_reply(tid, value, frees)
         else:
             if failed and not isinstance(value, asyncio.CancelledError):
                 log.error('worker %d: %s %s', self.number,
@@ -545,6 +535,21 @@ class _Runner:
                 self.slot_freed()
         if self.stopping:
             self.maybe_stop()
+
+    def send_reply(self, tid: int, value: Any, frees: bool) -> None:
+        """Answer one task on its own frame; a reply that cannot be pickled, or is over
+        the frame limit, answers it with the error instead."""
+        kind = protocol.REPLY if frees else protocol.REPLY_KEEP
+        try:
+            payload = dumps(value)
+        except BaseException as exc:
+            kind = protocol.ERROR if frees else protocol.ERROR_KEEP
+            payload = self.unpicklable(value, exc)
+        try:
+            self.channel.send(kind, tid, payload)
+        except ValueError as exc:   # over the 4 GiB frame limit
+            self.channel.send(protocol.ERROR if frees else protocol.ERROR_KEEP, tid,
+                              self.encode_error(exc, None))
 
     def unpicklable(self, value: Any, exc: BaseException) -> bytes:
         """The error that answers a task whose reply could not be pickled."""
@@ -598,16 +603,7 @@ class _Runner:
         self.reply_tids, self.reply_values = [], []
         if len(tids) == 1:
             # One reply (a round trip at a time): a REPLY frame, one pickle, no ids list.
-            tid, value = tids[0], values[0]
-            try:
-                payload = dumps(value)
-            except Exception as exc:
-                self.channel.send(protocol.ERROR, tid, self.unpicklable(value, exc))
-                return
-            try:
-                self.channel.send(protocol.REPLY, tid, payload)
-            except ValueError as exc:   # over the 4 GiB frame limit
-                self.channel.send(protocol.ERROR, tid, self.encode_error(exc, None))
+            self.send_reply(tids[0], values[0], True)
             return
         try:
             data = dumps(values)
