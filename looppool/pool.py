@@ -74,9 +74,10 @@ NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 _MAX_BATCH = 256
 # Freed slots that are refilled before the end of a read that holds many frames.
 _EARLY_REFILL = 256
-# During a burst of submit() calls that waits for room, replies are read every this many
-# + 1 calls (a mask on the task id: the test costs nothing).
-_CATCH_UP_EVERY = 511
+# A burst of submit() calls is handed to the workers every this many calls per worker (at
+# most four workers' worth): often enough that they start while the caller goes on, and, past
+# their shares, that replies are read inside the burst (see Pool._catch_up).
+_OUTBOX_PER_WORKER = _MAX_BATCH
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
 
@@ -113,12 +114,13 @@ class _TaskFuture(asyncio.Future[Any]):
 
     # What every task sets lives in slots; what few set (a timeout, a host's sink, the time
     # for statsd) defaults on the class and goes in the instance's dict when set: three
-    # stores fewer on the path every message takes.
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_link', '_lp_message')
+    # stores fewer on the path every message takes. Which worker holds it is not kept here
+    # either: the rare caller that needs it looks it up (Pool._link_of), so a burst is
+    # handed to the workers in bulk, without a store per message.
+    __slots__ = ('_lp_pool', '_lp_tid', '_lp_message')
     _lp_message: Any    # the message itself, kept to batch it and, rarely, to resend it
     _lp_pool: Pool
     _lp_tid: int
-    _lp_link: _Link | None
     _lp_timer: asyncio.TimerHandle | None = None
     _lp_started: float = 0.0
     _lp_sink: Callable[[bool, Any], None] | None = None
@@ -352,6 +354,13 @@ class Pool:
         self._warned_results = False
         self._counts = collections.Counter[str]()
         self._submits = 0   # submit() calls; stats() adds them to _counts['submitted']
+        # submit()s of this loop iteration not yet handed to a worker, in order; handed out
+        # at the end of the iteration, or once there are _outbox_limit (see submit()).
+        self._outbox: list[_TaskFuture] = []
+        self._outbox_limit = _OUTBOX_PER_WORKER * min(pool_size, 4)
+        self._outbox_due = False   # a callback to flush it is scheduled
+        # submit() may take its shortest path: running, no statsd, no max_tasks_per_worker.
+        self._plain = False
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
         # A pool host forwards each reply's bytes unpickled, so its workers answer one by one.
         self._batch_replies = True
@@ -383,6 +392,7 @@ class Pool:
                                         self._options['statsd_interval'], self._loop,
                                         self.stats)
             self._metrics.start()
+        self._plain = self._metrics is None and self._recycle_after is None
         for slot in self._slots:
             self._spawn(slot)
         if self._options['max_memory_per_worker'] is not None:
@@ -432,6 +442,8 @@ class Pool:
             future.set_result(None)
             self._stop_future = future
             return future
+        self._flush_outbox()   # accepted: they are sent before the stop
+        self._plain = False
         loop = self._loop
         future = self._stop_future = _StopFuture(loop=loop)
         future._lp_awaited = False
@@ -488,50 +500,118 @@ class Pool:
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         tid = self._next_tid
         self._next_tid = tid + 1
-        # _new_future() and the common case of _dispatch() and _send_task(), written out:
-        # this is the path of every message of a burst, and each call saved counts.
-        loop = self._loop
-        future = _TaskFuture(loop=loop)
-        future._lp_pool = self
-        future._lp_tid = tid
-        future._lp_link = None
-        future._lp_message = message
-        if self._metrics is not None:
-            future._lp_started = loop.time()
-        if timeout is not None:
-            future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
-        self._submits += 1   # an int, not _counts: a Counter's += is four times slower
-        # The future itself waits in the queues and the batch: no per-message tuple (the
-        # fewer objects a burst of submits leaves, the less the cyclic GC has to walk).
-        if worker_num is None:
-            pending = self._pending
-            if pending:   # a burst past the workers' shares: wait in line
-                pending.append(future)
-                if not tid & _CATCH_UP_EVERY:
+        if worker_num is None and timeout is None and self._plain:
+            # The path of every message of a burst, kept to the least: the future goes in
+            # the outbox, which _flush_outbox() hands to the workers in bulk. The future
+            # itself waits there and in the queues: no per-message tuple (the fewer objects
+            # a burst leaves, the less the cyclic GC has to walk).
+            future = _TaskFuture(loop=self._loop)
+            future._lp_pool = self
+            future._lp_tid = tid
+            future._lp_message = message
+            outbox = self._outbox
+            outbox.append(future)
+            if len(outbox) >= self._outbox_limit:
+                # A long burst: this part goes now, so the workers start on it while the
+                # caller goes on; past the workers' shares, their replies are read here.
+                self._flush_outbox(now=True)
+                if self._pending:
                     self._catch_up()
-                return future
-            rr = self._rr
-            slots = self._slots
-            slot = slots[rr]
-            link = slot.link
-            if link is not None and link.used < self._share and not slot.targeted \
-                    and self._recycle_after is None:
-                # The next worker in turn has room: into its batch, pickled at the flush.
-                self._rr = rr + 1 if rr + 1 < len(slots) else 0
-                used = link.used = link.used + 1
-                link.inflight[tid] = future
-                future._lp_link = link
-                batch = link.batch
-                batch.append(future)
-                if used == 1 or len(batch) >= _MAX_BATCH:
-                    # An idle worker goes now (latency); a long burst writes this part
-                    # now, so the worker starts on it while the caller goes on.
-                    self._send_batch(link, now=True)
-                elif len(batch) == 1:
-                    link.channel.schedule_flush()  # type: ignore[union-attr]
-                return future
+            elif len(outbox) == 1 and not self._outbox_due:
+                slot = self._slots[self._rr]
+                link = slot.link
+                if link is not None and not link.used and not slot.targeted \
+                        and not self._pending:
+                    self._flush_outbox(now=True)   # to an idle worker: at once (latency)
+                else:
+                    self._outbox_due = True
+                    self._loop.call_soon(self._flush_outbox_due)
+            return future
+        if self._outbox:
+            self._flush_outbox()   # what was submitted before goes first
+        if self._state is not RUNNING:
+            raise self._not_running()
+        if worker_num is not None:
+            self._check_worker_num(worker_num)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
+        future = self._new_future(_TaskFuture, tid, message, None, timeout)
+        self._submits += 1
         self._dispatch(future, worker_num)
         return future
+
+    def _flush_outbox_due(self) -> None:
+        self._outbox_due = False
+        self._flush_outbox(now=True)
+
+    def _flush_outbox(self, now: bool = False) -> None:
+        """Hand the ``submit()`` calls in the outbox to the workers, in order; with ``now``,
+        write each worker's batch at once rather than at the end of the loop iteration.
+
+        The outbox is dealt out in bulk, exactly as one-by-one round-robin would: in turn
+        from the pointer, over the workers with room (none with messages of its own
+        waiting), as many whole rounds as each has room for; the ``i``-th of them gets
+        ``outbox[i::width]``, recorded with one dict update, pickled as one batch. Then
+        again over those that still have room. What finds no room waits in the pool.
+        """
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox = []
+        count = len(outbox)
+        self._submits += count
+        pending = self._pending
+        if pending:
+            pending.extend(outbox)
+            return
+        slots = self._slots
+        size = len(slots)
+        share = self._share
+        touched = []
+        start = 0
+        while start < count:
+            rr = self._rr
+            turn = []
+            rounds = count - start
+            for step in range(size):
+                index = rr + step if rr + step < size else rr + step - size
+                slot = slots[index]
+                link = slot.link
+                if link is not None and link.used < share and not slot.targeted:
+                    turn.append((index, link))
+                    if share - link.used < rounds:
+                        rounds = share - link.used
+            if not turn:
+                break
+            width = len(turn)
+            dealt = min(count - start, rounds * width)
+            for offset, (_, link) in enumerate(turn[:dealt]):
+                part = outbox[start + offset:start + dealt:width] \
+                    if width > 1 or start or dealt < count else outbox
+                link.used += len(part)
+                if len(part) == 1:
+                    link.inflight[part[0]._lp_tid] = part[0]
+                else:
+                    link.inflight.update(zip(map(_tid_of, part), part))
+                if link.batch:
+                    link.batch.extend(part)
+                else:
+                    link.batch = part
+                if link not in touched:
+                    touched.append(link)
+            last = turn[(dealt - 1) % width][0]
+            self._rr = last + 1 if last + 1 < size else 0
+            start += dealt
+        for link in touched:
+            if now:
+                self._send_batch(link, now=True)
+            else:
+                link.channel.schedule_flush()  # type: ignore[union-attr]
+        for index in range(start, count):   # no room: they wait (or fail, if no worker
+            if pending:                       # can start)
+                pending.extend(outbox[index:])
+                break
+            self._dispatch(outbox[index], None)
 
     def _catch_up(self) -> None:
         """Take in what the workers have sent, during a burst of ``submit()`` calls.
@@ -562,6 +642,8 @@ class Pool:
             self._next_tid = tid + 1
         future = self._new_future(cls, tid, payload, sink, timeout)
         self._counts['submitted'] += 1
+        if self._outbox:
+            self._flush_outbox()
         self._dispatch((protocol.TASK, tid, payload, future), worker_num)
         return future
 
@@ -570,7 +652,6 @@ class Pool:
         future = cls(loop=self._loop)
         future._lp_pool = self
         future._lp_tid = tid
-        future._lp_link = None
         if sink is not None:
             future._lp_sink = sink
         future._lp_message = payload
@@ -617,6 +698,8 @@ class Pool:
         """
         if self._state is not RUNNING:
             raise self._not_running()
+        if self._outbox:
+            self._flush_outbox()   # the submit()s before it go first, and move the turn
         if worker_num is None:
             slot = self._slots[self._rr]
         else:
@@ -646,6 +729,8 @@ class Pool:
         payload = dumps(message)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
+        if self._outbox:
+            self._flush_outbox()
         self._dispatch((protocol.NOTE, 0, payload, future), worker_num)
         return future
 
@@ -694,6 +779,8 @@ class Pool:
                 # Send while a worker has room for a whole chunk (the queued submits first).
                 while not source.done and self._state is RUNNING and held + chunksize <= limit:
                     # The submits waiting in the pool go first.
+                    if self._outbox:
+                        self._flush_outbox()
                     link = None if self._pending else self._next_link(chunksize)
                     if link is None:
                         break
@@ -785,7 +872,6 @@ class Pool:
             return
         link.used += count
         link.inflight[future._lp_tid] = future
-        future._lp_link = link
         if self._recycle_after is not None:
             self._count_sent(link, count)
 
@@ -833,6 +919,7 @@ class Pool:
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers about the pool: counters since start, and one entry per worker."""
+        self._flush_outbox()   # what was submitted is in flight or waiting, as it says
         workers: list[dict[str, Any]] = []
         for slot in self._slots:
             link = slot.link
@@ -922,7 +1009,6 @@ class Pool:
             return
         if kind == protocol.TASK:
             link.inflight[tid] = future
-            future._lp_link = link
         elif future is not None:
             future.set_result(None)
         if self._recycle_after is not None:
@@ -933,7 +1019,6 @@ class Pool:
         the flush."""
         link.used += 1
         link.inflight[future._lp_tid] = future
-        future._lp_link = link
         batch = link.batch
         batch.append(future)
         if link.used == 1:
@@ -976,7 +1061,6 @@ class Pool:
                     continue   # cancelled or timed out while it waited
                 used += 1
                 inflight[item._lp_tid] = item
-                item._lp_link = link
                 batch.append(item)
                 if len(batch) >= _MAX_BATCH:
                     link.used = used
@@ -1212,7 +1296,8 @@ class Pool:
         future._lp_timer = None
         if future.done():
             return
-        where = (f'on worker {future._lp_link.number}' if future._lp_link is not None
+        link = self._link_of(future)
+        where = (f'on worker {link.number}' if link is not None
                  else 'waiting for room in the pool')
         future.set_exception(TimeoutError(
             f'task {future._lp_tid} did not finish within {timeout} s ({where}); '
@@ -1225,17 +1310,24 @@ class Pool:
         _cancel_timer(future)
         if future.cancelled():
             self._counts['cancelled'] += _weight(future)
-        link = future._lp_link
-        tid = future._lp_tid
-        if link is None or tid not in link.inflight or link.channel is None \
-                or link.channel.closed:
+        link = self._link_of(future)
+        if link is None or link.channel is None or link.channel.closed:
             return
         if future in link.batch:
             return   # not sent yet: the batch leaves it out
+        tid = future._lp_tid
         link.channel.send(protocol.CANCEL, tid)
         grace = self._options['cancel_grace']
         self._timers.append(
             self._loop.call_later(grace, self._check_cancelled, weakref.ref(link), tid, grace))
+
+    def _link_of(self, future: _TaskFuture) -> _Link | None:
+        """The worker process that holds ``future``'s task (sent, or in its batch), if any."""
+        tid = future._lp_tid
+        for link in self._links():
+            if link.inflight.get(tid) is future:
+                return link
+        return None
 
     def _check_cancelled(self, link_ref: weakref.ref[_Link], tid: int, grace: float) -> None:
         link = link_ref()

@@ -151,6 +151,77 @@ def test_round_robin_is_exact_and_worker_num_targets() -> None:
     assert by_message['only-1'] == 1
 
 
+class Numbered(looppool.Worker):
+    """Answers with its worker number and the message."""
+
+    async def handle(self, message: Any) -> tuple[int, Any]:
+        return self._number, message
+
+
+def test_a_burst_of_submits_is_dealt_out_round_robin_exactly() -> None:
+    # submit() hands a burst to the workers in bulk (several parts here: the pool sends
+    # every few hundred), and still message i goes to worker i % pool_size, as one-by-one
+    # round-robin would, whatever the size of the burst.
+    async def main() -> None:
+        async with looppool.Pool(pool_size=3, worker_class=Numbered,
+                                 max_tasks=30000) as pool:
+            for count in (1, 2, 5, 3000, 7):
+                start = pool.stats()['submitted']   # the turn moves one per message
+                replies = await asyncio.gather(*[pool.submit(n) for n in range(count)])
+                assert replies == [((start + n) % 3, n) for n in range(count)], count
+
+    run(main())
+
+
+def test_each_worker_gets_its_messages_in_the_order_they_were_sent_whatever_the_call() -> None:
+    # submit(), submit(worker_num=...) and put_nowait() mixed in one loop iteration: each
+    # worker starts its messages in the order the calls were made, and the round-robin
+    # turn moves for submit() and put_nowait() alike (not for a chosen worker).
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            pool.process_message = lambda result, done: done()
+            expected: list[list[int]] = [[], []]
+            turn = 0
+            futures = []
+            for n in range(60):
+                how = n % 3
+                if how == 0:
+                    futures.append(pool.submit(('record', n)))
+                    expected[turn].append(n)
+                    turn = 1 - turn
+                elif how == 1:
+                    futures.append(pool.submit(('record', n), worker_num=n % 2))
+                    expected[n % 2].append(n)
+                else:
+                    pool.put_nowait(('record', n))
+                    expected[turn].append(n)
+                    turn = 1 - turn
+            await asyncio.gather(*futures)
+            for number in (0, 1):
+                seen = await pool.submit(('seen',), worker_num=number)
+                assert seen == expected[number], number
+
+    run(main())
+
+
+def test_a_submit_cancelled_before_it_left_is_never_run() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            futures = [pool.submit(('record', n)) for n in range(10)]
+            # Still in this loop iteration: nothing has gone to the worker yet, but the
+            # pool counts every one as in flight.
+            assert pool.stats()['in_flight'] == 10
+            futures[3].cancel()
+            futures[7].cancel()
+            done = await asyncio.gather(*futures, return_exceptions=True)
+            assert [type(d).__name__ for d in done].count('CancelledError') == 2
+            assert await pool.submit(('seen',)) == [0, 1, 2, 4, 5, 6, 8, 9]
+            stats = pool.stats()
+            assert stats['cancelled'] == 2 and stats['in_flight'] == 0
+
+    run(main())
+
+
 def test_messages_start_in_the_order_they_were_sent() -> None:
     async def main() -> None:
         async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=8) as pool:
