@@ -41,6 +41,9 @@ _LARGE = 1 << 16
 # kept and used again for the next large frame, once nothing refers to it any more: a new
 # one costs a page fault per 4 KiB, which for 1 MiB is about as much as the copy itself.
 _SPARE_MAX = 64 << 20
+# Reads go into one buffer per channel, kept for its life: a fresh 256 KiB object per read
+# would be mapped, shrunk and unmapped by the allocator, three system calls and a page fault
+# on every read (a fifth of a round trip's time).
 _READ_SIZE = 1 << 18
 # sendmsg() takes at most IOV_MAX (1024 on Linux) buffers per call.
 _IOV_MAX = 512
@@ -129,7 +132,9 @@ class Parser:
         self._spare = buffer if size <= _SPARE_MAX else None
         return memoryview(buffer)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: Buffer) -> list[Frame]:
+        """The frames ``data`` completes. ``data`` may be a buffer lent for this call only
+        (a channel's read buffer): what is kept of it, a partial frame, is copied."""
         if self._big_view is not None:
             view = self.collecting
             assert view is not None
@@ -167,7 +172,7 @@ class Parser:
             frames.append((kind, arg, whole[start:end]))
             pos = end
         if pos < total:
-            self._leftover = data[pos:]
+            self._leftover = bytes(whole[pos:])   # data may be a lent buffer: copy
         return frames
 
 
@@ -196,6 +201,9 @@ class Channel:
         self._flush_scheduled = False
         self._writer_registered = False
         self._parser = Parser()
+        self._rbuf = bytearray(_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._reading = False   # frames from _rbuf are being handled: see _read_once
         self.closed = False
         loop.add_reader(self._fd, self.read_ready)
 
@@ -320,11 +328,18 @@ class Channel:
         parser = self._parser
         target = parser.collecting
         target_set = target is not None
+        reading = self._reading
+        data: Buffer
         try:
             if target is not None:
                 count = self._sock.recv_into(target)
                 data = b''
+            elif not reading:
+                count = self._sock.recv_into(self._rbuf)
+                data = self._rview[:count]
             else:
+                # A read while this channel's frames are being handled (the owner drains
+                # it from inside on_frames): _rbuf still holds them, so a buffer of its own.
                 data = self._sock.recv(_READ_SIZE)
                 count = len(data)
         except (BlockingIOError, InterruptedError):
@@ -337,17 +352,21 @@ class Channel:
         del target
         frames = parser.collected(count) if target_set else parser.feed(data)
         if frames:
-            if self._flush_scheduled:
-                self._on_frames(frames)
-            else:
-                # What the owner sends while it handles these frames is written right
-                # after, in this same turn of the loop: no flush to schedule for it.
-                self._flush_scheduled = True
-                try:
+            self._reading = True
+            try:
+                if self._flush_scheduled:
                     self._on_frames(frames)
-                finally:
-                    if self._flush_scheduled and not self.closed:
-                        self.flush()
+                else:
+                    # What the owner sends while it handles these frames is written right
+                    # after, in this same turn of the loop: no flush to schedule for it.
+                    self._flush_scheduled = True
+                    try:
+                        self._on_frames(frames)
+                    finally:
+                        if self._flush_scheduled and not self.closed:
+                            self.flush()
+            finally:
+                self._reading = reading
             if parser.delivered_big:
                 del frames
                 parser.reclaim()

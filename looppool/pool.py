@@ -510,22 +510,31 @@ class Pool:
             future._lp_tid = tid
             future._lp_message = message
             outbox = self._outbox
+            if outbox:
+                outbox.append(future)
+                if len(outbox) >= self._outbox_limit:
+                    # A long burst: this part goes now, so the workers start on it while
+                    # the caller goes on; past the workers' shares, replies are read here.
+                    self._flush_outbox(now=True)
+                    if self._pending:
+                        self._catch_up()
+                return future
+            rr = self._rr
+            slot = self._slots[rr]
+            link = slot.link
+            if link is not None and not link.used and not slot.targeted and not self._pending:
+                # The next worker in turn is idle: this one goes at once (latency).
+                self._rr = rr + 1 if rr + 1 < self.pool_size else 0
+                self._submits += 1
+                link.used = 1
+                link.inflight[tid] = future
+                link.batch.append(future)
+                self._send_batch(link, now=True)
+                return future
             outbox.append(future)
-            if len(outbox) >= self._outbox_limit:
-                # A long burst: this part goes now, so the workers start on it while the
-                # caller goes on; past the workers' shares, their replies are read here.
-                self._flush_outbox(now=True)
-                if self._pending:
-                    self._catch_up()
-            elif len(outbox) == 1 and not self._outbox_due:
-                slot = self._slots[self._rr]
-                link = slot.link
-                if link is not None and not link.used and not slot.targeted \
-                        and not self._pending:
-                    self._flush_outbox(now=True)   # to an idle worker: at once (latency)
-                else:
-                    self._outbox_due = True
-                    self._loop.call_soon(self._flush_outbox_due)
+            if not self._outbox_due:
+                self._outbox_due = True
+                self._loop.call_soon(self._flush_outbox_due)
             return future
         if self._outbox:
             self._flush_outbox()   # what was submitted before goes first
