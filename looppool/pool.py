@@ -513,11 +513,11 @@ class Pool:
             if outbox:
                 outbox.append(future)
                 if len(outbox) >= self._outbox_limit:
-                    # A long burst: this part goes now, so the workers start on it while
-                    # the caller goes on; past the workers' shares, replies are read here.
+                    # A long burst: the replies that came meanwhile are read, which makes
+                    # room, then this part goes now, so the workers start on it while the
+                    # caller goes on.
+                    self._catch_up()
                     self._flush_outbox(now=True)
-                    if self._pending:
-                        self._catch_up()
                 return future
             rr = self._rr
             slot = self._slots[rr]
