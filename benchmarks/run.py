@@ -32,16 +32,18 @@ sys.path.insert(0, HERE)
 import peers  # noqa: E402
 import report  # noqa: E402
 
+PEERS_LIST = list(peers.PEERS)
+
 WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'MEM')
 
 # Repetitions inside one interpreter, and how many seconds a (peer, workload) may spend
 # repeating before it settles for what it has (at least one repetition always runs). The
 # slow peers reach the budget first: ProcessPoolExecutor's IO workload takes ~50 s a go.
-# A full run makes two rounds: on a shared virtual machine, round-trip latency alone moves
+# A full run makes three rounds: on a shared virtual machine, round-trip latency alone moves
 # between 30 and 110 us from one minute to the next, and interleaving spreads that over
 # every peer instead of landing on one.
 MODES = {
-    'full': {'reps': 3, 'rounds': 2, 'budget': 45.0, 'timeout': 900.0, 'startup_reps': 3},
+    'full': {'reps': 3, 'rounds': 3, 'budget': 45.0, 'timeout': 900.0, 'startup_reps': 3},
     'quick': {'reps': 3, 'rounds': 1, 'budget': 1.0, 'timeout': 30.0, 'startup_reps': 1},
 }
 
@@ -59,7 +61,7 @@ def parse_args():
     parser.add_argument('--reps', type=int, help='repetitions per interpreter')
     parser.add_argument('--rounds', type=int,
                         help='repeat the whole sweep this many times, interleaved '
-                             '(default: 2, or 1 with --quick)')
+                             '(default: 3, or 1 with --quick)')
     parser.add_argument('--python', default=sys.executable,
                         help='interpreter that runs the peers (default: this one)')
     parser.add_argument('--no-plot', action='store_true')
@@ -93,12 +95,23 @@ class Progress:
         sys.stderr.flush()
 
 
+# The order peers are measured in, within a workload: the ceiling next to the looppool
+# peers whose targets are ratios to it, the slow peers at the far end. Every other round
+# runs it backwards, so looppool submit() is measured right before or right after the
+# ceiling each time: the machine's speed drifts over minutes, and a ratio of two figures
+# taken a minute apart measures the drift as much as the peers.
+MEASURE_ORDER = ('ceiling', 'looppool_submit', 'looppool_put_nowait', 'looppool_map',
+                 'looppool_remote', 'aiomultiprocess_pool', 'process_pool_executor')
+
+
 def plan(args, mode):
     """The steps, in order: (workload, peer, reps for that interpreter)."""
     steps = []
-    for _ in range(args.rounds or mode['rounds']):
+    order = sorted(args.peers, key=lambda name: (MEASURE_ORDER.index(name)
+                                                 if name in MEASURE_ORDER else len(PEERS_LIST)))
+    for round_number in range(args.rounds or mode['rounds']):
         for workload in args.workloads:
-            for peer in args.peers:
+            for peer in (order if round_number % 2 == 0 else order[::-1]):
                 if workload not in peers.ONLY.get(peer, (workload,)):
                     continue
                 if workload == 'W5':
