@@ -188,7 +188,7 @@ class _Link:
     __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
                  'started_at', 'sent', 'retiring', 'batch', 'baseline_rss', 'terminated',
-                 '__weakref__')
+                 'batch_gave_up', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -206,6 +206,7 @@ class _Link:
         self.kill_reason: str | None = None
         self.started_at = 0.0
         self.batch: list[_TaskFuture] = []   # tasks to pickle together at the next flush
+        self.batch_gave_up = False   # one of them was cancelled or timed out: leave it out
         self.baseline_rss = 0     # its RSS when first measured (fork shares parent pages)
         self.terminated = False   # told to cancel everything (stop or recycle deadline)
         self.sent = 0           # tasks sent, for max_tasks_per_worker
@@ -359,6 +360,7 @@ class Pool:
         self._outbox: list[_TaskFuture] = []
         self._outbox_limit = _OUTBOX_PER_WORKER * min(pool_size, 4)
         self._outbox_due = False   # a callback to flush it is scheduled
+        self._outbox_gave_up = False   # a future in it was cancelled or timed out
         # submit() may take its shortest path: running, no statsd, no max_tasks_per_worker.
         self._plain = False
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
@@ -567,8 +569,13 @@ class Pool:
         if not outbox:
             return
         self._outbox = []
+        self._submits += len(outbox)
+        if self._outbox_gave_up:   # a caller gave up on one before it left: leave it out
+            self._outbox_gave_up = False
+            outbox = [future for future in outbox if not future.done()]
         count = len(outbox)
-        self._submits += count
+        if not count:
+            return
         pending = self._pending
         if pending:
             pending.extend(outbox)
@@ -1213,7 +1220,24 @@ class Pool:
                     future.set_exception(error)
             return len(tids)
         metrics = self._metrics
-        now = self._loop.time() if metrics is not None else 0.0
+        if metrics is None:
+            # The path of every reply of a burst: no call to done() (set_result() on a
+            # future the caller gave up on raises, which is rarer and costs no more).
+            found: Iterable[Any] = map(inflight.pop, tids, itertools.repeat(None))
+            for waiter, value in zip(found, values):
+                try:
+                    if waiter._lp_timer is None:
+                        waiter.set_result(value)
+                        continue
+                except AttributeError:   # None: no longer in flight here
+                    continue
+                except asyncio.InvalidStateError:   # cancelled or timed out meanwhile
+                    continue
+                if not waiter.done():
+                    waiter._lp_timer.cancel()
+                    waiter.set_result(value)
+            return len(tids)
+        now = self._loop.time()
         for tid, value in zip(tids, values):
             future = inflight.pop(tid, None)
             if future is None or future.done():
@@ -1221,8 +1245,7 @@ class Pool:
             if future._lp_timer is not None:
                 future._lp_timer.cancel()
             future.set_result(value)
-            if metrics is not None:
-                metrics.durations.offer(now - future._lp_started)
+            metrics.durations.offer(now - future._lp_started)
         return len(tids)
 
     def _hold(self, link: _Link, kind: int, arg: int, payload: Any) -> None:
@@ -1320,10 +1343,14 @@ class Pool:
         if future.cancelled():
             self._counts['cancelled'] += _weight(future)
         link = self._link_of(future)
-        if link is None or link.channel is None or link.channel.closed:
+        if link is None:   # in the outbox or waiting for room: left out when its turn comes
+            self._outbox_gave_up = True
+            return
+        if link.channel is None or link.channel.closed:
             return
         if future in link.batch:
-            return   # not sent yet: the batch leaves it out
+            link.batch_gave_up = True   # not sent yet: the batch leaves it out
+            return
         tid = future._lp_tid
         link.channel.send(protocol.CANCEL, tid)
         grace = self._options['cancel_grace']
@@ -1497,7 +1524,8 @@ class Pool:
         batch = link.batch
         link.batch = []
         before = len(batch)
-        if any(map(_TaskFuture.done, batch)):
+        if link.batch_gave_up:
+            link.batch_gave_up = False
             for future in batch:
                 if future.done():
                     self._unsend(link, future)

@@ -218,6 +218,13 @@ def test_a_submit_cancelled_before_it_left_is_never_run() -> None:
             assert await pool.submit(('seen',)) == [0, 1, 2, 4, 5, 6, 8, 9]
             stats = pool.stats()
             assert stats['cancelled'] == 2 and stats['in_flight'] == 0
+            # The same, cancelled before the pool has even chosen their worker.
+            futures = [pool.submit(('record', n)) for n in range(10, 20)]
+            futures[2].cancel()
+            futures[5].cancel()
+            await asyncio.gather(*futures, return_exceptions=True)
+            assert (await pool.submit(('seen',)))[8:] == [10, 11, 13, 14, 16, 17, 18, 19]
+            assert pool.stats()['cancelled'] == 4
 
     run(main())
 
