@@ -116,11 +116,13 @@ class _TaskFuture(asyncio.Future[Any]):
     # for statsd) defaults on the class and goes in the instance's dict when set: three
     # stores fewer on the path every message takes. Which worker holds it is not kept here
     # either: the rare caller that needs it looks it up (Pool._link_of), so a burst is
-    # handed to the workers in bulk, without a store per message.
-    __slots__ = ('_lp_pool', '_lp_tid', '_lp_message')
+    # handed to the workers in bulk, without a store per message. The pool is an attribute
+    # of a subclass each pool makes (Pool._task_future), not of each future: a store fewer
+    # again, and a slot fewer for the cyclic GC to visit in every future of a burst.
+    __slots__ = ('_lp_tid', '_lp_message')
     _lp_message: Any    # the message itself, kept to batch it and, rarely, to resend it
-    _lp_pool: Pool
     _lp_tid: int
+    _lp_pool: Pool | None = None
     _lp_timer: asyncio.TimerHandle | None = None
     _lp_started: float = 0.0
     _lp_sink: Callable[[bool, Any], None] | None = None
@@ -340,6 +342,10 @@ class Pool:
         self._statsd = statsd
 
         self._state = NEW
+        # This pool's submit() futures: a class whose _lp_pool is this pool (see _TaskFuture).
+        self._task_future: type[_TaskFuture] = type(
+            '_TaskFuture', (_TaskFuture,), {'__slots__': (), '_lp_pool': self,
+                                            '__module__': __name__})
         self._slots = [_Slot(number) for number in range(pool_size)]
         self._pending: Deque[Entry] = collections.deque()
         self._rr = 0
@@ -507,8 +513,7 @@ class Pool:
             # the outbox, which _flush_outbox() hands to the workers in bulk. The future
             # itself waits there and in the queues: no per-message tuple (the fewer objects
             # a burst leaves, the less the cyclic GC has to walk).
-            future = _TaskFuture(loop=self._loop)
-            future._lp_pool = self
+            future = self._task_future(loop=self._loop)
             future._lp_tid = tid
             future._lp_message = message
             outbox = self._outbox
@@ -546,7 +551,7 @@ class Pool:
             self._check_worker_num(worker_num)
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
-        future = self._new_future(_TaskFuture, tid, message, None, timeout)
+        future = self._new_future(self._task_future, tid, message, None, timeout)
         self._submits += 1
         self._dispatch(future, worker_num)
         return future
@@ -666,7 +671,8 @@ class Pool:
     def _new_future(self, cls: type[_AnyTaskFuture], tid: int, payload: Any, sink: Any,
                     timeout: float | None) -> _AnyTaskFuture:
         future = cls(loop=self._loop)
-        future._lp_pool = self
+        if future._lp_pool is not self:
+            future._lp_pool = self   # a class of its own kind (map's chunks, a host's tasks)
         future._lp_tid = tid
         if sink is not None:
             future._lp_sink = sink
@@ -1095,7 +1101,7 @@ class Pool:
                 future = item[3]
                 if future is not None and future.done():
                     continue  # cancelled or timed out while it waited
-                if metrics is not None and type(future) is _TaskFuture:
+                if metrics is not None and isinstance(future, _TaskFuture):
                     metrics.waits.offer(self._loop.time() - future._lp_started)
                 self._send(link, item)
             elif not item.done():   # else cancelled or timed out while it waited
