@@ -500,15 +500,9 @@ class Pool:
         pickling error (nothing of it is sent; the others go through). Raises
         :class:`PoolClosed` once :meth:`stop` was called.
         """
-        if self._state is not RUNNING:
-            raise self._not_running()
-        if worker_num is not None:
-            self._check_worker_num(worker_num)
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         tid = self._next_tid
         self._next_tid = tid + 1
-        if worker_num is None and timeout is None and self._plain:
+        if worker_num is None and timeout is None and self._plain:   # _plain: running
             # The path of every message of a burst, kept to the least: the future goes in
             # the outbox, which _flush_outbox() hands to the workers in bulk. The future
             # itself waits there and in the queues: no per-message tuple (the fewer objects
@@ -1021,7 +1015,8 @@ class Pool:
         if link.batch:
             self._send_batch(link)   # what was submitted earlier goes first
         try:
-            link.channel.send(kind, tid, payload)  # type: ignore[union-attr]
+            # To an idle worker at once (latency), as submit() does; else at the flush.
+            link.channel.send(kind, tid, payload, link.used == 1)  # type: ignore[union-attr]
         except ValueError as exc:   # over the 4 GiB frame limit: nothing was sent
             link.used -= 1
             if future is None:
@@ -1881,6 +1876,7 @@ class Pool:
 
     def _abandon_at_exit(self) -> None:
         """The interpreter is exiting with this pool running: end the workers quickly."""
+        self._plain = False
         links = self._links()
         for link in links:
             if link.channel is not None and not link.channel.closed:
