@@ -211,6 +211,11 @@ class Channel:
         return self._fd
 
     @property
+    def handling(self) -> bool:
+        """Whether ``on_frames`` is running for frames of this channel right now."""
+        return self._reading
+
+    @property
     def wants_write(self) -> bool:
         """Whether frames are waiting to be written."""
         return bool(self._wbuf or self._queue)

@@ -638,12 +638,17 @@ class Pool:
         runs in between: futures resolve (their callbacks wait for the loop, as always),
         and what would call application code (``process_message``, log records) is held
         for the next loop iteration, in order (see :meth:`_hold`).
+
+        A channel whose frames are being handled right now (the burst comes from a
+        ``process_message`` called for one of them) is not read: what it holds would be
+        taken in before the rest of that read, out of order.
         """
         self._catching_up = True
         try:
             for slot in self._slots:
                 link = slot.link
-                if link is not None and link.channel is not None:
+                if link is not None and link.channel is not None \
+                        and not link.channel.handling:
                     link.channel.drain()
         finally:
             self._catching_up = False

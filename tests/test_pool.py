@@ -667,6 +667,46 @@ def test_a_burst_larger_than_the_bound_runs_no_application_code_inside_submit() 
     assert sorted(handled) == list(range(count))   # each message once, none lost
 
 
+class PutsInTwoGoes(looppool.Worker):
+    """For ('go',): sends results 1, 2, 3 at once, then 4 and 5 a little later."""
+
+    async def handle(self, message: Any) -> Any:
+        if message == ('go',):
+            for n in (1, 2, 3):
+                self._put_nowait(n)
+            await asyncio.sleep(0.1)
+            for n in (4, 5):
+                self._put_nowait(n)
+        return message
+
+
+def test_a_burst_submitted_from_process_message_keeps_results_in_order() -> None:
+    # process_message, called for the first of three results that came in one read, takes
+    # its time (the next two results arrive meanwhile) and then submits a burst long enough
+    # for the pool to read replies inside submit(). That read must not take in the later
+    # results ahead of the two still waiting in the first read.
+    seen: list[Any] = []
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=PutsInTwoGoes) as pool:
+            burst: list[Any] = []
+
+            def process_message(result: Any, result_done: Any) -> None:
+                seen.append(result)
+                result_done()
+                if result == 1:
+                    time.sleep(0.3)   # holds the loop on purpose: results 4, 5 arrive
+                    burst.extend(pool.submit(n) for n in range(600))
+
+            pool.process_message = process_message
+            assert await pool.submit(('go',)) == ('go',)
+            await wait_until(lambda: len(seen) == 5, what='five results')
+            assert await asyncio.gather(*burst) == list(range(600))
+
+    run(main())
+    assert seen == [1, 2, 3, 4, 5]
+
+
 def test_handlers_of_one_batch_do_not_see_each_others_context_variables() -> None:
     # Messages submitted together reach a worker as one batch, whose handlers start one
     # after another in the same loop callback: each must start in a context of its own, as
