@@ -343,8 +343,9 @@ class Channel:
                 count = self._sock.recv_into(self._rbuf)
                 data = self._rview[:count]
             else:
-                # A read while this channel's frames are being handled (the owner drains
-                # it from inside on_frames): _rbuf still holds them, so a buffer of its own.
+                # A read while this channel's frames are being handled (an owner that
+                # drains it from inside on_frames; the pool does not): _rbuf still holds
+                # them, so a buffer of its own.
                 data = self._sock.recv(_READ_SIZE)
                 count = len(data)
         except (BlockingIOError, InterruptedError):

@@ -527,10 +527,7 @@ class Pool:
                 # The next worker in turn is idle: this one goes at once (latency).
                 self._rr = rr + 1 if rr + 1 < self.pool_size else 0
                 self._submits += 1
-                link.used = 1
-                link.inflight[tid] = future
-                link.batch.append(future)
-                self._send_batch(link, now=True)
+                self._send_task(link, future)
                 return future
             outbox.append(future)
             if not self._outbox_due:
@@ -601,13 +598,9 @@ class Pool:
             width = len(turn)
             dealt = min(count - start, rounds * width)
             for offset, (_, link) in enumerate(turn[:dealt]):
-                part = outbox[start + offset:start + dealt:width] \
-                    if width > 1 or start or dealt < count else outbox
+                part = outbox[start + offset:start + dealt:width]
                 link.used += len(part)
-                if len(part) == 1:
-                    link.inflight[part[0]._lp_tid] = part[0]
-                else:
-                    link.inflight.update(zip(map(_tid_of, part), part))
+                link.inflight.update(zip(map(_tid_of, part), part))
                 if link.batch:
                     link.batch.extend(part)
                 else:

@@ -49,42 +49,45 @@ async def _receive(sock: socket.socket, expected: int,
     return got
 
 
+async def _send_while_receiving(pieces: list[bytes],
+                                 expected: int) -> list[tuple[int, int, bytes]]:
+    """Write ``pieces`` to one end of a socketpair, from the loop, while a Channel on the
+    other end receives ``expected`` frames; every fifth piece lets the reader run first."""
+    reader, writer = socketpair()
+    loop = asyncio.get_running_loop()
+    writer.setblocking(False)
+
+    async def write() -> None:
+        for turn, piece in enumerate(pieces, 1):
+            await loop.sock_sendall(writer, piece)
+            if turn % 5 == 0:
+                await asyncio.sleep(0)   # let the reader read what came so far
+
+    sender = asyncio.ensure_future(write())
+    try:
+        return await _receive(reader, expected)
+    finally:
+        await sender
+        writer.close()
+
+
 def test_frames_cut_into_pieces_of_every_size_arrive_whole() -> None:
     # The writer cuts the stream at awkward places (inside headers, inside payloads, across
     # frames), so the reader keeps partial frames between reads of its one buffer.
     frames = _frames(120)
     stream = b''.join(encode(kind, arg, payload) for kind, arg, payload in frames)
-
-    async def main() -> list[tuple[int, int, bytes]]:
-        reader, writer = socketpair()
-        loop = asyncio.get_running_loop()
-
-        async def write() -> None:
-            cuts = [1, 2, 3, 7, 12, 13, 14, 100, 4096, 70001, 1 << 18]
-            pos, turn = 0, 0
-            while pos < len(stream):
-                piece = stream[pos:pos + cuts[turn % len(cuts)]]
-                await loop.sock_sendall(writer, piece)
-                pos += len(piece)
-                turn += 1
-                if turn % 5 == 0:
-                    await asyncio.sleep(0)   # let the reader read what came so far
-
-        writer.setblocking(False)
-        sender = asyncio.ensure_future(write())
-        try:
-            return await _receive(reader, len(frames))
-        finally:
-            await sender
-            writer.close()
-
-    assert run(main()) == frames
+    cuts = [1, 2, 3, 7, 12, 13, 14, 100, 4096, 70001, 1 << 18]
+    pieces, pos = [], 0
+    while pos < len(stream):
+        pieces.append(stream[pos:pos + cuts[len(pieces) % len(cuts)]])
+        pos += len(pieces[-1])
+    assert run(_send_while_receiving(pieces, len(frames))) == frames
 
 
 def test_a_read_inside_on_frames_leaves_the_frames_being_handled_intact() -> None:
-    # The pool drains a channel from inside its own frame handler (a burst of submit()
-    # made by process_message): that read must not land in the buffer whose frames are
-    # still being handled.
+    # An owner that drains its channel from inside its own frame handler (the pool does
+    # not, since it would take frames out of order; the channel guards against it anyway)
+    # must not have that read land in the buffer whose frames are still being handled.
     first = [(1, n, bytes([n]) * 1000) for n in range(50)]
     second = [(2, n, bytes([255 - n]) * 1000) for n in range(50)]
     seen: list[tuple[int, int, bytes]] = []
@@ -112,23 +115,6 @@ def test_a_read_inside_on_frames_leaves_the_frames_being_handled_intact() -> Non
     assert sorted(seen) == sorted(first + second)   # nothing overwritten under the handler
 
 
-def test_a_payload_larger_than_a_read_is_received_whole_and_its_buffer_reused() -> None:
+def test_payloads_larger_than_a_read_are_received_whole() -> None:
     big = [(3, n, os.urandom(1 << 20) + bytes([n])) for n in range(4)]
-
-    async def main() -> list[tuple[int, int, bytes]]:
-        reader, writer = socketpair()
-        loop = asyncio.get_running_loop()
-        writer.setblocking(False)
-
-        async def write() -> None:
-            for frame in big:
-                await loop.sock_sendall(writer, encode(*frame))
-
-        sender = asyncio.ensure_future(write())
-        try:
-            return await _receive(reader, len(big))
-        finally:
-            await sender
-            writer.close()
-
-    assert run(main()) == big
+    assert run(_send_while_receiving([encode(*frame) for frame in big], len(big))) == big
