@@ -5,7 +5,9 @@
     LooppoolError
      ├── WorkerLost          the worker running a task died or was killed
      │    └── WorkerStartError   a worker could not start (its _initialise raised)
-     └── PoolClosed          the pool is stopped or stopping
+     ├── PoolClosed          the pool is stopped or stopping
+     ├── ConnectionLost      the connection to a pool host broke (looppool.remote)
+     └── AuthenticationError a pool host or client refused its peer (looppool.remote)
 
 An exception raised by a handler in a worker is not wrapped: it reaches the caller as
 itself, with the worker's traceback attached as ``__cause__`` (a :class:`RemoteTraceback`).
@@ -14,7 +16,8 @@ A timeout raises the built-in :class:`TimeoutError`.
 
 from __future__ import annotations
 
-__all__ = ['LooppoolError', 'WorkerLost', 'WorkerStartError', 'PoolClosed', 'RemoteTraceback']
+__all__ = ['LooppoolError', 'WorkerLost', 'WorkerStartError', 'PoolClosed', 'ConnectionLost',
+           'AuthenticationError', 'RemoteTraceback']
 
 
 class LooppoolError(Exception):
@@ -58,6 +61,21 @@ class WorkerStartError(WorkerLost):
 
 class PoolClosed(LooppoolError):
     """The pool is stopped or stopping, so it takes no new messages (or dropped this one)."""
+
+
+class ConnectionLost(LooppoolError):
+    """The connection to a pool host broke; the calls in flight on it failed with this.
+
+    The next call connects again (and, for a client made by :func:`shared`, starts a new
+    host if none is running).
+    """
+
+
+class AuthenticationError(LooppoolError):
+    """The pool host refused this client (wrong or missing secret, or a foreign uid), the
+    host failed to prove it knows the secret, or the client refused a host on a Unix
+    socket that runs as another user."""
+
 
 
 class RemoteTraceback(Exception):

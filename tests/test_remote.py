@@ -23,6 +23,7 @@ import pytest
 
 import looppool
 from looppool import remote
+from looppool.remote import wire
 from conftest import run, wait_for, wait_until
 from workers import Echo
 
@@ -350,7 +351,7 @@ def test_an_oversized_frame_before_authentication_is_refused(host) -> None:
         sock.settimeout(10)
         sock.connect(host.address)
         sock.recv(100)   # the greeting
-        sock.sendall(remote.HEADER.pack(2 ** 31, remote.AUTH, 0) + b'x' * 100)
+        sock.sendall(wire.HEADER.pack(2 ** 31, wire.AUTH, 0) + b'x' * 100)
         answer = sock.recv(1000)
         assert b'at most' in answer
     client = remote.connect_sync(host.address)

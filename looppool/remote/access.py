@@ -1,0 +1,133 @@
+"""Who may talk to whom: socket addresses and their directories, secrets and their proofs,
+peer uids."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import socket
+import struct
+import tempfile
+from typing import Any, Union
+
+from ..errors import AuthenticationError
+from ..worker import Worker
+
+Address = Union[str, tuple[str, int]]
+
+
+# -- addresses and access ----------------------------------------------------------------------
+
+def default_address(worker_class: type[Worker]) -> str:
+    """The Unix socket path :func:`serve` and :func:`shared` use when given no address:
+    ``$XDG_RUNTIME_DIR/looppool-<uid>/<module>.<class>.sock`` (or under the temporary
+    directory), in a directory only this user can enter."""
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    directory = os.path.join(base, f'looppool-{os.getuid()}')
+    name = f'{worker_class.__module__}.{worker_class.__qualname__}'
+    name = ''.join(c if c.isalnum() or c in '._-' else '_' for c in name)
+    path = os.path.join(directory, name + '.sock')
+    if len(path.encode()) > 100:  # sun_path holds 108 bytes
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        path = os.path.join(directory, f'{name[:40]}-{digest}.sock')
+    return path
+
+
+def _private_directory(path: str) -> None:
+    """Create the socket's directory with mode 0700, or check that an existing one is ours
+    and closed to others."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise PermissionError(f'{directory} belongs to uid {info.st_uid}, not to this user '
+                              f'({os.getuid()}); choose another address')
+    if info.st_mode & 0o022 and not info.st_mode & 0o1000:
+        raise PermissionError(f'{directory} is writable by other users; other users could '
+                              'replace the socket. Use a directory only you can write to')
+
+
+def _check_address(address: Address, secret: bytes | None, ssl_context: Any) -> None:
+    if isinstance(address, str):
+        return
+    if not (isinstance(address, tuple) and len(address) == 2
+            and isinstance(address[0], str) and isinstance(address[1], int)):
+        raise TypeError(f'address must be a Unix socket path or a (host, port) tuple, got '
+                        f'{address!r}')
+    if secret is None:
+        raise ValueError('a TCP address needs a secret: anyone who can connect could '
+                         'otherwise send pickles, which run code in the host')
+    if ssl_context is None and not _is_loopback(address[0]):
+        raise ValueError(f'refusing to serve {address[0]!r} without TLS: pass ssl_context, '
+                         'or bind a loopback address')
+
+
+def _is_loopback(host: str) -> bool:
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret_bytes(secret: str | bytes | None) -> bytes | None:
+    if secret is None:
+        return None
+    if isinstance(secret, str):
+        secret = secret.encode()
+    if not isinstance(secret, bytes) or not secret:
+        raise ValueError('secret must be a non-empty str or bytes')
+    return secret
+
+
+def _mac(secret: bytes, nonce: bytes, role: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    if not hasattr(socket, 'SO_PEERCRED') or sock.family != socket.AF_UNIX:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i'))
+    uid: int = struct.unpack('3i', creds)[1]
+    return uid
+
+
+def _check_host(sock: Any, address: Any) -> None:
+    """Refuse a pool host on a Unix socket that runs as another user (Linux).
+
+    The host sends pickles, which run code as they are read: a socket another user put at
+    the address (in a shared directory, say) must not be talked to. A host run by root is
+    accepted, as root can reach this process anyway.
+    """
+    uid = _peer_uid(sock) if sock is not None else None
+    if uid is not None and uid != os.getuid() and uid != 0:
+        raise AuthenticationError(
+            f'the pool host at {address!r} runs as uid {uid}, not as this user (uid '
+            f'{os.getuid()}) or root; refusing to exchange pickles with it')
+
+
+def _allowed(allowed_uids: Any) -> set[int]:
+    if allowed_uids is None:
+        return {os.getuid()}
+    uids = set(allowed_uids)
+    if not all(isinstance(uid, int) for uid in uids):
+        raise TypeError(f'allowed_uids must be ints, got {allowed_uids!r}')
+    return uids
+
+
+def _answers(path: str) -> bool:
+    """Whether something accepts connections on a Unix socket path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+

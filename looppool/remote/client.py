@@ -1,0 +1,438 @@
+"""The asynchronous client of a pool host, on the caller's asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import os
+import pickle
+import queue
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClosed
+from ..protocol import dumps, loads
+from .access import Address, _check_host, _mac, _secret_bytes
+from .wire import (_NONCE, _OPTS, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE, C_STATS,
+                   C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_REPLY, H_RESULT,
+                   HELLO, REFUSED, VERSION, WELCOME, _broadcast_payload,
+                   _decode_error, _drop_result, _Framed, _resolve_broadcast)
+
+log = logging.getLogger('looppool.remote')
+
+# -- the asynchronous client -------------------------------------------------------------------
+
+class _ClientFuture(asyncio.Future[Any]):
+    __slots__ = ('_lp_client', '_lp_tid', '_lp_timer')
+    _lp_client: Client
+    _lp_tid: int
+    _lp_timer: asyncio.TimerHandle | None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._lp_client._abandon(self)
+        return True
+
+
+class _ClientConnection(_Framed):
+    def __init__(self, client: Client) -> None:
+        loop = client._get_loop()
+        super().__init__(loop)
+        self.client = client
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.nonce = os.urandom(_NONCE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            _check_host(transport.get_extra_info('socket'), self.client.address)
+        except AuthenticationError as exc:
+            self.fail(exc)
+
+    def refuse(self, reason: str) -> None:
+        self.fail(ConnectionLost(f'the pool host sent something unexpected: {reason}'))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(error)
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionLost(
+                f'the pool host at {self.client.address!r} closed the connection during '
+                'the handshake'))
+        self.client._connection_lost(self, exc)
+
+    def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        client = self.client
+        for kind, arg, payload in frames:
+            if kind == H_REPLY or kind == H_ERROR or kind == H_BROADCAST:
+                client._answer(kind, arg, payload)
+            elif kind == H_ACK:
+                client._acknowledged(arg)
+            elif kind == H_RESULT:
+                client._result(payload)
+            elif kind == HELLO:
+                self.hello(arg, bytes(payload))
+            elif kind == WELCOME:
+                self.welcome(arg, bytes(payload))
+            elif kind == REFUSED:
+                self.fail(AuthenticationError(
+                    f'the pool host at {client.address!r} refused this client: '
+                    f'{bytes(payload).decode(errors="replace")}'))
+
+    def hello(self, version: int, nonce: bytes) -> None:
+        if version != VERSION:
+            self.fail(ConnectionLost(f'the pool host speaks protocol {version}, this client '
+                                     f'{VERSION}'))
+            return
+        secret = self.client._secret
+        proof = _mac(secret, nonce, b'client') if secret is not None else b''
+        self.send(AUTH, 0, self.nonce + proof)
+
+    def welcome(self, pool_size: int, payload: bytes) -> None:
+        secret = self.client._secret
+        if secret is not None:
+            if not hmac.compare_digest(payload[:32], _mac(secret, self.nonce, b'host')):
+                self.fail(AuthenticationError('the pool host could not prove it knows the '
+                                              'secret'))
+                return
+            payload = payload[32:]
+        self.parser.max_frame = 2 ** 32 - 1
+        info = loads(payload)
+        self.client.pool_size = pool_size
+        self.client._share = info['share']
+        self.ready.set_result(None)
+
+
+class Client:
+    """A pool host's client, with the Pool's interface, on this process's asyncio loop.
+
+    Made by :func:`connect` or :func:`shared`; it connects on first use (or in ``async
+    with``) and again on the first call after a lost connection. Not thread-safe: use it
+    from the loop it was first used on.
+
+    ``process_message`` receives the results workers send with ``_put_nowait`` while
+    handling this client's messages, exactly as :attr:`Pool.process_message
+    <looppool.Pool.process_message>` does locally. ``created_new_pool`` says whether
+    :func:`shared` started the host.
+    """
+
+    def __init__(self, address: Address, *, secret: str | bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None,
+                 ensure_host: Callable[[], bool] | None = None) -> None:
+        self.address = address
+        self._secret = _secret_bytes(secret)
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._ensure_host = ensure_host
+        self.created_new_pool = False
+        self.pool_size: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connection: _ClientConnection | None = None
+        self._connecting: asyncio.Future[None] | None = None
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._next_tid = 1
+        self._share = 4096
+        self._unacked = 0
+        self._notes_unacked = 0
+        self._outbox: collections.deque[tuple[int, int, bytes, Any]] = collections.deque()
+        self._closed = False
+        self._warned = False
+
+    # -- the Pool's interface --------------------------------------------------------------
+
+    def submit(self, message: Any, *, worker_num: int | None = None,
+               timeout: float | None = None) -> asyncio.Future[Any]:
+        """Send ``message`` to the host's pool; resolves to the worker's reply. Waits for
+        room when this client's share of unacknowledged messages is used up."""
+        payload = self._payload(message, worker_num)
+        future = self._new_future(timeout)
+        self._queue(C_TASK, future._lp_tid, payload, future)
+        return future
+
+    def broadcast(self, message: Any, *, timeout: float | None = None,
+                  sticky: bool | str = False) -> asyncio.Future[list[Any]]:
+        """Send ``message`` to every worker of the host's pool; resolves to their replies
+        in worker order (``sticky`` as :meth:`Pool.broadcast <looppool.Pool.broadcast>`)."""
+        payload = _broadcast_payload(message, sticky)
+        future = self._new_future(timeout)
+        self._queue(C_BROADCAST, future._lp_tid, payload, future)
+        return future
+
+    def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
+        """Send without a reply; raises :class:`queue.Full` when this client's share of
+        unacknowledged messages is used up."""
+        payload = self._payload(message, worker_num)
+        self._check_open()
+        if self._unacked + len(self._outbox) >= self._share:
+            raise queue.Full(f'{self._share} messages from this client are not yet '
+                             'acknowledged by the pool host')
+        self._queue(C_NOTE, 0, payload, None)
+
+    def put(self, message: Any, worker_num: int | None = None) -> asyncio.Future[None]:
+        """Send without a reply, waiting for room instead of raising ``queue.Full``; the
+        future resolves once the message is queued for the host."""
+        payload = self._payload(message, worker_num)
+        self._check_open()
+        future: asyncio.Future[None] = self._get_loop().create_future()
+        self._queue(C_NOTE, 0, payload, future)
+        return future
+
+    async def stats(self) -> dict[str, Any]:
+        """The host pool's :meth:`Pool.stats <looppool.Pool.stats>`, plus ``clients`` and
+        ``host_pid``."""
+        future = self._new_future(None)
+        self._queue(C_STATS, future._lp_tid, b'', future, counted=False)
+        stats: dict[str, Any] = await future
+        return stats
+
+    def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
+        """Receive one ``_put_nowait`` result; assign your own. This default drops it."""
+        _drop_result(self, result_done)
+
+    async def connect(self) -> Client:
+        """Connect now (a call connects by itself; this surfaces errors early)."""
+        self._check_open()
+        await self._connected()
+        return self
+
+    async def close(self) -> None:
+        """Close the connection; calls still in flight fail with :class:`ConnectionLost`.
+
+        Returns once the connection is gone (a TLS connection's closing handshake included,
+        at most 5 s, after which it is aborted)."""
+        self._closed = True
+        connection = self._connection
+        self._fail_all(ConnectionLost('the client was closed'))
+        if connection is not None and connection.transport is not None:
+            connection.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(connection.lost), 5)
+            except asyncio.TimeoutError:
+                connection.transport.abort()
+
+    async def __aenter__(self) -> Client:
+        return await self.connect()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _payload(self, message: Any, worker_num: int | None) -> bytes:
+        if worker_num is not None and (not isinstance(worker_num, int) or worker_num < 0):
+            raise ValueError(f'worker_num must be a worker number, got {worker_num!r}')
+        return _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed('this client was closed')
+
+    def _new_future(self, timeout: float | None) -> _ClientFuture:
+        self._check_open()
+        loop = self._get_loop()
+        tid = self._next_tid
+        self._next_tid += 1
+        future = _ClientFuture(loop=loop)
+        future._lp_client = self
+        future._lp_tid = tid
+        future._lp_timer = None
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)) or timeout <= 0:
+                raise ValueError(f'timeout must be a positive number of seconds, got '
+                                 f'{timeout!r}')
+            future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
+        return future
+
+    def _queue(self, kind: int, tid: int, payload: bytes, future: Any,
+               counted: bool = True) -> None:
+        self._get_loop()
+        if future is not None and kind != C_NOTE:
+            self._futures[tid] = future
+        self._outbox.append((kind, tid, payload, future))
+        connection = self._connection
+        if connection is None or connection.closed or not connection.ready.done():
+            self._start_connecting()
+        else:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Send what the share allows, in order."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            return
+        outbox = self._outbox
+        while outbox and (self._unacked < self._share or outbox[0][0] == C_STATS):
+            kind, tid, payload, future = outbox.popleft()
+            if future is not None and future.done():
+                continue
+            if kind != C_STATS:
+                self._unacked += 1
+            if kind == C_NOTE:
+                self._notes_unacked += 1
+                if future is not None:
+                    future.set_result(None)
+            connection.send(kind, tid, payload)
+
+    def _start_connecting(self) -> None:
+        if self._connecting is None or self._connecting.done():
+            task = self._get_loop().create_task(self._connect())
+            # A failure also reaches every waiting future; only connect() re-raises it.
+            task.add_done_callback(_retrieve)
+            self._connecting = task
+
+    async def _connected(self) -> None:
+        connection = self._connection
+        if connection is not None and not connection.closed and connection.ready.done():
+            return
+        self._start_connecting()
+        assert self._connecting is not None
+        await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> None:
+        loop = self._get_loop()
+        try:
+            if self._ensure_host is not None:
+                # Starting a host blocks (a lock, a process start): keep it off the loop.
+                await loop.run_in_executor(None, self._ensure_host)
+            connection = _ClientConnection(self)
+            if isinstance(self.address, str):
+                await loop.create_unix_connection(lambda: connection, self.address,
+                                                  ssl=self._ssl,
+                                                  server_hostname=self._server_hostname)
+            else:
+                await loop.create_connection(
+                    lambda: connection, self.address[0], self.address[1], ssl=self._ssl,
+                    server_hostname=(self._server_hostname or self.address[0])
+                    if self._ssl else None)
+            self._connection = connection
+            await connection.ready
+        except BaseException as exc:
+            error = exc if isinstance(exc, LooppoolError) else ConnectionLost(
+                f'could not connect to the pool host at {self.address!r}: {exc!r}')
+            self._fail_all(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise error from (exc if error is not exc else None)
+        self._unacked = 0
+        self._notes_unacked = 0
+        self._pump()
+
+    # -- answers ---------------------------------------------------------------------------
+
+    def _answer(self, kind: int, tid: int, payload: Any) -> None:
+        self._unacked -= 1
+        future = self._futures.pop(tid, None)
+        if future is not None and not future.done():
+            timer = future._lp_timer  # type: ignore[attr-defined]
+            if timer is not None:
+                timer.cancel()
+            if kind == H_REPLY:
+                try:
+                    future.set_result(loads(payload))
+                except BaseException as exc:
+                    future.set_exception(pickle.UnpicklingError(
+                        f'the reply could not be unpickled here: {exc!r}'))
+            elif kind == H_ERROR:
+                error = _decode_error(payload)
+                if isinstance(error, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(error)
+            else:
+                _resolve_broadcast(future, payload)
+        self._pump()
+
+    def _acknowledged(self, count: int) -> None:
+        self._unacked -= count
+        self._notes_unacked -= count
+        self._pump()
+
+    def _result(self, payload: Any) -> None:
+        connection = self._connection
+        try:
+            result = loads(payload)
+        except BaseException as exc:
+            log.error('a result from the pool host could not be unpickled: %r', exc)
+            self._result_done(connection)
+            return
+        outcome = self.process_message(result, lambda: self._result_done(connection))
+        if outcome is not None and asyncio.iscoroutine(outcome):
+            self._get_loop().create_task(outcome)
+
+    def _result_done(self, connection: _ClientConnection | None) -> None:
+        if connection is not None and connection is self._connection and not connection.closed:
+            connection.send(C_CREDIT, 1)
+
+    def _expire(self, future: _ClientFuture, timeout: float) -> None:
+        future._lp_timer = None
+        if not future.done():
+            future.set_exception(TimeoutError(
+                f'no reply from the pool host within {timeout} s; the task was cancelled'))
+            self._abandon(future)
+
+    def _abandon(self, future: _ClientFuture) -> None:
+        if future._lp_timer is not None:
+            future._lp_timer.cancel()
+        connection = self._connection
+        if future._lp_tid in self._futures and connection is not None and not connection.closed:
+            connection.send(C_CANCEL, future._lp_tid)
+
+    def _connection_lost(self, connection: _ClientConnection, exc: Exception | None) -> None:
+        if connection is not self._connection:
+            return
+        self._connection = None
+        self._fail_all(ConnectionLost(
+            f'the connection to the pool host at {self.address!r} was lost '
+            f'({exc!r}); the next call connects again' if exc else
+            f'the pool host at {self.address!r} closed the connection; the next call '
+            'connects again'))
+
+    def _fail_all(self, error: BaseException) -> None:
+        futures = list(self._futures.values())
+        self._futures.clear()
+        for item in self._outbox:
+            if item[3] is not None and item[3] not in futures:
+                futures.append(item[3])
+        self._outbox.clear()
+        self._unacked = 0
+        self._notes_unacked = 0
+        for future in futures:
+            if not future.done():
+                timer = getattr(future, '_lp_timer', None)
+                if timer is not None:
+                    timer.cancel()
+                future.set_exception(error)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def connect(address: Address, *, secret: str | bytes | None = None,
+            ssl_context: ssl.SSLContext | None = None,
+            server_hostname: str | None = None) -> Client:
+    """A :class:`Client` of the pool host at ``address`` (it connects on first use)."""
+    if address is not None and not isinstance(address, (str, tuple)):
+        raise TypeError(f'address must be a Unix socket path or a (host, port) tuple, got '
+                        f'{address!r}')
+    return Client(address, secret=secret, ssl_context=ssl_context,
+                  server_hostname=server_hostname)
+

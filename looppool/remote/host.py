@@ -1,0 +1,342 @@
+"""The pool host: a Pool, a server, and one session per connected client."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .. import protocol
+from ..errors import PoolClosed
+from ..pool import Pool, _parent_fds, _RawFuture
+from ..protocol import dumps
+from ..worker import Worker
+from .access import Address, _mac, _peer_uid, _private_directory
+from .wire import (_KEY, _NONCE, _OPTS, _SESSION_SHIFT, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT,
+                   C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
+                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
+                   _encode_error, _Framed)
+
+log = logging.getLogger('looppool.remote')
+
+# The client that started a host connects next; under load that can take a while.
+_FIRST_CLIENT_GRACE = 10.0
+
+class _Ack:
+    """Stands in for a future on a client's note: handing it to a worker acknowledges it."""
+
+    __slots__ = ('session', 'is_done')
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.is_done = False
+
+    def done(self) -> bool:
+        return self.is_done
+
+    def set_result(self, _: Any) -> None:
+        self.is_done = True
+        self.session.acknowledge()
+
+
+class _Session(_Framed):
+    """The host's side of one client connection."""
+
+    def __init__(self, host: _Host) -> None:
+        super().__init__(host.loop)
+        self.host = host
+        self.number = host.next_session
+        host.next_session += 1
+        self.nonce = os.urandom(_NONCE)
+        self.authenticated = False
+        self.tasks: dict[int, Any] = {}   # client task id -> the pool's _RawFuture
+        self.result_dones: collections.deque[Callable[[], None]] = collections.deque()
+        self.acks = 0
+        self.fd = -1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info('socket')
+        if sock is not None:
+            # A worker forked later (a replacement) must not hold this connection open.
+            self.fd = sock.fileno()
+            _parent_fds.add(self.fd)
+        uid = _peer_uid(sock) if sock is not None else None
+        if uid is not None and uid not in self.host.allowed_uids:
+            self.refuse(f'uid {uid} may not use this pool (allowed: '
+                        f'{sorted(self.host.allowed_uids)})')
+            return
+        self.send(HELLO, VERSION, self.nonce)
+
+    def refuse(self, reason: str) -> None:
+        log.warning('pool host refused a client: %s', reason)
+        self.send(REFUSED, 0, reason.encode())
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        _parent_fds.discard(self.fd)
+        self.host.session_ended(self)
+        for future in list(self.tasks.values()):
+            future.cancel()   # nobody is left to answer: stop the work in the worker
+        self.tasks.clear()
+        for result_done in self.result_dones:
+            result_done()
+        self.result_dones.clear()
+
+    def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        pool = self.host.pool
+        for kind, arg, payload in frames:
+            if self.closed:
+                return
+            if not self.authenticated:
+                self.authenticate(kind, bytes(payload))
+                continue
+            if kind == C_TASK:
+                worker_num = _OPTS.unpack_from(payload)[0]
+                self.start(arg, payload[_OPTS.size:], None if worker_num < 0 else worker_num)
+            elif kind == C_NOTE:
+                worker_num = _OPTS.unpack_from(payload)[0]
+                if not self.host.accepting(self, 0):
+                    continue
+                pool._counts['submitted'] += 1
+                pool._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT,
+                                bytes(payload[_OPTS.size:]), _Ack(self)),
+                               None if worker_num < 0 else worker_num)
+            elif kind == C_BROADCAST:
+                flag, = _OPTS.unpack_from(payload)
+                key_size, = _KEY.unpack_from(payload, _OPTS.size)
+                start = _OPTS.size + _KEY.size
+                sticky: bool | str = bytes(payload[start:start + key_size]).decode() \
+                    if flag == 2 else bool(flag)
+                self.broadcast(arg, bytes(payload[start + key_size:]), sticky)
+            elif kind == C_CANCEL:
+                future = self.tasks.get(arg)
+                if future is not None:
+                    future.cancel()
+            elif kind == C_CREDIT:
+                for _ in range(min(arg, len(self.result_dones))):
+                    self.result_dones.popleft()()
+            elif kind == C_STATS:
+                stats = pool.stats()
+                stats['clients'] = len(self.host.sessions)
+                stats['host_pid'] = os.getpid()
+                self.send(H_REPLY, arg, dumps(stats))
+
+    def authenticate(self, kind: int, payload: bytes) -> None:
+        secret = self.host.secret
+        if kind != AUTH or len(payload) < _NONCE:
+            self.refuse('the client did not authenticate')
+            return
+        client_nonce, proof = payload[:_NONCE], payload[_NONCE:]
+        if secret is not None:
+            if not hmac.compare_digest(proof, _mac(secret, self.nonce, b'client')):
+                self.refuse('wrong or missing secret')
+                return
+            answer = _mac(secret, client_nonce, b'host')
+        else:
+            answer = b''
+        self.authenticated = True
+        self.parser.max_frame = 2 ** 32 - 1
+        self.host.session_started(self)
+        self.send(WELCOME, self.host.pool.pool_size,
+                  answer + dumps({'share': self.host.client_share}))
+
+    def start(self, tid: int, payload: Any, worker_num: int | None) -> None:
+        if not self.host.accepting(self, tid):
+            return
+        if worker_num is not None and not 0 <= worker_num < self.host.pool.pool_size:
+            self.send(H_ERROR, tid, _encode_error(ValueError(
+                f'worker_num must be in 0..{self.host.pool.pool_size - 1}, got {worker_num}')))
+            return
+        future: Any = self.host.pool._submit_payload(
+            bytes(payload), worker_num, None, _RawFuture,
+            lambda is_error, reply, tid=tid: self.answer(tid, is_error, reply),
+            self.number << _SESSION_SHIFT | tid)
+        self.tasks[tid] = future
+
+    def answer(self, tid: int, is_error: bool, payload: Any) -> None:
+        self.tasks.pop(tid, None)
+        self.send(H_ERROR if is_error else H_REPLY, tid, payload)
+
+    def broadcast(self, tid: int, payload: bytes, sticky: bool | str) -> None:
+        if not self.host.accepting(self, tid):
+            return
+        pool = self.host.pool
+        if sticky:
+            pool._remember_sticky(sticky, payload)
+        replies: list[Any] = [None] * pool.pool_size
+        missing = [pool.pool_size]
+
+        def collect(number: int, is_error: bool, reply: Any) -> None:
+            replies[number] = (is_error, bytes(reply))
+            missing[0] -= 1
+            if missing[0] == 0:
+                self.send(H_BROADCAST, tid, dumps(replies))
+
+        for number in range(pool.pool_size):
+            # One id for all: in-flight tables are per worker, and results route by it.
+            pool._submit_payload(payload, number, None, _RawFuture,
+                                 lambda e, r, n=number: collect(n, e, r),
+                                 self.number << _SESSION_SHIFT | tid)
+
+
+    def acknowledge(self) -> None:
+        self.acks += 1
+        if self.acks == 1:
+            self.loop.call_soon(self.send_acks)
+
+    def send_acks(self) -> None:
+        if self.acks:
+            acks, self.acks = self.acks, 0
+            self.send(H_ACK, acks)
+
+    def result(self, payload: Any, result_done: Callable[[], None]) -> None:
+        self.result_dones.append(result_done)
+        self.send(H_RESULT, 0, payload)
+
+
+class _Host:
+    """The pool host: a Pool, a server and its sessions, on the host process's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker_class: type[Worker],
+                 address: Address, secret: bytes | None, ssl_context: Any,
+                 pool_options: dict[str, Any], allowed_uids: set[int],
+                 idle_timeout: float | None) -> None:
+        self.loop = loop
+        self.address = address
+        self.secret = secret
+        self.ssl_context = ssl_context
+        self.allowed_uids = allowed_uids
+        self.idle_timeout = idle_timeout
+        self.pool = Pool(loop, worker_class=worker_class, **pool_options)
+        self.pool._raw_results = self.route_result
+        self.pool._batch_replies = False
+        self.client_share = self.pool._max_tasks
+        self.sessions: dict[int, _Session] = {}
+        self.next_session = 1
+        self.server: asyncio.AbstractServer | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.done = loop.create_future()
+        self.stopping = False
+
+    async def start(self) -> None:
+        await self.pool.__aenter__()
+        if isinstance(self.address, str):
+            _private_directory(self.address)
+            if os.path.exists(self.address):
+                os.unlink(self.address)   # the caller checked that no host answers there
+            old_mask = os.umask(0o177)    # the socket is born 0600: no window for others
+            try:
+                self.server = await self.loop.create_unix_server(
+                    lambda: _Session(self), self.address, ssl=self.ssl_context)
+            finally:
+                os.umask(old_mask)
+            os.chmod(self.address, 0o600)
+        else:
+            self.server = await self.loop.create_server(
+                lambda: _Session(self), self.address[0], self.address[1],
+                ssl=self.ssl_context, reuse_address=True)
+            if self.address[1] == 0:
+                port = self.server.sockets[0].getsockname()[1]
+                self.address = (self.address[0], port)
+        # Replacement workers are forked after this: they must not keep the listening
+        # socket open, or a dead host would still seem to accept connections.
+        for sock in self.server.sockets:
+            _parent_fds.add(sock.fileno())
+        # The client that started this host connects next; under load that can take a
+        # while, so a new host waits at least _FIRST_CLIENT_GRACE before idling out.
+        self.arm_idle_timer(max(self.idle_timeout or 0.0, _FIRST_CLIENT_GRACE))
+
+    def accepting(self, session: _Session, tid: int) -> bool:
+        if self.pool._state == 'running':
+            return True
+        if tid:
+            session.send(H_ERROR, tid, _encode_error(PoolClosed('the pool host is stopping')))
+        return False
+
+    def route_result(self, origin: int, payload: Any, result_done: Callable[[], None]) -> None:
+        session = self.sessions.get(origin >> _SESSION_SHIFT)
+        if session is None or session.closed:
+            result_done()   # its client is gone: nobody to deliver to
+            return
+        session.result(bytes(payload), result_done)
+
+    def session_started(self, session: _Session) -> None:
+        self.sessions[session.number] = session
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def session_ended(self, session: _Session) -> None:
+        self.sessions.pop(session.number, None)
+        self.arm_idle_timer()
+
+    def arm_idle_timer(self, delay: float | None = None) -> None:
+        if self.idle_timeout is not None and not self.sessions and self.idle_timer is None \
+                and not self.stopping:
+            self.idle_timer = self.loop.call_later(delay or self.idle_timeout, self.idle)
+
+    def idle(self) -> None:
+        self.idle_timer = None
+        if not self.sessions:
+            log.info('pool host at %s had no clients for %s s; stopping', self.address,
+                     self.idle_timeout)
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if isinstance(self.address, str):
+            try:
+                os.unlink(self.address)
+            except OSError:
+                pass
+        await self.pool.stop()
+        for session in list(self.sessions.values()):
+            session.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _run_host(worker_class: type[Worker], address: Address, secret: bytes | None,
+              ssl_context: Any, pool_options: dict[str, Any], allowed_uids: set[int],
+              idle_timeout: float | None, ready: Callable[[str, Any], None],
+              parent_sentinel: int | None) -> None:
+    """The host process's main: serve until stopped, idle, or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # stopped by its starter, not a Ctrl-C
+    asyncio.events._set_running_loop(None)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    host = _Host(loop, worker_class, address, secret, ssl_context, pool_options,
+                 allowed_uids, idle_timeout)
+    try:
+        loop.run_until_complete(host.start())
+    except BaseException:
+        ready('error', traceback.format_exc())
+        loop.run_until_complete(host.pool.stop())
+        loop.close()
+        sys.exit(1)
+    loop.add_signal_handler(signal.SIGTERM, host.shutdown)
+    if parent_sentinel is not None:
+        loop.add_reader(parent_sentinel, host.shutdown)
+    ready('ready', host.address)
+    try:
+        loop.run_until_complete(host.done)
+    finally:
+        loop.close()
+

@@ -1,0 +1,319 @@
+"""The blocking client of a pool host, safe to call from many threads."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hmac
+import logging
+import os
+import pickle
+import queue
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..channel import Parser, encode
+from ..errors import AuthenticationError, ConnectionLost, PoolClosed
+from ..protocol import dumps, loads
+from .access import Address, _check_host, _mac, _secret_bytes
+from .wire import (_NONCE, _OPTS, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT,
+                   C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
+                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION,
+                   _broadcast_payload, _decode_error, _drop_result,
+                   _resolve_broadcast)
+
+log = logging.getLogger('looppool.remote')
+
+# -- the synchronous client --------------------------------------------------------------------
+
+class SyncClient:
+    """A blocking client of a pool host, safe to use from many threads at once.
+
+    For synchronous web code (Flask or Django under gunicorn's sync workers, uWSGI,
+    mod_wsgi). Any thread may call it; frames are written under a lock, and one reader
+    thread per connection resolves the callers' futures and calls ``process_message``
+    (so that function runs on the reader thread).
+    """
+
+    def __init__(self, address: Address, *, secret: str | bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 connect_timeout: float = 10.0,
+                 ensure_host: Callable[[], bool] | None = None) -> None:
+        self.address = address
+        self._secret = _secret_bytes(secret)
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._connect_timeout = connect_timeout
+        self._ensure_host = ensure_host
+        self.created_new_pool = False
+        self.pool_size: int | None = None
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._futures: dict[int, concurrent.futures.Future[Any]] = {}
+        self._next_tid = 1
+        self._room: threading.BoundedSemaphore | None = None
+        self._generation = 0
+        self._closed = False
+        self._warned = False
+
+    def submit(self, message: Any, *, worker_num: int | None = None,
+               timeout: float | None = None) -> Any:
+        """Send ``message`` and wait for the reply (at most ``timeout`` seconds, then
+        :class:`TimeoutError` and the task is cancelled in the worker)."""
+        payload = _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
+        return self._call(C_TASK, payload, timeout)
+
+    def broadcast(self, message: Any, *, timeout: float | None = None,
+                  sticky: bool | str = False) -> list[Any]:
+        """Send ``message`` to every worker; return their replies in worker order."""
+        payload = _broadcast_payload(message, sticky)
+        replies: list[Any] = self._call(C_BROADCAST, payload, timeout)
+        return replies
+
+    def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
+        """Send without a reply; :class:`queue.Full` when this client's share of
+        unacknowledged messages is used up."""
+        self._note(message, worker_num, block=False)
+
+    def put(self, message: Any, worker_num: int | None = None) -> None:
+        """Send without a reply, waiting for room."""
+        self._note(message, worker_num, block=True)
+
+    def stats(self) -> dict[str, Any]:
+        """The host pool's stats, plus ``clients`` and ``host_pid``."""
+        stats: dict[str, Any] = self._call(C_STATS, b'', None, counted=False)
+        return stats
+
+    def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
+        """Receive one ``_put_nowait`` result (on the reader thread); assign your own."""
+        _drop_result(self, result_done)
+
+    def close(self) -> None:
+        """Close the connection; calls in flight fail with :class:`ConnectionLost`."""
+        self._closed = True
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            self._disconnect(sock, ConnectionLost('the client was closed'))
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _note(self, message: Any, worker_num: int | None, block: bool) -> None:
+        payload = _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
+        sock, room = self._connection()
+        if not room.acquire(blocking=block):
+            raise queue.Full('this client\'s share of unacknowledged messages is used up')
+        self._send(sock, C_NOTE, 0, payload)
+
+    def _call(self, kind: int, payload: bytes, timeout: float | None,
+              counted: bool = True) -> Any:
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sock, room = self._connection()
+        if counted and not room.acquire(timeout=timeout if timeout is not None else -1):
+            raise TimeoutError(f'no room to send within {timeout} s')
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.counted = counted  # type: ignore[attr-defined]
+        with self._lock:
+            tid = self._next_tid
+            self._next_tid += 1
+            self._futures[tid] = future
+        self._send(sock, kind, tid, payload)
+        try:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return future.result(remaining)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                pending = self._futures.get(tid) is future
+            if pending:
+                self._send(sock, C_CANCEL, tid, b'', quiet=True)
+            raise TimeoutError(f'no reply from the pool host within {timeout} s; the task '
+                               'was cancelled') from None
+
+    def _send(self, sock: socket.socket, kind: int, arg: int, payload: bytes,
+              quiet: bool = False) -> None:
+        try:
+            with self._lock:
+                sock.sendall(encode(kind, arg, payload))
+        except OSError as exc:
+            self._disconnect(sock, ConnectionLost(
+                f'the connection to the pool host at {self.address!r} was lost ({exc!r}); '
+                'the next call connects again'))
+            if not quiet:
+                raise ConnectionLost(f'could not send to the pool host at {self.address!r}: '
+                                     f'{exc!r}') from exc
+
+    def _connection(self) -> tuple[socket.socket, threading.BoundedSemaphore]:
+        if self._closed:
+            raise PoolClosed('this client was closed')
+        with self._lock:
+            if self._sock is not None and self._room is not None:
+                return self._sock, self._room
+        if self._ensure_host is not None:
+            self._ensure_host()
+        with self._lock:
+            if self._sock is None:
+                self._sock, share = self._handshake()
+                self._room = threading.BoundedSemaphore(share)
+                self._generation += 1
+                reader = threading.Thread(target=self._read, args=(self._sock,),
+                                          name='looppool-client-reader', daemon=True)
+                reader.start()
+            assert self._room is not None
+            return self._sock, self._room
+
+    def _handshake(self) -> tuple[socket.socket, int]:
+        sock: socket.socket | None = None
+        try:
+            if isinstance(self.address, str):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._connect_timeout)
+                sock.connect(self.address)
+                try:
+                    _check_host(sock, self.address)
+                except AuthenticationError:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection(self.address, self._connect_timeout)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(
+                    sock, server_hostname=self._server_hostname or (
+                        self.address[0] if isinstance(self.address, tuple) else None))
+        except OSError as exc:
+            if sock is not None:   # a refused connect() leaves an open socket behind
+                sock.close()
+            raise ConnectionLost(f'could not connect to the pool host at {self.address!r}: '
+                                 f'{exc!r}') from exc
+        try:
+            parser = Parser(_PRE_AUTH_FRAME)
+            kind, version, nonce = _read_frame(sock, parser)
+            if kind == REFUSED:
+                raise AuthenticationError(f'the pool host at {self.address!r} refused this '
+                                          f'client: {bytes(nonce).decode(errors="replace")}')
+            if kind != HELLO or version != VERSION:
+                raise ConnectionLost(f'unexpected greeting from the pool host ({kind}, '
+                                     f'{version})')
+            mine = os.urandom(_NONCE)
+            proof = _mac(self._secret, bytes(nonce), b'client') if self._secret else b''
+            sock.sendall(encode(AUTH, 0, mine + proof))
+            kind, pool_size, payload = _read_frame(sock, parser)
+            if kind == REFUSED:
+                raise AuthenticationError(f'the pool host at {self.address!r} refused this '
+                                          f'client: {bytes(payload).decode(errors="replace")}')
+            payload = bytes(payload)
+            if self._secret is not None:
+                if not hmac.compare_digest(payload[:32], _mac(self._secret, mine, b'host')):
+                    raise AuthenticationError('the pool host could not prove it knows the '
+                                              'secret')
+                payload = payload[32:]
+            self.pool_size = pool_size
+            sock.settimeout(None)
+            return sock, loads(payload)['share']
+        except BaseException:
+            sock.close()
+            raise
+
+    def _read(self, sock: socket.socket) -> None:
+        parser = Parser()
+        error: BaseException = ConnectionLost(
+            f'the pool host at {self.address!r} closed the connection; the next call '
+            'connects again')
+        try:
+            while True:
+                data = sock.recv(1 << 18)
+                if not data:
+                    break
+                for kind, arg, payload in parser.feed(data):
+                    self._on_frame(sock, kind, arg, payload)
+        except OSError as exc:
+            error = ConnectionLost(f'the connection to the pool host at {self.address!r} '
+                                   f'was lost ({exc!r}); the next call connects again')
+        self._disconnect(sock, error)
+
+    def _on_frame(self, sock: socket.socket, kind: int, arg: int, payload: Any) -> None:
+        if kind == H_ACK:
+            for _ in range(arg):
+                self._release()
+            return
+        if kind == H_RESULT:
+            try:
+                result = loads(payload)
+            except BaseException:
+                log.exception('a result from the pool host could not be unpickled')
+                return
+            try:
+                self.process_message(
+                    result, lambda: self._send(sock, C_CREDIT, 1, b'', quiet=True))
+            except Exception:
+                log.exception('process_message raised')
+            return
+        with self._lock:
+            future = self._futures.pop(arg, None)
+        if future is None:
+            return
+        if future.counted:  # type: ignore[attr-defined]
+            self._release()
+        if kind == H_REPLY:
+            try:
+                future.set_result(loads(payload))
+            except BaseException as exc:
+                future.set_exception(pickle.UnpicklingError(
+                    f'the reply could not be unpickled here: {exc!r}'))
+        elif kind == H_ERROR:
+            future.set_exception(_decode_error(payload))
+        elif kind == H_BROADCAST:
+            _resolve_broadcast(future, payload)
+
+    def _release(self) -> None:
+        room = self._room
+        if room is not None:
+            try:
+                room.release()
+            except ValueError:  # pragma: no cover - more acks than sends
+                pass
+
+    def _disconnect(self, sock: socket.socket, error: BaseException) -> None:
+        with self._lock:
+            if self._sock is sock:
+                self._sock = None
+                self._room = None
+            futures = list(self._futures.values())
+            self._futures.clear()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+
+def _read_frame(sock: socket.socket, parser: Parser) -> tuple[int, int, Any]:
+    while True:
+        data = sock.recv(4096)
+        if not data:
+            raise ConnectionLost('the pool host closed the connection during the handshake')
+        frames = parser.feed(data)
+        if frames:
+            return frames[0]
+
+
+def connect_sync(address: Address, *, secret: str | bytes | None = None,
+                 ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> SyncClient:
+    """A :class:`SyncClient` of the pool host at ``address`` (it connects on first use)."""
+    return SyncClient(address, secret=secret, ssl_context=ssl_context,
+                      server_hostname=server_hostname)
+

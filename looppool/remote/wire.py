@@ -1,0 +1,131 @@
+"""The frames between a pool host and its clients: kinds, options, errors, and an
+asyncio protocol that reads and writes them.
+
+A client-host frame has the same 13-byte header as the local channel
+(:mod:`looppool.channel`); its kind says what the payload is. Before a peer is
+authenticated only the handshake kinds (``HELLO``, ``AUTH``, ``WELCOME``, ``REFUSED``) are
+read, none of them a pickle; see :mod:`looppool.remote.access`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from ..channel import HEADER, FrameTooLarge, Parser
+from ..errors import RemoteTraceback
+from ..protocol import dumps, loads
+
+log = logging.getLogger('looppool.remote')
+
+
+VERSION = 1
+# client -> host
+AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
+# host -> client
+HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST = range(60, 68)
+
+_NONCE = 32
+_OPTS = struct.Struct('<h')     # worker_num (-1: any); for a broadcast, sticky: 0, 1, 2=named
+_KEY = struct.Struct('<H')      # a broadcast's sticky name (UTF-8) follows its size
+_PRE_AUTH_FRAME = 256           # nothing bigger is read before the peer is authenticated
+_SESSION_SHIFT = 32
+
+def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
+    if isinstance(sticky, str):
+        key = sticky.encode()
+        return _OPTS.pack(2) + _KEY.pack(len(key)) + key + dumps(message)
+    if not isinstance(sticky, bool):
+        raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
+    return _OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message)
+
+
+def _resolve_broadcast(future: Any, payload: Any) -> None:
+    """Resolve a broadcast's future (asyncio or concurrent) from the host's answer: the
+    replies in worker order, or the first worker's exception."""
+    replies = []
+    for is_error, reply in loads(payload):
+        if is_error:
+            future.set_exception(_decode_error(reply))
+            return
+        replies.append(loads(reply))
+    future.set_result(replies)
+
+
+def _drop_result(client: Any, result_done: Callable[[], None]) -> None:
+    result_done()
+    if not client._warned:
+        client._warned = True
+        log.warning('a worker sent a result but client.process_message is not set; '
+                    'results are dropped')
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    return dumps((exc, ''))
+
+
+def _decode_error(payload: Any) -> BaseException:
+    try:
+        exc, text = loads(payload)
+    except BaseException as error:
+        return pickle.UnpicklingError(f'an exception from the pool host could not be '
+                                      f'unpickled here: {error!r}')
+    if text:
+        exc.__cause__ = RemoteTraceback(text)
+    return exc  # type: ignore[no-any-return]
+
+
+class _Framed(asyncio.Protocol):
+    """Frames over an asyncio transport, with writes coalesced per loop iteration."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = Parser(_PRE_AUTH_FRAME)
+        self.out: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, kind: int, arg: int, payload: Any = b'') -> None:
+        if self.closed:
+            return
+        out = self.out
+        out.append(HEADER.pack(len(payload), kind, arg))
+        out.append(payload if type(payload) is bytes else bytes(payload))
+        if len(out) == 2:
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        if self.out and not self.closed and self.transport is not None:
+            data = b''.join(self.out)
+            self.out.clear()
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.parser.feed(data)
+        except FrameTooLarge as exc:
+            self.refuse(str(exc))
+            return
+        if frames:
+            self.on_frames(frames)
+
+    def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        raise NotImplementedError
+
+    def refuse(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
