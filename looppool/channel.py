@@ -81,13 +81,18 @@ class Parser:
 
     ``feed(data)`` returns the complete frames; a frame larger than one read is collected
     into a buffer of its own size, so a large payload is copied once, not once per read.
+    With ``grow=True`` (for a peer that is not our own child) that buffer grows as the bytes
+    arrive instead, so that a header alone cannot make this process allocate 4 GiB.
     """
 
     __slots__ = ('max_frame', '_leftover', '_big_view', '_big_fill', '_big_head', '_spare',
-                 'delivered_big')
+                 'delivered_big', '_grow', '_growing', '_grow_size')
 
-    def __init__(self, max_frame: int = _MAX_PAYLOAD) -> None:
+    def __init__(self, max_frame: int = _MAX_PAYLOAD, grow: bool = False) -> None:
         self.max_frame = max_frame
+        self._grow = grow
+        self._growing: bytearray | None = None   # with grow=True: the large frame so far
+        self._grow_size = 0
         self._leftover = b''
         self._big_view: memoryview | None = None   # the large frame being collected
         self._big_fill = 0
@@ -135,6 +140,15 @@ class Parser:
     def feed(self, data: Buffer) -> list[Frame]:
         """The frames ``data`` completes. ``data`` may be a buffer lent for this call only
         (a channel's read buffer): what is kept of it, a partial frame, is copied."""
+        if self._growing is not None:
+            growing = self._growing
+            take = min(self._grow_size - len(growing), len(data))
+            growing += data[:take]
+            if len(growing) < self._grow_size:
+                return []
+            self._growing = None
+            done: list[Frame] = [(*self._big_head, memoryview(growing))]
+            return done + self.feed(data[take:]) if take < len(data) else done
         if self._big_view is not None:
             view = self.collecting
             assert view is not None
@@ -160,7 +174,12 @@ class Parser:
             start = pos + _HEADER_SIZE
             end = start + size
             if end > total:
-                if size >= _LARGE:
+                if size >= _LARGE and self._grow:
+                    self._growing = bytearray(whole[start:])
+                    self._grow_size = size
+                    self._big_head = (kind, arg)
+                    pos = total
+                elif size >= _LARGE:
                     big = self._buffer(size)
                     have = total - start
                     big[:have] = whole[start:]

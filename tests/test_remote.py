@@ -328,9 +328,15 @@ def test_tcp_needs_a_secret_and_refuses_wrong_ones() -> None:
         remote.serve(Echo, ('0.0.0.0', 0), secret='s3cret')
     handle = remote.serve(Echo, ('127.0.0.1', 0), pool_size=1, secret='s3cret')
     try:
-        for secret in (None, 'wrong'):
-            with pytest.raises(remote.AuthenticationError, match='wrong or missing secret'):
-                remote.connect_sync(handle.address, secret=secret).submit(1)
+        with pytest.raises(remote.AuthenticationError, match='wrong or missing secret'):
+            remote.connect_sync(handle.address, secret='wrong').submit(1)
+        # The clients apply the host's rules: no plaintext pickles over TCP without a secret,
+        # nor to an address that is not a loopback one without TLS.
+        for make in (remote.connect, remote.connect_sync):
+            with pytest.raises(ValueError, match='needs a secret'):
+                make(handle.address)
+            with pytest.raises(ValueError, match='without TLS'):
+                make(('192.0.2.1', handle.address[1]), secret='s3cret')
 
         async def main() -> None:
             with pytest.raises(remote.AuthenticationError):

@@ -12,8 +12,9 @@ import struct
 import tempfile
 from typing import Any, Union
 
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, ConnectionLost
 from ..worker import Worker
+from .wire import _NONCE, _WELCOME, HELLO, REFUSED, VERSION, WELCOME
 
 Address = Union[str, tuple[str, int]]
 
@@ -50,6 +51,8 @@ def _private_directory(path: str) -> None:
 
 
 def _check_address(address: Address, secret: bytes | None, ssl_context: Any) -> None:
+    """The rules for an address, the same for a host and its clients: a TCP address needs
+    a secret, and one that is not a loopback address needs TLS too."""
     if isinstance(address, str):
         return
     if not (isinstance(address, tuple) and len(address) == 2
@@ -60,8 +63,8 @@ def _check_address(address: Address, secret: bytes | None, ssl_context: Any) -> 
         raise ValueError('a TCP address needs a secret: anyone who can connect could '
                          'otherwise send pickles, which run code in the host')
     if ssl_context is None and not _is_loopback(address[0]):
-        raise ValueError(f'refusing to serve {address[0]!r} without TLS: pass ssl_context, '
-                         'or bind a loopback address')
+        raise ValueError(f'refusing plain TCP to {address[0]!r} without TLS: pass '
+                         'ssl_context, or use a loopback address')
 
 
 def _is_loopback(host: str) -> bool:
@@ -131,3 +134,96 @@ def _answers(path: str) -> bool:
         probe.close()
 
 
+
+
+# -- the handshake -----------------------------------------------------------------------------
+#
+# Before either side has proved itself, only the handshake kinds are read (wire.HANDSHAKE),
+# frames of at most _PRE_AUTH_FRAME bytes, and none holds a pickle:
+#
+#   host   -> HELLO    version, the host's nonce
+#   client -> AUTH     the client's nonce, HMAC(secret, 'client' + host nonce) on TCP
+#   host   -> WELCOME  pool size, HMAC(secret, 'host' + client nonce) on TCP, the share
+#
+# On a Unix socket the host checks the client's uid when it connects, and the client the
+# host's; on TCP each checks the other's proof of the secret. Only then does either side read
+# a pickle. Any other frame before that ends the connection.
+
+class _ClientHandshake:
+    """A client's half of the handshake, without I/O, shared by both clients."""
+
+    def __init__(self, secret: bytes | None, address: Any) -> None:
+        self.secret = secret
+        self.address = address
+        self.nonce = os.urandom(_NONCE)
+
+    def unexpected(self, kind: int, step: str) -> ConnectionLost:
+        return ConnectionLost(f'the pool host at {self.address!r} sent a frame of kind '
+                              f'{kind} {step}; closing the connection without reading it')
+
+    def refused(self, payload: Any) -> AuthenticationError:
+        return AuthenticationError(f'the pool host at {self.address!r} refused this client: '
+                                   f'{bytes(payload).decode(errors="replace")}')
+
+    def answer_hello(self, kind: int, version: int, payload: Any) -> bytes:
+        """The AUTH payload that answers the host's first frame."""
+        if kind == REFUSED:
+            raise self.refused(payload)
+        if kind != HELLO:
+            raise self.unexpected(kind, 'instead of its greeting')
+        if version != VERSION:
+            raise ConnectionLost(f'the pool host at {self.address!r} speaks protocol '
+                                 f'{version}, this client {VERSION}: run the same looppool '
+                                 'version on both sides')
+        nonce = bytes(payload)
+        if len(nonce) != _NONCE:
+            raise ConnectionLost(f'the pool host at {self.address!r} sent a malformed '
+                                 'greeting')
+        proof = _mac(self.secret, nonce, b'client') if self.secret is not None else b''
+        return self.nonce + proof
+
+    def check_welcome(self, kind: int, pool_size: int, payload: Any) -> tuple[int, int]:
+        """``(pool_size, share)`` from the host's WELCOME, once its proof checks out."""
+        if kind == REFUSED:
+            raise self.refused(payload)
+        if kind != WELCOME:
+            raise self.unexpected(kind, 'before it was authenticated')
+        payload = bytes(payload)
+        if self.secret is not None:
+            expected = _mac(self.secret, self.nonce, b'host')
+            if not hmac.compare_digest(payload[:len(expected)], expected):
+                raise AuthenticationError(f'the pool host at {self.address!r} could not '
+                                          'prove it knows the secret')
+            payload = payload[len(expected):]
+        if len(payload) != _WELCOME.size or pool_size < 1:
+            raise ConnectionLost(f'the pool host at {self.address!r} sent a malformed '
+                                 'welcome')
+        share: int = _WELCOME.unpack(payload)[0]
+        return pool_size, share
+
+
+def _host_proof(secret: bytes | None, nonce: bytes, payload: bytes) -> bytes | None:
+    """The host's check of a client's AUTH payload: its answer to put in WELCOME, or
+    ``None`` when the client did not prove the secret."""
+    if len(payload) < _NONCE:
+        return None
+    client_nonce, proof = payload[:_NONCE], payload[_NONCE:]
+    if secret is None:
+        return b''
+    if not hmac.compare_digest(proof, _mac(secret, nonce, b'client')):
+        return None
+    return _mac(secret, client_nonce, b'host')
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
+    return float(value)
+
+
+def _no_greeting(address: Any, timeout: float, ssl_context: Any) -> str:
+    """Why a handshake may have timed out, for the error a client raises."""
+    hint = ('; if it serves TLS, pass ssl_context' if ssl_context is None else
+            '; if it serves plain TCP or a Unix socket, do not pass ssl_context')
+    return (f'the pool host at {address!r} did not complete the handshake within '
+            f'{timeout} s (is it busy, or not a looppool host?){hint}')

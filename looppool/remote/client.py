@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import logging
-import os
 import pickle
 import queue
 import ssl
 from collections.abc import Callable
 from typing import Any
 
+from ..channel import _MAX_PAYLOAD
 from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClosed
-from ..protocol import dumps, loads
-from .access import Address, _check_host, _mac, _secret_bytes
-from .wire import (_NONCE, _OPTS, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE, C_STATS,
-                   C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_REPLY, H_RESULT,
-                   HELLO, REFUSED, VERSION, WELCOME, _broadcast_payload,
-                   _decode_error, _drop_result, _Framed, _resolve_broadcast)
+from ..protocol import loads
+from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
+                     _positive, _secret_bytes)
+from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE, C_STATS,
+                   C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
+                   _broadcast_payload, _decode_error, _drop_result, _Framed,
+                   _resolve_broadcast, _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
-# -- the asynchronous client -------------------------------------------------------------------
 
 class _ClientFuture(asyncio.Future[Any]):
     __slots__ = ('_lp_client', '_lp_tid', '_lp_timer')
@@ -39,13 +38,20 @@ class _ClientFuture(asyncio.Future[Any]):
 
 
 class _ClientConnection(_Framed):
+    """One connection of a :class:`Client`: the handshake, then the host's frames.
+
+    Until the host is proved (its uid on a Unix socket, its proof of the secret on TCP), only
+    the handshake is read; any other frame ends the connection unread.
+    """
+
     def __init__(self, client: Client) -> None:
         loop = client._get_loop()
         super().__init__(loop)
         self.client = client
         self.ready: asyncio.Future[None] = loop.create_future()
         self.lost: asyncio.Future[None] = loop.create_future()
-        self.nonce = os.urandom(_NONCE)
+        self.handshake = _ClientHandshake(client._secret, client.address)
+        self.greeted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -55,7 +61,8 @@ class _ClientConnection(_Framed):
             self.fail(exc)
 
     def refuse(self, reason: str) -> None:
-        self.fail(ConnectionLost(f'the pool host sent something unexpected: {reason}'))
+        self.fail(ConnectionLost(f'the pool host at {self.client.address!r} sent something '
+                                 f'unexpected: {reason}'))
 
     def fail(self, error: BaseException) -> None:
         if not self.ready.done():
@@ -75,42 +82,35 @@ class _ClientConnection(_Framed):
     def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
         client = self.client
         for kind, arg, payload in frames:
-            if kind == H_REPLY or kind == H_ERROR or kind == H_BROADCAST:
+            if self.closed:
+                return   # failed on an earlier frame of this read: read nothing after it
+            if not self.ready.done():
+                self.authenticate(kind, arg, payload)
+            elif kind == H_REPLY or kind == H_ERROR or kind == H_BROADCAST:
                 client._answer(kind, arg, payload)
             elif kind == H_ACK:
                 client._acknowledged(arg)
             elif kind == H_RESULT:
                 client._result(payload)
-            elif kind == HELLO:
-                self.hello(arg, bytes(payload))
-            elif kind == WELCOME:
-                self.welcome(arg, bytes(payload))
-            elif kind == REFUSED:
-                self.fail(AuthenticationError(
-                    f'the pool host at {client.address!r} refused this client: '
-                    f'{bytes(payload).decode(errors="replace")}'))
+            elif kind == H_NOTICE:
+                log.warning('the pool host at %r: %s', client.address,
+                            bytes(payload).decode(errors='replace'))
+            else:
+                self.refuse(f'a frame of kind {kind} after the handshake')
 
-    def hello(self, version: int, nonce: bytes) -> None:
-        if version != VERSION:
-            self.fail(ConnectionLost(f'the pool host speaks protocol {version}, this client '
-                                     f'{VERSION}'))
-            return
-        secret = self.client._secret
-        proof = _mac(secret, nonce, b'client') if secret is not None else b''
-        self.send(AUTH, 0, self.nonce + proof)
-
-    def welcome(self, pool_size: int, payload: bytes) -> None:
-        secret = self.client._secret
-        if secret is not None:
-            if not hmac.compare_digest(payload[:32], _mac(secret, self.nonce, b'host')):
-                self.fail(AuthenticationError('the pool host could not prove it knows the '
-                                              'secret'))
+    def authenticate(self, kind: int, arg: int, payload: Any) -> None:
+        try:
+            if not self.greeted:
+                self.send(AUTH, 0, self.handshake.answer_hello(kind, arg, payload))
+                self.greeted = True
                 return
-            payload = payload[32:]
-        self.parser.max_frame = 2 ** 32 - 1
-        info = loads(payload)
+            pool_size, share = self.handshake.check_welcome(kind, arg, payload)
+        except LooppoolError as exc:
+            self.fail(exc)
+            return
+        self.parser.max_frame = _MAX_PAYLOAD
         self.client.pool_size = pool_size
-        self.client._share = info['share']
+        self.client._share = share
         self.ready.set_result(None)
 
 
@@ -129,10 +129,12 @@ class Client:
 
     def __init__(self, address: Address, *, secret: str | bytes | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None,
+                 server_hostname: str | None = None, connect_timeout: float = 10.0,
                  ensure_host: Callable[[], bool] | None = None) -> None:
         self.address = address
         self._secret = _secret_bytes(secret)
+        _check_address(address, self._secret, ssl_context)
+        self._connect_timeout = _positive('connect_timeout', connect_timeout)
         self._ssl = ssl_context
         self._server_hostname = server_hostname
         self._ensure_host = ensure_host
@@ -156,7 +158,7 @@ class Client:
                timeout: float | None = None) -> asyncio.Future[Any]:
         """Send ``message`` to the host's pool; resolves to the worker's reply. Waits for
         room when this client's share of unacknowledged messages is used up."""
-        payload = self._payload(message, worker_num)
+        payload = _task_payload(message, worker_num)
         future = self._new_future(timeout)
         self._queue(C_TASK, future._lp_tid, payload, future)
         return future
@@ -173,7 +175,7 @@ class Client:
     def put_nowait(self, message: Any, worker_num: int | None = None) -> None:
         """Send without a reply; raises :class:`queue.Full` when this client's share of
         unacknowledged messages is used up."""
-        payload = self._payload(message, worker_num)
+        payload = _task_payload(message, worker_num)
         self._check_open()
         if self._unacked + len(self._outbox) >= self._share:
             raise queue.Full(f'{self._share} messages from this client are not yet '
@@ -183,7 +185,7 @@ class Client:
     def put(self, message: Any, worker_num: int | None = None) -> asyncio.Future[None]:
         """Send without a reply, waiting for room instead of raising ``queue.Full``; the
         future resolves once the message is queued for the host."""
-        payload = self._payload(message, worker_num)
+        payload = _task_payload(message, worker_num)
         self._check_open()
         future: asyncio.Future[None] = self._get_loop().create_future()
         self._queue(C_NOTE, 0, payload, future)
@@ -230,11 +232,6 @@ class Client:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def _payload(self, message: Any, worker_num: int | None) -> bytes:
-        if worker_num is not None and (not isinstance(worker_num, int) or worker_num < 0):
-            raise ValueError(f'worker_num must be a worker number, got {worker_num!r}')
-        return _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
-
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
@@ -248,7 +245,7 @@ class Client:
         self._check_open()
         loop = self._get_loop()
         tid = self._next_tid
-        self._next_tid += 1
+        self._next_tid = tid % _MAX_TID + 1
         future = _ClientFuture(loop=loop)
         future._lp_client = self
         future._lp_tid = tid
@@ -312,17 +309,13 @@ class Client:
                 # Starting a host blocks (a lock, a process start): keep it off the loop.
                 await loop.run_in_executor(None, self._ensure_host)
             connection = _ClientConnection(self)
-            if isinstance(self.address, str):
-                await loop.create_unix_connection(lambda: connection, self.address,
-                                                  ssl=self._ssl,
-                                                  server_hostname=self._server_hostname)
-            else:
-                await loop.create_connection(
-                    lambda: connection, self.address[0], self.address[1], ssl=self._ssl,
-                    server_hostname=(self._server_hostname or self.address[0])
-                    if self._ssl else None)
-            self._connection = connection
-            await connection.ready
+            try:
+                await asyncio.wait_for(self._open(connection), self._connect_timeout)
+            except asyncio.TimeoutError:
+                if connection.transport is not None:
+                    connection.transport.abort()
+                raise ConnectionLost(_no_greeting(self.address, self._connect_timeout,
+                                                  self._ssl)) from None
         except BaseException as exc:
             error = exc if isinstance(exc, LooppoolError) else ConnectionLost(
                 f'could not connect to the pool host at {self.address!r}: {exc!r}')
@@ -333,6 +326,20 @@ class Client:
         self._unacked = 0
         self._notes_unacked = 0
         self._pump()
+
+    async def _open(self, connection: _ClientConnection) -> None:
+        loop = self._get_loop()
+        if isinstance(self.address, str):
+            await loop.create_unix_connection(lambda: connection, self.address,
+                                              ssl=self._ssl,
+                                              server_hostname=self._server_hostname)
+        else:
+            await loop.create_connection(
+                lambda: connection, self.address[0], self.address[1], ssl=self._ssl,
+                server_hostname=(self._server_hostname or self.address[0])
+                if self._ssl else None)
+        self._connection = connection
+        await connection.ready
 
     # -- answers ---------------------------------------------------------------------------
 
@@ -428,11 +435,14 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 
 def connect(address: Address, *, secret: str | bytes | None = None,
             ssl_context: ssl.SSLContext | None = None,
-            server_hostname: str | None = None) -> Client:
-    """A :class:`Client` of the pool host at ``address`` (it connects on first use)."""
-    if address is not None and not isinstance(address, (str, tuple)):
-        raise TypeError(f'address must be a Unix socket path or a (host, port) tuple, got '
-                        f'{address!r}')
+            server_hostname: str | None = None, connect_timeout: float = 10.0) -> Client:
+    """A :class:`Client` of the pool host at ``address`` (it connects on first use).
+
+    The rules of :func:`~looppool.remote.serve` apply here too: a TCP address needs the
+    ``secret``, and one that is not a loopback address needs TLS (``ssl_context``), or
+    :class:`ValueError` is raised. A connection whose handshake is not done within
+    ``connect_timeout`` seconds fails with :class:`ConnectionLost`.
+    """
     return Client(address, secret=secret, ssl_context=ssl_context,
-                  server_hostname=server_hostname)
+                  server_hostname=server_hostname, connect_timeout=connect_timeout)
 

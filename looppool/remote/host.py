@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import logging
 import os
 import signal
@@ -18,16 +17,41 @@ from ..errors import PoolClosed
 from ..pool import Pool, _parent_fds, _RawFuture
 from ..protocol import dumps
 from ..worker import Worker
-from .access import Address, _mac, _peer_uid, _private_directory
-from .wire import (_KEY, _NONCE, _OPTS, _SESSION_SHIFT, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT,
-                   C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
-                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
+from .access import Address, _host_proof, _peer_uid, _private_directory
+from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME, AUTH, C_BROADCAST,
+                   C_CANCEL, C_CREDIT, C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
+                   H_NOTICE, H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
                    _encode_error, _Framed)
 
 log = logging.getLogger('looppool.remote')
 
 # The client that started a host connects next; under load that can take a while.
 _FIRST_CLIENT_GRACE = 10.0
+# A connection that has not authenticated within this many seconds is closed, and at most
+# _MAX_WAITING may be waiting at once: unauthenticated peers cannot use up descriptors.
+_AUTH_TIMEOUT = 5.0
+_MAX_WAITING = 64
+# The frames that carry a client's task id.
+_WITH_TID = frozenset((C_TASK, C_BROADCAST, C_CANCEL, C_STATS))
+
+
+def _parse_broadcast(payload: Any) -> tuple[bytes, bool | str]:
+    """A C_BROADCAST payload's message and sticky flag (or name)."""
+    head = _OPTS.size + _KEY.size
+    if len(payload) < head:
+        raise _Malformed(f'a broadcast of {len(payload)} bytes has no options')
+    flag, = _OPTS.unpack_from(payload)
+    key_size, = _KEY.unpack_from(payload, _OPTS.size)
+    if flag not in (0, 1, 2) or len(payload) < head + key_size:
+        raise _Malformed('a broadcast with malformed options')
+    sticky: bool | str = bool(flag)
+    if flag == 2:
+        try:
+            sticky = bytes(payload[head:head + key_size]).decode()
+        except UnicodeDecodeError:
+            raise _Malformed('a sticky broadcast whose name is not UTF-8') from None
+    return bytes(payload[head + key_size:]), sticky
+
 
 class _Ack:
     """Stands in for a future on a client's note: handing it to a worker acknowledges it."""
@@ -46,8 +70,18 @@ class _Ack:
         self.session.acknowledge()
 
 
+class _Malformed(ValueError):
+    """A frame from an authenticated client that does not parse; it is answered with an
+    error and the session goes on."""
+
+
 class _Session(_Framed):
-    """The host's side of one client connection."""
+    """The host's side of one client connection.
+
+    Until the client authenticates (the uid was checked on connecting; on TCP it proves the
+    secret) only its AUTH frame is read, and only for :data:`_AUTH_TIMEOUT` seconds; any
+    other frame ends the connection unread.
+    """
 
     def __init__(self, host: _Host) -> None:
         super().__init__(host.loop)
@@ -56,6 +90,7 @@ class _Session(_Framed):
         host.next_session += 1
         self.nonce = os.urandom(_NONCE)
         self.authenticated = False
+        self.deadline: asyncio.TimerHandle | None = None
         self.tasks: dict[int, Any] = {}   # client task id -> the pool's _RawFuture
         self.result_dones: collections.deque[Callable[[], None]] = collections.deque()
         self.acks = 0
@@ -68,6 +103,12 @@ class _Session(_Framed):
             # A worker forked later (a replacement) must not hold this connection open.
             self.fd = sock.fileno()
             _parent_fds.add(self.fd)
+        self.host.waiting += 1
+        self.deadline = self.loop.call_later(_AUTH_TIMEOUT, self.refuse,
+                                             f'no authentication within {_AUTH_TIMEOUT} s')
+        if self.host.waiting > _MAX_WAITING:
+            self.refuse(f'{_MAX_WAITING} connections are already waiting to authenticate')
+            return
         uid = _peer_uid(sock) if sock is not None else None
         if uid is not None and uid not in self.host.allowed_uids:
             self.refuse(f'uid {uid} may not use this pool (allowed: '
@@ -75,12 +116,24 @@ class _Session(_Framed):
             return
         self.send(HELLO, VERSION, self.nonce)
 
+    def settle(self) -> None:
+        """The handshake is over, either way: stop its clock and its count."""
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+            self.host.waiting -= 1
+
     def refuse(self, reason: str) -> None:
         log.warning('pool host refused a client: %s', reason)
         self.send(REFUSED, 0, reason.encode())
         self.close()
 
+    def close(self) -> None:
+        self.settle()
+        super().close()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.settle()
         self.closed = True
         _parent_fds.discard(self.fd)
         self.host.session_ended(self)
@@ -92,69 +145,87 @@ class _Session(_Framed):
         self.result_dones.clear()
 
     def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
-        pool = self.host.pool
         for kind, arg, payload in frames:
             if self.closed:
-                return
+                return   # refused on an earlier frame of this read: read nothing after it
             if not self.authenticated:
                 self.authenticate(kind, bytes(payload))
                 continue
-            if kind == C_TASK:
-                worker_num = _OPTS.unpack_from(payload)[0]
-                self.start(arg, payload[_OPTS.size:], None if worker_num < 0 else worker_num)
-            elif kind == C_NOTE:
-                worker_num = _OPTS.unpack_from(payload)[0]
-                if not self.host.accepting(self, 0):
-                    continue
-                pool._counts['submitted'] += 1
-                pool._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT,
-                                bytes(payload[_OPTS.size:]), _Ack(self)),
-                               None if worker_num < 0 else worker_num)
-            elif kind == C_BROADCAST:
-                flag, = _OPTS.unpack_from(payload)
-                key_size, = _KEY.unpack_from(payload, _OPTS.size)
-                start = _OPTS.size + _KEY.size
-                sticky: bool | str = bytes(payload[start:start + key_size]).decode() \
-                    if flag == 2 else bool(flag)
-                self.broadcast(arg, bytes(payload[start + key_size:]), sticky)
-            elif kind == C_CANCEL:
-                future = self.tasks.get(arg)
-                if future is not None:
-                    future.cancel()
-            elif kind == C_CREDIT:
-                for _ in range(min(arg, len(self.result_dones))):
-                    self.result_dones.popleft()()
-            elif kind == C_STATS:
-                stats = pool.stats()
-                stats['clients'] = len(self.host.sessions)
-                stats['host_pid'] = os.getpid()
-                self.send(H_REPLY, arg, dumps(stats))
+            try:
+                self.handle(kind, arg, payload)
+            except _Malformed as exc:
+                self.malformed(kind, arg, str(exc))
+
+    def handle(self, kind: int, arg: int, payload: Any) -> None:
+        if kind in _WITH_TID and not 0 < arg <= _MAX_TID:
+            raise _Malformed(f'task id {arg} is outside 1..{_MAX_TID}')
+        if kind == C_TASK:
+            self.start(arg, payload[_OPTS.size:], self.worker_num(payload))
+        elif kind == C_NOTE:
+            self.note(payload[_OPTS.size:], self.worker_num(payload))
+        elif kind == C_BROADCAST:
+            self.broadcast(arg, *_parse_broadcast(payload))
+        elif kind == C_CANCEL:
+            future = self.tasks.get(arg)
+            if future is not None:
+                future.cancel()
+        elif kind == C_CREDIT:
+            for _ in range(min(arg, len(self.result_dones))):
+                self.result_dones.popleft()()
+        elif kind == C_STATS:
+            stats = self.host.pool.stats()
+            stats['clients'] = len(self.host.sessions)
+            stats['host_pid'] = os.getpid()
+            self.send(H_REPLY, arg, dumps(stats))
+        else:
+            raise _Malformed(f'unknown frame kind {kind}')
+
+    def malformed(self, kind: int, arg: int, reason: str) -> None:
+        """Answer a frame that does not parse, so that nothing waits for it."""
+        text = f'the pool host could not read a frame of kind {kind}: {reason}'
+        log.warning('a client sent a malformed frame: %s', text)
+        if kind in _WITH_TID and 0 < arg <= _MAX_TID and kind != C_CANCEL:
+            self.send(H_ERROR, arg, _encode_error(ValueError(text)))
+            return
+        if kind == C_NOTE:
+            self.acknowledge()   # the client counts it against its share: free that
+        self.send(H_NOTICE, 0, text.encode())
+
+    def worker_num(self, payload: Any) -> int | None:
+        if len(payload) < _OPTS.size:
+            raise _Malformed(f'a message of {len(payload)} bytes has no options')
+        worker_num: int = _OPTS.unpack_from(payload)[0]
+        if worker_num == -1:
+            return None
+        if not 0 <= worker_num < self.host.pool.pool_size:
+            raise _Malformed(f'worker_num must be in 0..{self.host.pool.pool_size - 1}, '
+                             f'got {worker_num}')
+        return worker_num
 
     def authenticate(self, kind: int, payload: bytes) -> None:
-        secret = self.host.secret
-        if kind != AUTH or len(payload) < _NONCE:
-            self.refuse('the client did not authenticate')
+        answer = _host_proof(self.host.secret, self.nonce, payload) if kind == AUTH else None
+        if answer is None:
+            self.refuse('wrong or missing secret' if kind == AUTH
+                        else f'a frame of kind {kind} before authenticating')
             return
-        client_nonce, proof = payload[:_NONCE], payload[_NONCE:]
-        if secret is not None:
-            if not hmac.compare_digest(proof, _mac(secret, self.nonce, b'client')):
-                self.refuse('wrong or missing secret')
-                return
-            answer = _mac(secret, client_nonce, b'host')
-        else:
-            answer = b''
+        self.settle()
         self.authenticated = True
-        self.parser.max_frame = 2 ** 32 - 1
+        self.parser.max_frame = _MAX_MESSAGE
         self.host.session_started(self)
         self.send(WELCOME, self.host.pool.pool_size,
-                  answer + dumps({'share': self.host.client_share}))
+                  answer + _WELCOME.pack(self.host.client_share))
+
+    def note(self, payload: Any, worker_num: int | None) -> None:
+        if not self.host.accepting(self, 0):
+            self.acknowledge()
+            return
+        pool = self.host.pool
+        pool._counts['submitted'] += 1
+        pool._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT, bytes(payload),
+                        _Ack(self)), worker_num)
 
     def start(self, tid: int, payload: Any, worker_num: int | None) -> None:
         if not self.host.accepting(self, tid):
-            return
-        if worker_num is not None and not 0 <= worker_num < self.host.pool.pool_size:
-            self.send(H_ERROR, tid, _encode_error(ValueError(
-                f'worker_num must be in 0..{self.host.pool.pool_size - 1}, got {worker_num}')))
             return
         future: Any = self.host.pool._submit_payload(
             bytes(payload), worker_num, None, _RawFuture,
@@ -221,6 +292,7 @@ class _Host:
         self.pool._batch_replies = False
         self.client_share = self.pool._max_tasks
         self.sessions: dict[int, _Session] = {}
+        self.waiting = 0   # connections not yet authenticated
         self.next_session = 1
         self.server: asyncio.AbstractServer | None = None
         self.idle_timer: asyncio.TimerHandle | None = None

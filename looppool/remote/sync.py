@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import hmac
 import logging
-import os
 import pickle
 import queue
 import socket
@@ -15,19 +13,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..channel import Parser, encode
-from ..errors import AuthenticationError, ConnectionLost, PoolClosed
-from ..protocol import dumps, loads
-from .access import Address, _check_host, _mac, _secret_bytes
-from .wire import (_NONCE, _OPTS, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT,
-                   C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
-                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION,
-                   _broadcast_payload, _decode_error, _drop_result,
-                   _resolve_broadcast)
+from ..channel import FrameTooLarge, Parser, encode
+from ..errors import ConnectionLost, LooppoolError, PoolClosed
+from ..protocol import loads
+from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
+                     _positive, _secret_bytes)
+from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE,
+                   C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
+                   _broadcast_payload, _decode_error, _drop_result, _resolve_broadcast,
+                   _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
-# -- the synchronous client --------------------------------------------------------------------
 
 class SyncClient:
     """A blocking client of a pool host, safe to use from many threads at once.
@@ -44,9 +41,10 @@ class SyncClient:
                  ensure_host: Callable[[], bool] | None = None) -> None:
         self.address = address
         self._secret = _secret_bytes(secret)
+        _check_address(address, self._secret, ssl_context)
         self._ssl = ssl_context
         self._server_hostname = server_hostname
-        self._connect_timeout = connect_timeout
+        self._connect_timeout = _positive('connect_timeout', connect_timeout)
         self._ensure_host = ensure_host
         self.created_new_pool = False
         self.pool_size: int | None = None
@@ -63,7 +61,7 @@ class SyncClient:
                timeout: float | None = None) -> Any:
         """Send ``message`` and wait for the reply (at most ``timeout`` seconds, then
         :class:`TimeoutError` and the task is cancelled in the worker)."""
-        payload = _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
+        payload = _task_payload(message, worker_num)
         return self._call(C_TASK, payload, timeout)
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
@@ -108,7 +106,7 @@ class SyncClient:
     # -- internals -------------------------------------------------------------------------
 
     def _note(self, message: Any, worker_num: int | None, block: bool) -> None:
-        payload = _OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message)
+        payload = _task_payload(message, worker_num)
         sock, room = self._connection()
         if not room.acquire(blocking=block):
             raise queue.Full('this client\'s share of unacknowledged messages is used up')
@@ -126,7 +124,7 @@ class SyncClient:
         future.counted = counted  # type: ignore[attr-defined]
         with self._lock:
             tid = self._next_tid
-            self._next_tid += 1
+            self._next_tid = tid % _MAX_TID + 1
             self._futures[tid] = future
         self._send(sock, kind, tid, payload)
         try:
@@ -173,59 +171,42 @@ class SyncClient:
             return self._sock, self._room
 
     def _handshake(self) -> tuple[socket.socket, int]:
+        address = self.address
         sock: socket.socket | None = None
         try:
-            if isinstance(self.address, str):
+            if isinstance(address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self._connect_timeout)
-                sock.connect(self.address)
-                try:
-                    _check_host(sock, self.address)
-                except AuthenticationError:
-                    sock.close()
-                    raise
+                sock.connect(address)
+                _check_host(sock, address)
             else:
-                sock = socket.create_connection(self.address, self._connect_timeout)
+                sock = socket.create_connection(address, self._connect_timeout)
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(
                     sock, server_hostname=self._server_hostname or (
-                        self.address[0] if isinstance(self.address, tuple) else None))
-        except OSError as exc:
-            if sock is not None:   # a refused connect() leaves an open socket behind
-                sock.close()
-            raise ConnectionLost(f'could not connect to the pool host at {self.address!r}: '
-                                 f'{exc!r}') from exc
-        try:
+                        address[0] if isinstance(address, tuple) else None))
+            handshake = _ClientHandshake(self._secret, address)
             parser = Parser(_PRE_AUTH_FRAME)
-            kind, version, nonce = _read_frame(sock, parser)
-            if kind == REFUSED:
-                raise AuthenticationError(f'the pool host at {self.address!r} refused this '
-                                          f'client: {bytes(nonce).decode(errors="replace")}')
-            if kind != HELLO or version != VERSION:
-                raise ConnectionLost(f'unexpected greeting from the pool host ({kind}, '
-                                     f'{version})')
-            mine = os.urandom(_NONCE)
-            proof = _mac(self._secret, bytes(nonce), b'client') if self._secret else b''
-            sock.sendall(encode(AUTH, 0, mine + proof))
-            kind, pool_size, payload = _read_frame(sock, parser)
-            if kind == REFUSED:
-                raise AuthenticationError(f'the pool host at {self.address!r} refused this '
-                                          f'client: {bytes(payload).decode(errors="replace")}')
-            payload = bytes(payload)
-            if self._secret is not None:
-                if not hmac.compare_digest(payload[:32], _mac(self._secret, mine, b'host')):
-                    raise AuthenticationError('the pool host could not prove it knows the '
-                                              'secret')
-                payload = payload[32:]
-            self.pool_size = pool_size
+            sock.sendall(encode(AUTH, 0, handshake.answer_hello(*_read_frame(sock, parser))))
+            pool_size, share = handshake.check_welcome(*_read_frame(sock, parser))
             sock.settimeout(None)
-            return sock, loads(payload)['share']
-        except BaseException:
-            sock.close()
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, LooppoolError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise ConnectionLost(_no_greeting(address, self._connect_timeout,
+                                                  self._ssl)) from exc
+            if isinstance(exc, (OSError, FrameTooLarge)):
+                raise ConnectionLost(f'could not connect to the pool host at {address!r}: '
+                                     f'{exc!r}') from exc
             raise
+        self.pool_size = pool_size
+        return sock, share
 
     def _read(self, sock: socket.socket) -> None:
-        parser = Parser()
+        parser = Parser(grow=True)
         error: BaseException = ConnectionLost(
             f'the pool host at {self.address!r} closed the connection; the next call '
             'connects again')
@@ -236,6 +217,8 @@ class SyncClient:
                     break
                 for kind, arg, payload in parser.feed(data):
                     self._on_frame(sock, kind, arg, payload)
+        except ConnectionLost as exc:
+            error = exc
         except OSError as exc:
             error = ConnectionLost(f'the connection to the pool host at {self.address!r} '
                                    f'was lost ({exc!r}); the next call connects again')
@@ -258,6 +241,13 @@ class SyncClient:
             except Exception:
                 log.exception('process_message raised')
             return
+        if kind == H_NOTICE:
+            log.warning('the pool host at %r: %s', self.address,
+                        bytes(payload).decode(errors='replace'))
+            return
+        if kind not in (H_REPLY, H_ERROR, H_BROADCAST):
+            raise ConnectionLost(f'the pool host at {self.address!r} sent a frame of kind '
+                                 f'{kind} after the handshake; the connection is closed')
         with self._lock:
             future = self._futures.pop(arg, None)
         if future is None:
@@ -312,8 +302,13 @@ def _read_frame(sock: socket.socket, parser: Parser) -> tuple[int, int, Any]:
 
 def connect_sync(address: Address, *, secret: str | bytes | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> SyncClient:
-    """A :class:`SyncClient` of the pool host at ``address`` (it connects on first use)."""
+                 server_hostname: str | None = None,
+                 connect_timeout: float = 10.0) -> SyncClient:
+    """A :class:`SyncClient` of the pool host at ``address`` (it connects on first use).
+
+    The address rules, the handshake and ``connect_timeout`` are those of
+    :func:`~looppool.remote.connect`.
+    """
     return SyncClient(address, secret=secret, ssl_context=ssl_context,
-                      server_hostname=server_hostname)
+                      server_hostname=server_hostname, connect_timeout=connect_timeout)
 

@@ -23,25 +23,51 @@ from ..protocol import dumps, loads
 log = logging.getLogger('looppool.remote')
 
 
-VERSION = 1
+# 2: WELCOME carries its share as an integer, not a pickle; H_NOTICE.
+VERSION = 2
 # client -> host
 AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
 # host -> client
-HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST = range(60, 68)
+HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTICE = \
+    range(60, 69)
+# The handshake: the only kinds either side reads before its peer is authenticated, and
+# none of them holds a pickle. HELLO (host): version, nonce. AUTH (client): nonce, proof.
+# WELCOME (host): pool size, proof, share. REFUSED (host): a reason in UTF-8.
+HANDSHAKE = frozenset((HELLO, AUTH, WELCOME, REFUSED))
 
 _NONCE = 32
 _OPTS = struct.Struct('<h')     # worker_num (-1: any); for a broadcast, sticky: 0, 1, 2=named
 _KEY = struct.Struct('<H')      # a broadcast's sticky name (UTF-8) follows its size
 _PRE_AUTH_FRAME = 256           # nothing bigger is read before the peer is authenticated
+_WELCOME = struct.Struct('<Q')  # the client's share of unacknowledged messages
 _SESSION_SHIFT = 32
+_MAX_TID = 2 ** _SESSION_SHIFT - 1   # a client's task ids are 1.._MAX_TID, then wrap
+# The largest frame a client may send a host (a message or a broadcast), received into a
+# buffer that grows as its bytes arrive: the most one session can make the host hold.
+_MAX_MESSAGE = 1 << 30
+
+
+def _checked_size(payload: bytes) -> bytes:
+    """``payload``, if a pool host accepts a message of its size."""
+    if len(payload) > _MAX_MESSAGE:
+        raise ValueError(f'a message to a pool host is at most {_MAX_MESSAGE} bytes '
+                         f'pickled; this one is {len(payload)}')
+    return payload
 
 def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
     if isinstance(sticky, str):
         key = sticky.encode()
-        return _OPTS.pack(2) + _KEY.pack(len(key)) + key + dumps(message)
+        return _checked_size(_OPTS.pack(2) + _KEY.pack(len(key)) + key + dumps(message))
     if not isinstance(sticky, bool):
         raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
-    return _OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message)
+    return _checked_size(_OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message))
+
+
+def _task_payload(message: Any, worker_num: int | None) -> bytes:
+    """A C_TASK or C_NOTE payload: the target worker (-1: any) and the pickled message."""
+    if worker_num is not None and (type(worker_num) is not int or worker_num < 0):
+        raise ValueError(f'worker_num must be a worker number, got {worker_num!r}')
+    return _checked_size(_OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message))
 
 
 def _resolve_broadcast(future: Any, payload: Any) -> None:
@@ -85,7 +111,7 @@ class _Framed(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
-        self.parser = Parser(_PRE_AUTH_FRAME)
+        self.parser = Parser(_PRE_AUTH_FRAME, grow=True)
         self.out: list[bytes] = []
         self.closed = False
 
