@@ -405,6 +405,10 @@ class Client:
         if connection is not self._connection:
             return
         self._connection = None
+        ready = connection.ready
+        if ready.done() and ready.exception() is not None:   # the handshake failed: say why
+            self._fail_all(ready.exception())   # type: ignore[arg-type]
+            return
         self._fail_all(ConnectionLost(
             f'the connection to the pool host at {self.address!r} was lost '
             f'({exc!r}); the next call connects again' if exc else

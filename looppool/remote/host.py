@@ -28,7 +28,8 @@ log = logging.getLogger('looppool.remote')
 # The client that started a host connects next; under load that can take a while.
 _FIRST_CLIENT_GRACE = 10.0
 # A connection that has not authenticated within this many seconds is closed, and at most
-# _MAX_WAITING may be waiting at once: unauthenticated peers cannot use up descriptors.
+# _MAX_WAITING may wait at once (a new one closes the oldest): unauthenticated peers cannot
+# use up the host's descriptors, nor keep an honest client out.
 _AUTH_TIMEOUT = 5.0
 _MAX_WAITING = 64
 # The frames that carry a client's task id.
@@ -103,12 +104,13 @@ class _Session(_Framed):
             # A worker forked later (a replacement) must not hold this connection open.
             self.fd = sock.fileno()
             _parent_fds.add(self.fd)
-        self.host.waiting += 1
+        waiting = self.host.waiting
+        if len(waiting) >= _MAX_WAITING:   # make room: the oldest has had the longest
+            oldest = next(iter(waiting))
+            oldest.refuse(f'{_MAX_WAITING} newer connections are waiting to authenticate')
+        waiting[self] = None
         self.deadline = self.loop.call_later(_AUTH_TIMEOUT, self.refuse,
                                              f'no authentication within {_AUTH_TIMEOUT} s')
-        if self.host.waiting > _MAX_WAITING:
-            self.refuse(f'{_MAX_WAITING} connections are already waiting to authenticate')
-            return
         uid = _peer_uid(sock) if sock is not None else None
         if uid is not None and uid not in self.host.allowed_uids:
             self.refuse(f'uid {uid} may not use this pool (allowed: '
@@ -121,7 +123,7 @@ class _Session(_Framed):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-            self.host.waiting -= 1
+            del self.host.waiting[self]
 
     def refuse(self, reason: str) -> None:
         log.warning('pool host refused a client: %s', reason)
@@ -184,7 +186,7 @@ class _Session(_Framed):
         """Answer a frame that does not parse, so that nothing waits for it."""
         text = f'the pool host could not read a frame of kind {kind}: {reason}'
         log.warning('a client sent a malformed frame: %s', text)
-        if kind in _WITH_TID and 0 < arg <= _MAX_TID and kind != C_CANCEL:
+        if kind in _WITH_TID and kind != C_CANCEL:
             self.send(H_ERROR, arg, _encode_error(ValueError(text)))
             return
         if kind == C_NOTE:
@@ -292,7 +294,7 @@ class _Host:
         self.pool._batch_replies = False
         self.client_share = self.pool._max_tasks
         self.sessions: dict[int, _Session] = {}
-        self.waiting = 0   # connections not yet authenticated
+        self.waiting: dict[_Session, None] = {}   # not yet authenticated, oldest first
         self.next_session = 1
         self.server: asyncio.AbstractServer | None = None
         self.idle_timer: asyncio.TimerHandle | None = None

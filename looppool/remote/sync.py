@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..channel import FrameTooLarge, Parser, encode
@@ -186,9 +186,9 @@ class SyncClient:
                     sock, server_hostname=self._server_hostname or (
                         address[0] if isinstance(address, tuple) else None))
             handshake = _ClientHandshake(self._secret, address)
-            parser = Parser(_PRE_AUTH_FRAME)
-            sock.sendall(encode(AUTH, 0, handshake.answer_hello(*_read_frame(sock, parser))))
-            pool_size, share = handshake.check_welcome(*_read_frame(sock, parser))
+            frames = _frames(sock)
+            sock.sendall(encode(AUTH, 0, handshake.answer_hello(*next(frames))))
+            pool_size, share = handshake.check_welcome(*next(frames))
             sock.settimeout(None)
         except BaseException as exc:
             if sock is not None:
@@ -290,14 +290,15 @@ class SyncClient:
                 future.set_exception(error)
 
 
-def _read_frame(sock: socket.socket, parser: Parser) -> tuple[int, int, Any]:
+def _frames(sock: socket.socket) -> Iterator[tuple[int, int, Any]]:
+    """The handshake's frames, one at a time, as they arrive (at most _PRE_AUTH_FRAME
+    bytes each)."""
+    parser = Parser(_PRE_AUTH_FRAME)
     while True:
         data = sock.recv(4096)
         if not data:
             raise ConnectionLost('the pool host closed the connection during the handshake')
-        frames = parser.feed(data)
-        if frames:
-            return frames[0]
+        yield from parser.feed(data)
 
 
 def connect_sync(address: Address, *, secret: str | bytes | None = None,
