@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import os
 import socket
+import stat
 import struct
 import tempfile
 from typing import Any, Union
@@ -21,12 +22,18 @@ Address = Union[str, tuple[str, int]]
 
 # -- addresses and access ----------------------------------------------------------------------
 
+def _runtime_directory() -> str:
+    """``$XDG_RUNTIME_DIR/looppool-<uid>`` (or under the temporary directory): the private
+    directory of default sockets, and of the lock and log files of TCP hosts."""
+    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
+    return os.path.join(base, f'looppool-{os.getuid()}')
+
+
 def default_address(worker_class: type[Worker]) -> str:
     """The Unix socket path :func:`serve` and :func:`shared` use when given no address:
     ``$XDG_RUNTIME_DIR/looppool-<uid>/<module>.<class>.sock`` (or under the temporary
     directory), in a directory only this user can enter."""
-    base = os.environ.get('XDG_RUNTIME_DIR') or tempfile.gettempdir()
-    directory = os.path.join(base, f'looppool-{os.getuid()}')
+    directory = _runtime_directory()
     name = f'{worker_class.__module__}.{worker_class.__qualname__}'
     name = ''.join(c if c.isalnum() or c in '._-' else '_' for c in name)
     path = os.path.join(directory, name + '.sock')
@@ -36,18 +43,50 @@ def default_address(worker_class: type[Worker]) -> str:
     return path
 
 
-def _private_directory(path: str) -> None:
-    """Create the socket's directory with mode 0700, or check that an existing one is ours
-    and closed to others."""
+def _private_directory(path: str) -> os.stat_result:
+    """Create the directory of ``path`` with mode 0700, or check that an existing one is a
+    real directory (not a link), ours, and that no one else may write to it (sticky or not:
+    in a shared directory another user could bind the socket first). Returns its status, to
+    compare after binding (:func:`_still_private`)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f'{directory} is a symbolic link or not a directory; use a '
+                              'directory only you can write to')
     if info.st_uid != os.getuid():
         raise PermissionError(f'{directory} belongs to uid {info.st_uid}, not to this user '
                               f'({os.getuid()}); choose another address')
-    if info.st_mode & 0o022 and not info.st_mode & 0o1000:
+    if info.st_mode & 0o022:
         raise PermissionError(f'{directory} is writable by other users; other users could '
                               'replace the socket. Use a directory only you can write to')
+    return info
+
+
+def _still_private(path: str, before: os.stat_result) -> None:
+    """After binding ``path``: its directory is the one checked before, and the socket is
+    ours (nothing was swapped in between)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    now = os.lstat(directory)
+    sock = os.lstat(path)
+    if (now.st_dev, now.st_ino, now.st_uid) != (before.st_dev, before.st_ino, before.st_uid) \
+            or now.st_mode & 0o022 or sock.st_uid != os.getuid() \
+            or not stat.S_ISSOCK(sock.st_mode):
+        raise PermissionError(f'{directory} changed while the socket was being bound; '
+                              'refusing to serve there')
+
+
+def _open_private(path: str) -> int:
+    """Open (or create, mode 0600) a lock or log file in a private directory: never through
+    a symbolic link, and only a regular file of ours."""
+    _private_directory(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    info = os.fstat(fd)
+    if info.st_uid != os.getuid() or not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise PermissionError(f'{path} is not a regular file of this user')
+    return fd
 
 
 def _check_address(address: Address, secret: bytes | None, ssl_context: Any) -> None:

@@ -17,7 +17,7 @@ from ..errors import PoolClosed
 from ..pool import Pool, _parent_fds, _RawFuture
 from ..protocol import dumps
 from ..worker import Worker
-from .access import Address, _host_proof, _peer_uid, _private_directory
+from .access import Address, _host_proof, _peer_uid, _private_directory, _still_private
 from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME, AUTH, C_BROADCAST,
                    C_CANCEL, C_CREDIT, C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
                    H_NOTICE, H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
@@ -304,8 +304,8 @@ class _Host:
     async def start(self) -> None:
         await self.pool.__aenter__()
         if isinstance(self.address, str):
-            _private_directory(self.address)
-            if os.path.exists(self.address):
+            checked = _private_directory(self.address)
+            if os.path.lexists(self.address):
                 os.unlink(self.address)   # the caller checked that no host answers there
             old_mask = os.umask(0o177)    # the socket is born 0600: no window for others
             try:
@@ -313,7 +313,11 @@ class _Host:
                     lambda: _Session(self), self.address, ssl=self.ssl_context)
             finally:
                 os.umask(old_mask)
-            os.chmod(self.address, 0o600)
+            try:
+                _still_private(self.address, checked)
+            except PermissionError:
+                self.server.close()
+                raise
         else:
             self.server = await self.loop.create_server(
                 lambda: _Session(self), self.address[0], self.address[1],
