@@ -203,6 +203,7 @@ def test_the_default_address_is_private(tmp_path, monkeypatch) -> None:
 
 _UNSAFE = [('group-writable', 0o770, None, 'writable by other users'),
            ('other-writable', 0o707, None, 'writable by other users'),
+           ('sticky and writable by all', 0o1777, None, 'writable by other users'),
            ('owned by another user', 0o700, 65534, 'belongs to uid 65534')]
 
 
