@@ -90,9 +90,7 @@ def test_the_async_client_has_the_pools_interface(host) -> None:
             assert await client.submit(('put', 'a', 'b')) == 2
             await client.put(('put', 'c'))
             client.put_nowait(('put', 'd'))
-            await_until = asyncio.get_running_loop().time() + 10
-            while len(results) < 6 and asyncio.get_running_loop().time() < await_until:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: len(results) >= 6, what='six results')
             assert sorted(r for r in results if isinstance(r, str)) == ['a', 'b', 'c', 'd']
             # a note's return value (do_put returns how many it sent) comes here too
             assert [r for r in results if isinstance(r, int)] == [1, 1]
@@ -101,14 +99,16 @@ def test_the_async_client_has_the_pools_interface(host) -> None:
             assert 'do_raise' in str(caught.value.__cause__)
             with pytest.raises(TimeoutError):
                 await client.submit(('cancellable', 30), timeout=0.2)
-            await asyncio.sleep(0.2)
-            assert ('cancelled', 0) in results or ('cancelled', 1) in results
+            # The timeout cancels the task in its worker, which says so.
+            await wait_until(lambda: ('cancelled', 0) in results or ('cancelled', 1) in results,
+                             what='the worker to report the cancellation')
             stats = await client.stats()
             assert stats['clients'] == 1 and stats['pool_size'] == 2
             assert stats['host_pid'] == host.pid
             pid = await client.submit(('pid',), worker_num=0)
             doomed = client.submit(('sleep', 30), worker_num=0)
-            await asyncio.sleep(0.1)
+            # Worker 0 starts the sleep before it answers the next message.
+            assert await client.submit(('max_concurrent',), worker_num=0) >= 1
             os.kill(pid, signal.SIGKILL)
             with pytest.raises(looppool.WorkerLost, match=f'worker 0 \\(pid {pid}\\)'):
                 await doomed
@@ -123,8 +123,7 @@ def test_backpressure_holds_end_to_end(sock_path) -> None:
         async def main() -> None:
             async with remote.connect(handle.address) as client:
                 busy = [client.submit(('sleep', 0.5, i)) for i in range(4)]
-                await asyncio.sleep(0.1)
-                with pytest.raises(queue.Full):
+                with pytest.raises(queue.Full):   # the client's share is taken at once
                     client.put_nowait('no room')
                 waiting = client.submit('later')   # waits in the client, then goes
                 await asyncio.sleep(0.1)
