@@ -8,11 +8,14 @@ processes, real sockets); only the misbehaving peer is played by the test.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
+import queue
 import select
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -452,6 +455,38 @@ def test_a_plaintext_client_to_a_tls_host_gets_a_hint(tmp_path) -> None:
             with pytest.raises(remote.ConnectionLost, match='if it serves TLS, pass ssl_'):
                 await client.submit(1)
             await client.close()
+
+        run(main())
+    finally:
+        handle.stop()
+
+
+def test_a_host_that_resets_the_handshake_is_a_lost_connection(tmp_path) -> None:
+    def reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        conn.close()   # an RST, not a FIN: recv() raises ConnectionResetError
+
+    fake = FakeHost(('127.0.0.1', 0), reset)
+    try:
+        errors = both_clients_refuse(fake.address, SECRET)
+    finally:
+        fake.close()
+    assert all(type(e) is remote.ConnectionLost for e in errors), errors
+
+
+def test_stats_calls_take_no_share_of_the_window(tmp_path) -> None:
+    directory = tmp_path / 'run'
+    directory.mkdir(mode=0o700)
+    handle = remote.serve(Echo, str(directory / 'echo.sock'), pool_size=1, max_tasks=4)
+    try:
+        async def main() -> None:
+            async with remote.connect(handle.address) as client:
+                for _ in range(3):
+                    await client.stats()
+                busy = [client.submit(('sleep', 0.5, i)) for i in range(4)]
+                with pytest.raises(queue.Full):   # still four, the share
+                    client.put_nowait('no room')
+                assert await asyncio.gather(*busy) == [0, 1, 2, 3]
 
         run(main())
     finally:

@@ -144,6 +144,7 @@ class Client:
         self._connection: _ClientConnection | None = None
         self._connecting: asyncio.Future[None] | None = None
         self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._uncounted: set[int] = set()   # the ids of calls that take no share (stats)
         self._next_tid = 1
         self._share = 4096
         self._unacked = 0
@@ -262,6 +263,8 @@ class Client:
         self._get_loop()
         if future is not None and kind != C_NOTE:
             self._futures[tid] = future
+        if not counted:
+            self._uncounted.add(tid)
         self._outbox.append((kind, tid, payload, future))
         connection = self._connection
         if connection is None or connection.closed or not connection.ready.done():
@@ -344,7 +347,10 @@ class Client:
     # -- answers ---------------------------------------------------------------------------
 
     def _answer(self, kind: int, tid: int, payload: Any) -> None:
-        self._unacked -= 1
+        if tid in self._uncounted:
+            self._uncounted.discard(tid)   # a stats() call takes no share
+        else:
+            self._unacked -= 1
         future = self._futures.pop(tid, None)
         if future is not None and not future.done():
             timer = future._lp_timer  # type: ignore[attr-defined]
@@ -422,6 +428,7 @@ class Client:
             if item[3] is not None and item[3] not in futures:
                 futures.append(item[3])
         self._outbox.clear()
+        self._uncounted.clear()
         self._unacked = 0
         self._notes_unacked = 0
         for future in futures:
