@@ -146,6 +146,16 @@ def memory_readings() -> dict[str, int]:
     return {'rss': rss, 'maxrss': max(maxrss, rss)}
 
 
+def _check_sleep_time(value: object) -> float:
+    """``value`` as a reporting interval; raise if it is not a positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'sleep_time must be a number of seconds, got {value!r}')
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f'sleep_time must be a finite number of seconds greater than 0, '
+                         f'got {value!r}')
+    return float(value)
+
+
 class CpuMeter:
     """The calling process's CPU use between one :meth:`read` and the next.
 
@@ -212,17 +222,29 @@ class ResourceReporter:
     :param statsd: a ``statsd.StatsClient`` (anything with its ``pipeline()`` will do); the
         gauges' names get its own prefix too.
     :param prefix: the start of every gauge name: ``{prefix}.cpu`` and so on.
-    :param sleep_time: seconds from the end of one report to the start of the next.
+    :param sleep_time: seconds from the end of one report to the start of the next;
+        ``None`` (the default) keeps the class's :attr:`sleep_time`, 10.
     :raises TypeError: if ``ioloop`` is not a loop, ``statsd`` has no ``pipeline()``,
         ``prefix`` is not a string or ``sleep_time`` not a number.
     :raises ValueError: if ``prefix`` is empty, starts or ends with a dot or holds a
         character the statsd format reserves (``:|@``, white space), or ``sleep_time`` is
         not a finite number greater than 0.
+
+    As in Looppool 0.3 and 0.4, the interval can also be set after the reporter is made,
+    ``reporter.sleep_time = 0.1``, or in a subclass, ``sleep_time = 1``.
     """
 
+    # The default interval, read through the sleep_time property. Looppool 0.3 and 0.4 had
+    # a plain class attribute sleep_time, which their users (and 0.4's own tests) set on an
+    # instance after making it, or overrode in a subclass: the property takes the first,
+    # and a subclass's plain attribute simply replaces it. Every read goes through
+    # self.sleep_time, so either way the reporter uses what was set.
+    _sleep_time = 10.0
+
     def __init__(self, ioloop: IOLoop | asyncio.AbstractEventLoop, statsd: _StatsClient,
-                 prefix: str = 'process', *, sleep_time: float = 10.0) -> None:
+                 prefix: str = 'process', *, sleep_time: float | None = None) -> None:
         self._loop = _asyncio_loop(ioloop)
+        self._ioloop = ioloop   # the loop as given, under Looppool 0.4's name for it
         if not callable(getattr(statsd, 'pipeline', None)):
             raise TypeError(f'statsd must be a statsd.StatsClient (or have its pipeline() '
                             f'method), got {statsd!r}')
@@ -234,14 +256,11 @@ class ResourceReporter:
         if _FORBIDDEN_IN_NAMES.intersection(prefix):
             raise ValueError(f'prefix must not contain white space or any of ":|@", which '
                              f'the statsd format reserves, got {prefix!r}')
-        if isinstance(sleep_time, bool) or not isinstance(sleep_time, (int, float)):
-            raise TypeError(f'sleep_time must be a number of seconds, got {sleep_time!r}')
-        if not (math.isfinite(sleep_time) and sleep_time > 0):
-            raise ValueError(f'sleep_time must be a finite number of seconds greater '
-                             f'than 0, got {sleep_time!r}')
+        # A subclass's own sleep_time is checked here too, where the reporter is made.
+        self.sleep_time = _check_sleep_time(self.sleep_time if sleep_time is None
+                                            else sleep_time)
         self._statsd = statsd
         self._prefix = prefix
-        self._sleep_time = float(sleep_time)
         self._cpu = CpuMeter()
         # The pending report's timer and the loop time it is due at; None when stopped.
         self._timer: asyncio.TimerHandle | None = None
@@ -254,8 +273,17 @@ class ResourceReporter:
 
     @property
     def sleep_time(self) -> float:
-        """Seconds from the end of one report to the start of the next."""
+        """Seconds from the end of one report to the start of the next (10 by default).
+
+        Assigning it checks the value (:class:`TypeError` or :class:`ValueError`, as the
+        constructor's argument) and takes effect from the next report scheduled: at once
+        before :meth:`start`, after the pending report on a running reporter.
+        """
         return self._sleep_time
+
+    @sleep_time.setter
+    def sleep_time(self, value: float) -> None:
+        self._sleep_time = _check_sleep_time(value)
 
     def is_running(self) -> bool:
         """Return ``True`` between :meth:`start` and :meth:`stop`."""
@@ -269,10 +297,13 @@ class ResourceReporter:
         stopped may be started again.
 
         :raises RuntimeError: if it is already started, or the loop is closed.
+        :raises TypeError, ValueError: if :attr:`sleep_time` was set, on the class, to
+            something other than a positive number of seconds.
         """
         if self._timer is not None:
             raise RuntimeError(f'the ResourceReporter for {self._prefix!r} is already '
                                f'started')
+        _check_sleep_time(self.sleep_time)   # set on the class since, perhaps
         self._cpu.reset()
         self._schedule()
 
@@ -294,7 +325,7 @@ class ResourceReporter:
         return self._send(lag=None)
 
     def _schedule(self) -> None:
-        self._due = self._loop.time() + self._sleep_time
+        self._due = self._loop.time() + self.sleep_time
         self._timer = self._loop.call_at(self._due, self._run)
 
     def _run(self) -> None:
@@ -305,7 +336,7 @@ class ResourceReporter:
         except Exception:
             # One failed reading must not end the reports, nor reach the loop's handler.
             log.exception('ResourceReporter %r failed to report; the next report is due '
-                          'in %g s', self._prefix, self._sleep_time)
+                          'in %g s', self._prefix, self.sleep_time)
         finally:
             self._schedule()
 
