@@ -5,7 +5,8 @@ gunicorn's master process:
 
 ``on_starting``
     starts the pool host with :func:`looppool.remote.serve`, once, before the master binds
-    its socket and forks the web workers (so the host inherits neither).
+    its socket and forks the web workers (so the host inherits neither). The host runs
+    under a small keeper process, which starts it again if it dies.
 ``on_exit``
     stops it, after the web workers have stopped. (The host would exit with the master
     anyway; stopping it here lets accepted tasks finish first.)

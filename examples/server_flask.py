@@ -34,6 +34,7 @@ import signal
 import sys
 import tempfile
 
+import looppool
 from looppool import remote
 from shared_workers import PasswordHasher, ServerProcess, demo, say
 
@@ -67,10 +68,13 @@ def create_app():
         salt = flask.request.args.get('salt', 'looppool-demo')
         try:
             reply = pool.submit((password, salt), timeout=10)
-        except remote.ConnectionLost as error:
-            # The host died: this call failed; the next one starts a new host and
-            # connects to it.
-            return {'error': str(error)}, 503
+        except (remote.ConnectionLost, looppool.WorkerLost, looppool.PoolClosed) as error:
+            # Expected now and then, and no bug: the host died (the next call starts a
+            # new one), the pool worker running this died, or the pool is stopping. Ask
+            # the client to try again; log no traceback.
+            return {'error': str(error)}, 503, {'Retry-After': '1'}
+        except TimeoutError:
+            return {'error': 'the pool did not answer within 10 s'}, 504
         return dict(reply, web_pid=os.getpid())
 
     return app

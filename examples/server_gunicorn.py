@@ -7,9 +7,11 @@ event loop. They all reach one pool host, which the master started in its
 :func:`looppool.remote.connect_sync` client: a blocking ``client.submit(message)`` that
 any thread may call::
 
-    gunicorn master ── on_starting: serve() ──> pool host ──> pool workers 0, 1
-      ├── web worker 1 ── connect_sync ───────────^
-      └── web worker 2 ── connect_sync ───────────┘   (one Unix socket, mode 0600)
+    gunicorn master ── on_starting: serve() ──> keeper ──> pool host ──> pool workers
+      ├── web worker 1 ── connect_sync ──────────────────────^
+      └── web worker 2 ── connect_sync ──────────────────────┘  (a Unix socket, 0600)
+
+The keeper, a small process of ``serve()``'s, starts the host again if it dies.
 
 Deploy it with ``gunicorn -c gunicorn_conf.py`` in this directory.
 
@@ -25,6 +27,7 @@ import shutil
 import sys
 import tempfile
 
+import looppool
 from looppool import remote
 from shared_workers import PasswordHasher, ServerProcess, demo, hash_query
 
@@ -42,16 +45,22 @@ def app(environ, start_response):
         return respond(start_response, '404 Not Found', {'error': 'try /hash?password=...'})
     try:
         reply = client.submit(message, timeout=10)
-    except remote.ConnectionLost as error:
-        # The host died: this call failed, the next one connects again.
-        return respond(start_response, '503 Service Unavailable', {'error': str(error)})
+    except (remote.ConnectionLost, looppool.WorkerLost, looppool.PoolClosed) as error:
+        # Expected now and then, and no bug: the pool host died (its keeper starts it
+        # again, and the next call connects to it), the pool worker running this died, or
+        # the pool is stopping. Ask the client to try again; log no traceback.
+        return respond(start_response, '503 Service Unavailable', {'error': str(error)},
+                       [('Retry-After', '1')])
+    except TimeoutError:
+        return respond(start_response, '504 Gateway Timeout',
+                       {'error': 'the pool did not answer within 10 s'})
     return respond(start_response, '200 OK', dict(reply, web_pid=os.getpid()))
 
 
-def respond(start_response, status, document):
+def respond(start_response, status, document, headers=()):
     body = json.dumps(document).encode()
     start_response(status, [('Content-Type', 'application/json'),
-                            ('Content-Length', str(len(body)))])
+                            ('Content-Length', str(len(body))), *headers])
     return [body]
 
 

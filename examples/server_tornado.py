@@ -8,10 +8,12 @@ Here the master starts one pool host with :func:`looppool.remote.serve` *before*
 forks, and each web worker connects to it with :func:`looppool.remote.connect`; its
 handlers ``await client.submit(...)`` exactly as they would await ``pool.submit(...)``::
 
-    master ── serve() ──> pool host ──> pool workers 0, 1
-      │ fork_processes(2)     ^
-      ├── web worker 0 ───────┤  Unix socket (0600, in a 0700 directory)
-      └── web worker 1 ───────┘
+    master ── serve() ──> keeper ──> pool host ──> pool workers 0, 1
+      │ fork_processes(2)                ^
+      ├── web worker 0 ──────────────────┤  Unix socket (0600, in a 0700 directory)
+      └── web worker 1 ──────────────────┘
+
+(The keeper, a small process of ``serve()``'s, starts the host again if it dies.)
 
 The order matters: ``serve()`` first (the host must not inherit the web server's
 listening socket), then ``bind_sockets``, then ``fork_processes`` (each web worker makes
@@ -37,6 +39,7 @@ import tornado.netutil
 import tornado.process
 import tornado.web
 
+import looppool
 from looppool import remote
 from shared_workers import PasswordHasher, ServerProcess, demo, say
 
@@ -54,10 +57,21 @@ class HashHandler(tornado.web.RequestHandler):
         message = (self.get_argument('password'), self.get_argument('salt', 'looppool-demo'))
         try:
             reply = await self.pool.submit(message, timeout=10)
-        except remote.ConnectionLost as error:
-            # The host died: this call failed, the next one connects again.
-            raise tornado.web.HTTPError(503, reason='the pool host is unavailable') from error
-        self.write(dict(reply, web_pid=os.getpid()))
+        except (remote.ConnectionLost, looppool.WorkerLost, looppool.PoolClosed) as error:
+            # Expected now and then, and no bug: the pool host died (its keeper starts it
+            # again, and the next call connects to it), the pool worker running this died,
+            # or the pool is stopping. Ask the client to try again; log no traceback.
+            self.fail(503, error, retry_after=1)
+        except TimeoutError:
+            self.fail(504, 'the pool did not answer within 10 s')
+        else:
+            self.write(dict(reply, web_pid=os.getpid()))
+
+    def fail(self, status, error, retry_after=None):
+        self.set_status(status)
+        if retry_after is not None:
+            self.set_header('Retry-After', str(retry_after))
+        self.write({'error': str(error)})
 
 
 async def web_worker(task_id, sockets, address, stop_fd):

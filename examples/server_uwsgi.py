@@ -8,13 +8,15 @@ in each web worker right after its fork and makes that worker's own
 :func:`looppool.remote.connect_sync` client, so that no connection is ever shared
 across a fork::
 
-    uWSGI master ── import: serve() ──> pool host ──> pool workers 0, 1
-      ├── worker 1 ── @postfork: connect_sync ──^
-      └── worker 2 ── @postfork: connect_sync ──┘     (one Unix socket, mode 0600)
+    uWSGI master ── import: serve() ──> keeper ──> pool host ──> pool workers 0, 1
+      ├── worker 1 ── @postfork: connect_sync ───────^
+      └── worker 2 ── @postfork: connect_sync ───────┘     (one Unix socket, mode 0600)
+
+The keeper, a small process of ``serve()``'s, starts the host again if it dies.
 
 uWSGI calls no Python hook in the master when it stops, and needs none here: the host
-exits when the master does (it watches its parent), after its pool has finished the
-tasks it had accepted. uWSGI binds its listening socket before it imports the
+exits when the master does (the keeper watches its parent), after its pool has finished
+the tasks it had accepted. uWSGI binds its listening socket before it imports the
 application, so the host holds a copy of it until then. Deploy it with, in this
 directory::
 
@@ -35,6 +37,7 @@ import socket
 import sys
 import tempfile
 
+import looppool
 from looppool import remote
 from shared_workers import PasswordHasher, ServerProcess, demo, hash_query, say
 
@@ -71,16 +74,22 @@ def application(environ, start_response):
         return respond(start_response, '404 Not Found', {'error': 'try /hash?password=...'})
     try:
         reply = client.submit(message, timeout=10)
-    except remote.ConnectionLost as error:
-        # The host died: this call failed, the next one connects again.
-        return respond(start_response, '503 Service Unavailable', {'error': str(error)})
+    except (remote.ConnectionLost, looppool.WorkerLost, looppool.PoolClosed) as error:
+        # Expected now and then, and no bug: the pool host died (its keeper starts it
+        # again, and the next call connects to it), the pool worker running this died, or
+        # the pool is stopping. Ask the client to try again; log no traceback.
+        return respond(start_response, '503 Service Unavailable', {'error': str(error)},
+                       [('Retry-After', '1')])
+    except TimeoutError:
+        return respond(start_response, '504 Gateway Timeout',
+                       {'error': 'the pool did not answer within 10 s'})
     return respond(start_response, '200 OK', dict(reply, web_pid=os.getpid()))
 
 
-def respond(start_response, status, document):
+def respond(start_response, status, document, headers=()):
     body = json.dumps(document).encode()
     start_response(status, [('Content-Type', 'application/json'),
-                            ('Content-Length', str(len(body)))])
+                            ('Content-Length', str(len(body))), *headers])
     return [body]
 
 
