@@ -394,12 +394,15 @@ def test_tls_over_tcp(tmp_path) -> None:
         handle.stop()
 
 
-def test_killing_the_host_fails_calls_in_flight_cleanly(host) -> None:
+def test_killing_the_host_fails_calls_in_flight_cleanly(sock_path) -> None:
+    host = remote.serve(Echo, sock_path, pool_size=2, restart=False)
+
     async def main() -> None:
         client = remote.connect(host.address)
         assert await client.submit(1) == 1
         in_flight = client.submit(('sleep', 30))
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: in_flight in client._futures.values(), what='the call sent')
+        assert (await client.stats())['in_flight'] == 1
         os.kill(host.pid, signal.SIGKILL)
         with pytest.raises(remote.ConnectionLost, match='next call connects again'):
             await asyncio.wait_for(in_flight, 10)
@@ -407,8 +410,11 @@ def test_killing_the_host_fails_calls_in_flight_cleanly(host) -> None:
             await client.submit(2)
         await client.close()
 
-    run(main())
-    host.process.join(5)
+    try:
+        run(main())
+        wait_for(lambda: not _alive(host.pid), 10, 'the killed host to be gone')
+    finally:
+        host.stop()
 
 
 def test_the_host_ends_with_the_process_that_served_it(tmp_path, sock_path) -> None:
@@ -634,7 +640,7 @@ def test_a_shared_host_outlives_the_process_that_started_it(sock_path) -> None:
 
 
 def test_the_sync_client_reconnects_after_the_host_is_lost(sock_path) -> None:
-    first = remote.serve(Echo, sock_path, pool_size=1)
+    first = remote.serve(Echo, sock_path, pool_size=1, restart=False)
     second = None
     client = remote.connect_sync(first.address)
     try:
@@ -657,7 +663,7 @@ def test_the_sync_client_reconnects_after_the_host_is_lost(sock_path) -> None:
         error = outcome.get('error')
         assert isinstance(error, remote.ConnectionLost), outcome
         assert 'next call connects again' in str(error) and sock_path in str(error)
-        first.process.join(5)
+        wait_for(lambda: not _alive(first.pid), 10, 'the killed host to be gone')
         with pytest.raises(remote.ConnectionLost, match='could not connect'):
             client.submit(2)   # no host there yet: said at once, not a hang
         second = remote.serve(Echo, sock_path, pool_size=1)

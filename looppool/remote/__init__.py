@@ -21,6 +21,7 @@ The modules, along the path of a message:
 ``sync``    :class:`SyncClient`, the blocking client (:func:`connect_sync`)
 ``host``    the host process: its pool, its server, one session per client
 ``serve``   :func:`serve`: a host as a child of this process, and its :class:`HostHandle`
+``keeper``  the process between ``serve()``'s caller and its host: restarts a host that dies
 ``shared``  :func:`shared`: create-or-connect, with a detached host
 
 Security: messages are pickles, and unpickling runs code. Only trusted peers may connect;
