@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import pickle
 import queue
 import ssl
 from collections.abc import Callable
@@ -18,8 +17,8 @@ from .access import (Address, _check_address, _check_host, _ClientHandshake, _no
                      _positive, _secret_bytes)
 from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE, C_STATS,
                    C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
-                   _broadcast_payload, _decode_error, _drop_result, _Framed,
-                   _resolve_broadcast, _task_payload)
+                   _broadcast_payload, _drop_result, _Framed,
+                   _resolve, _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
@@ -356,20 +355,7 @@ class Client:
             timer = future._lp_timer  # type: ignore[attr-defined]
             if timer is not None:
                 timer.cancel()
-            if kind == H_REPLY:
-                try:
-                    future.set_result(loads(payload))
-                except BaseException as exc:
-                    future.set_exception(pickle.UnpicklingError(
-                        f'the reply could not be unpickled here: {exc!r}'))
-            elif kind == H_ERROR:
-                error = _decode_error(payload)
-                if isinstance(error, asyncio.CancelledError):
-                    future.cancel()
-                else:
-                    future.set_exception(error)
-            else:
-                _resolve_broadcast(future, payload)
+            _resolve(future, kind, payload)
         self._pump()
 
     def _acknowledged(self, count: int) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import pickle
 import queue
 import socket
 import ssl
@@ -20,7 +19,7 @@ from .access import (Address, _check_address, _check_host, _ClientHandshake, _no
                      _positive, _secret_bytes)
 from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE,
                    C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
-                   _broadcast_payload, _decode_error, _drop_result, _resolve_broadcast,
+                   _broadcast_payload, _drop_result, _resolve,
                    _task_payload)
 
 log = logging.getLogger('looppool.remote')
@@ -254,16 +253,7 @@ class SyncClient:
             return
         if future.counted:  # type: ignore[attr-defined]
             self._release()
-        if kind == H_REPLY:
-            try:
-                future.set_result(loads(payload))
-            except BaseException as exc:
-                future.set_exception(pickle.UnpicklingError(
-                    f'the reply could not be unpickled here: {exc!r}'))
-        elif kind == H_ERROR:
-            future.set_exception(_decode_error(payload))
-        elif kind == H_BROADCAST:
-            _resolve_broadcast(future, payload)
+        _resolve(future, kind, payload)
 
     def _release(self) -> None:
         room = self._room

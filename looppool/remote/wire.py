@@ -10,6 +10,7 @@ read, none of them a pickle; see :mod:`looppool.remote.access`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import pickle
 import struct
@@ -80,6 +81,24 @@ def _resolve_broadcast(future: Any, payload: Any) -> None:
             return
         replies.append(loads(reply))
     future.set_result(replies)
+
+
+def _resolve(future: Any, kind: int, payload: Any) -> None:
+    """Resolve a call's future (asyncio or concurrent) from the host's answer to it."""
+    if kind == H_REPLY:
+        try:
+            future.set_result(loads(payload))
+        except BaseException as exc:
+            future.set_exception(pickle.UnpicklingError(
+                f'the reply could not be unpickled here: {exc!r}'))
+    elif kind == H_ERROR:
+        error = _decode_error(payload)
+        if isinstance(error, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+            future.cancel()   # the task was cancelled in its worker
+        else:
+            future.set_exception(error)
+    else:
+        _resolve_broadcast(future, payload)
 
 
 def _drop_result(client: Any, result_done: Callable[[], None]) -> None:
