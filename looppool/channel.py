@@ -72,6 +72,10 @@ def encode(kind: int, arg: int, payload: Buffer = b'') -> bytes:
     return HEADER.pack(len(payload), kind, arg) + payload
 
 
+def _ignore(*args: object) -> None:
+    """What a closed channel calls instead of its owner's callbacks (it calls none)."""
+
+
 class FrameTooLarge(ValueError):
     """A peer announced a frame larger than this channel accepts."""
 
@@ -409,8 +413,9 @@ class Channel:
     def _lost(self) -> None:
         if self.closed:
             return
+        on_close = self._on_close
         self.close()
-        self._on_close()
+        on_close()
 
     def close(self) -> None:
         """Stop reading and writing and close the socket. Unsent frames are dropped."""
@@ -425,3 +430,9 @@ class Channel:
         self._queue.clear()
         self._wbuf = bytearray()
         self._sock.close()
+        # The callbacks refer to the owner (the pool's, to the link of a worker process,
+        # which refers to this channel): dropping them ends that reference cycle, so a dead
+        # worker's link and this channel's buffers are freed as soon as nothing else holds
+        # them, not at some later cyclic garbage collection.
+        self._on_frames = self._on_close = _ignore
+        self.before_flush = None

@@ -1633,6 +1633,11 @@ class Pool:
         assert link.process is not None and link.channel is not None
         link.process.join(5)
         exitcode = link.process.exitcode
+        if exitcode is not None:
+            # Its sentinel and the other end of that pipe are closed now, not when the
+            # process object is collected: until then they would stay open here, and be
+            # inherited by every worker forked meanwhile.
+            link.process.close()
         if not link.channel.closed:
             link.channel.drain()   # replies the worker sent before it exited
             link.channel.close()
