@@ -44,6 +44,10 @@ setup(
             'sphinx',
             'gunicorn',
             'mypy',
+            # the server recipes examples/server_flask.py and server_uwsgi.py, run by
+            # tests/test_servers.py; uWSGI builds from source with a C compiler
+            'flask',
+            'uwsgi',
         ],
         'dask': ['distributed'],
         'bench': ['aiomultiprocess', 'matplotlib'],

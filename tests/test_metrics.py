@@ -19,7 +19,7 @@ import pytest
 import statsd
 
 import looppool
-from conftest import run, wait_until
+from conftest import run, skip_unless_ci, wait_until
 from looppool.utility import ResourceReporter
 from workers import Chatty, ClassicBroken, Echo, SelfTitled
 
@@ -30,7 +30,8 @@ ROOT = os.path.dirname(looppool.__path__[0])
 
 class Flood(looppool.Worker):
     """Logs a burst of large records on request; every reply is the worker's clock when it
-    started on the message."""
+    started on the message. ``('stamp', path)`` also sends a datagram to the Unix socket at
+    ``path`` once it is handled."""
 
     async def handle(self, message: Any) -> float:
         started = time.monotonic()   # CLOCK_MONOTONIC: one clock for every process
@@ -40,6 +41,9 @@ class Flood(looppool.Worker):
             padding = 'x' * size   # an attribute, not the message: keeps pytest's log small
             for index in range(count):
                 logger.warning('record %d', index, extra={'padding': padding})
+        elif message[1:]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as done:
+                done.sendto(b'done', message[1])
         return started
 
 
@@ -188,19 +192,23 @@ def test_worker_log_records_reach_the_parents_handlers(method: str) -> None:
         async def main() -> None:
             async with looppool.Pool(pool_size=2, worker_class=Chatty,
                                      mp_context=method) as pool:
-                pids = [await pool.submit(('pid',) and 'hello', worker_num=n) for n in (0, 1)]
-                assert pids == ['hello', 'hello']
+                replies = [await pool.submit('hello', worker_num=n) for n in (0, 1)]
+                assert replies == ['hello', 'hello']
+                pids.update((w['number'], w['pid']) for w in pool.stats()['workers'])
                 assert await pool.submit('fail') == 'logged'
                 await wait_until(lambda: len(records) >= 3, what='three records')
 
+        pids: dict[int, int] = {}   # worker number: pid
         run(main())
     finally:
         logger.removeHandler(handler)
     warnings = [r for r in records if r.levelno == logging.WARNING]
     assert sorted(r.getMessage() for r in warnings) == [
         'handled hello in worker 0', 'handled hello in worker 1']
-    assert {r.worker_number for r in warnings} == {0, 1}
-    assert all(r.worker_pid != os.getpid() and r.process == r.worker_pid for r in warnings)
+    # Each record names the worker that logged it, by number and pid.
+    assert sorted((r.worker_number, r.worker_pid) for r in warnings) == sorted(pids.items())
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    assert all(r.process == r.worker_pid for r in records)
     assert all(r.name == 'app.worker' for r in records)
     error = [r for r in records if r.levelno == logging.ERROR]
     assert len(error) == 1
@@ -247,49 +255,61 @@ def test_records_of_a_logger_that_does_not_propagate_still_reach_its_handler() -
     assert not above   # propagate=False still holds in the parent
 
 
-# A parent handler that takes this long per record, for this many records of this size:
-# 12 MB, more than the channel's socket buffer holds (the kernel doubles the 4 MiB asked
-# for), so a worker that waited for the parent, at the socket or otherwise, would be held
-# for seconds.
-SLOW_HANDLER_SECONDS = 0.3
+# This many records of this size: 12 MB, more than the channel's socket buffers hold (the
+# kernel doubles the 4 MiB asked for), so a worker that waited for the parent, at the
+# socket or otherwise, would be held for as long as the parent's handler is.
 FLOOD_RECORDS = 30
 FLOOD_RECORD_SIZE = 400_000
-# 200 trivial replies take milliseconds; waiting on the slow handler for even four of the
-# records would take longer than this.
-QUICK_REPLIES_BOUND = 1.0
+QUICK_MESSAGES = 200
+# How long the parent's handler waits, at most, for the worker to answer every quick
+# message while the handler holds the parent's loop.
+STUCK_HANDLER_SECONDS = 30
 
 
-def test_a_slow_parent_handler_never_blocks_the_workers_loop() -> None:
+def test_a_slow_parent_handler_never_blocks_the_workers_loop(tmp_path) -> None:
+    """The parent's handler is stuck on the first of the records a worker floods it with (a
+    handler stuck on a slow disk or network), and with it the parent's loop, where it runs.
+    Meanwhile the worker logs the rest and answers every other message at its own speed:
+    the handler gets out only once the last of those messages was handled, which the worker
+    tells it on a socket of their own."""
     handled: list[tuple[float, str, int]] = []
+    released: list[bool] = []   # whether the worker told the stuck handler, in time
+    gate = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gate.bind(str(tmp_path / 'gate'))
 
-    class Slow(logging.Handler):
+    class Stuck(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            time.sleep(SLOW_HANDLER_SECONDS)   # a handler stuck on a slow disk or network
+            if not released:
+                readable, _, _ = select.select([gate], [], [], STUCK_HANDLER_SECONDS)
+                released.append(bool(readable))
             handled.append((time.monotonic(), record.getMessage(), len(record.padding)))
 
-    handler = Slow()
+    handler = Stuck()
     logger = logging.getLogger('app.flood')
     logger.addHandler(handler)
     try:
         async def main() -> tuple[float, list[float]]:
             async with looppool.Pool(pool_size=1, worker_class=Flood) as pool:
                 flood = pool.submit(('log', FLOOD_RECORDS, FLOOD_RECORD_SIZE))
-                quick = [pool.submit(('stamp',)) for _ in range(200)]
+                quick = [pool.submit(('stamp',)) for _ in range(QUICK_MESSAGES - 1)]
+                quick.append(pool.submit(('stamp', str(tmp_path / 'gate'))))
                 flood_started, *stamps = await asyncio.gather(flood, *quick)
                 await wait_until(lambda: len(handled) == FLOOD_RECORDS, timeout=30,
-                                 what='every record to reach the slow handler')
+                                 what='every record to reach the handler')
             return flood_started, stamps
 
         flood_started, stamps = run(main())
     finally:
         logger.removeHandler(handler)
-    # The worker logged and then answered the 200 messages at its own speed, while the
-    # parent was still in its handler...
-    assert max(stamps) - flood_started < QUICK_REPLIES_BOUND, max(stamps) - flood_started
-    assert stamps == sorted(stamps)
-    # ... before the parent had handled even half of the records.
-    assert max(stamps) < handled[FLOOD_RECORDS // 2][0]
-    # And no record was lost or reordered on the way.
+        gate.close()
+    # The worker logged, then handled every quick message, in order, while the parent was
+    # still in its handler of the first record...
+    assert released == [True], (
+        f'the worker did not handle {QUICK_MESSAGES} messages within '
+        f'{STUCK_HANDLER_SECONDS} s while the parent was in a log handler')
+    assert flood_started <= stamps[0] and stamps == sorted(stamps)
+    assert max(stamps) < handled[0][0]
+    # ... and no record was lost or reordered on the way.
     assert [(message, size) for _, message, size in handled] == [
         (f'record {index}', FLOOD_RECORD_SIZE) for index in range(FLOOD_RECORDS)]
 
@@ -444,31 +464,33 @@ REPORTER_GAUGES = ('cpu', 'rss', 'maxrss', 'ioloop.handler', 'ioloop.callback',
                    'ioloop.timeout', 'ioloop.lag')
 
 
-@pytest.mark.skipif(shutil.which('node') is None,
-                    reason='Node.js is not installed, so the reference statsd daemon '
-                           '(npm statsd 0.9) cannot run')
-@pytest.mark.skipif(_statsd_daemon() is None,
-                    reason='the reference statsd daemon is not installed: run '
-                           '`npm install --no-save --prefix .npm statsd@0.9.0` (scripts/test.sh '
-                           'does)')
 def test_the_reference_statsd_daemon_parses_and_aggregates_our_metrics(tmp_path) -> None:
+    if shutil.which('node') is None:
+        skip_unless_ci('Node.js is not installed, so the reference statsd daemon (npm statsd '
+                       '0.9) cannot run')
     daemon_path = _statsd_daemon()
-    assert daemon_path is not None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(('127.0.0.1', 0))
-        port = probe.getsockname()[1]
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        mgmt_port = probe.getsockname()[1]
-    config = tmp_path / 'config.js'
-    config.write_text(json.dumps({
-        'address': '127.0.0.1', 'port': port, 'mgmt_address': '127.0.0.1',
-        'mgmt_port': mgmt_port, 'flushInterval': 300, 'backends': ['./backends/console'],
-        'console': {'prettyprint': False}, 'deleteIdleStats': True,
-    }))
-    daemon = subprocess.Popen(['node', daemon_path, str(config)],
-                              cwd=os.path.dirname(daemon_path), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+    if daemon_path is None:
+        skip_unless_ci('the reference statsd daemon is not installed: run `npm install '
+                       '--no-save --prefix .npm statsd@0.9.0` (scripts/test.sh does)')
+    # statsd 0.9 takes port 0 for its default (8125), so no free port can be asked of it;
+    # and a port found free here could be taken before the daemon binds it. So the daemon
+    # gets a socket bound here (Node's dgram binds to {fd: ...}: an open socket), and its
+    # management interface listens on a Unix socket (net's listen(path)), not on a port.
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        udp.bind(('127.0.0.1', 0))
+        port = udp.getsockname()[1]
+        config = tmp_path / 'config.js'
+        config.write_text(json.dumps({
+            'port': {'fd': udp.fileno()}, 'mgmt_port': str(tmp_path / 'mgmt.sock'),
+            'flushInterval': 300, 'backends': ['./backends/console'],
+            'console': {'prettyprint': False}, 'deleteIdleStats': True,
+        }))
+        daemon = subprocess.Popen(['node', daemon_path, str(config)],
+                                  cwd=os.path.dirname(daemon_path), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, pass_fds=[udp.fileno()])
+    finally:
+        udp.close()   # the daemon has its own copy
     try:
         assert daemon.stdout is not None
         output = DaemonOutput(daemon.stdout)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import multiprocessing.forkserver
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -71,9 +73,27 @@ def test_public_names() -> None:
     assert sorted(looppool.__all__) == sorted([
         'LooppoolError', 'Pool', 'PoolClosed', 'Worker', 'WorkerLost', 'WorkerStartError',
         '__version__', 'connect', 'connect_sync', 'serve', 'shared', 'task_done'])
-    assert looppool.serve is looppool.remote.serve
-    for name in looppool.__all__:
-        assert getattr(looppool, name) is not None
+    # Each name is the object of the module that defines it, not a stand-in.
+    assert {name: getattr(looppool, name) for name in looppool.__all__} == {
+        'LooppoolError': looppool.errors.LooppoolError,
+        'Pool': looppool.pool.Pool,
+        'PoolClosed': looppool.errors.PoolClosed,
+        'Worker': looppool.worker.Worker,
+        'WorkerLost': looppool.errors.WorkerLost,
+        'WorkerStartError': looppool.errors.WorkerStartError,
+        '__version__': looppool._version.__version__,
+        'connect': looppool.remote.connect,
+        'connect_sync': looppool.remote.connect_sync,
+        'serve': looppool.remote.serve,
+        'shared': looppool.remote.shared,
+        'task_done': looppool.worker.task_done,
+    }
+    for name in ('PoolClosed', 'WorkerLost', 'WorkerStartError'):
+        assert issubclass(getattr(looppool, name), looppool.LooppoolError), name
+    assert issubclass(looppool.LooppoolError, Exception)
+    # The version is the one the package was installed as.
+    assert re.fullmatch(r'\d+\.\d+\.\d+(\.?(a|b|rc|dev|post)\d+)?', looppool.__version__)
+    assert importlib.metadata.version('looppool') == looppool.__version__
 
 
 @pytest.mark.parametrize('method', ['fork', 'forkserver', 'spawn'])
@@ -346,25 +366,30 @@ def test_a_slow_process_message_slows_put_nowait_down_without_losing_results() -
     run(main())
 
 
-def test_looppool_styles_reply_and_put_results() -> None:
-    for worker_class in (Classic, ClassicAsync, ClassicPlain):
-        results: list = []
+# Each Looppool 0.3 style worker, and what its _process_message returns: submit()'s reply.
+@pytest.mark.parametrize('worker_class, reply', [
+    (Classic, None),         # a gen.coroutine that returns nothing
+    (ClassicAsync, 'y'),     # an async def that returns the message
+    (ClassicPlain, None),    # a plain function that returns nothing
+], ids=['gen-coroutine', 'async-def', 'plain'])
+def test_looppool_styles_reply_and_put_results(worker_class: type, reply: Any) -> None:
+    results: list = []
 
-        @looppool.task_done
-        def process_message(result, result_done) -> None:
-            results.append(result)
+    @looppool.task_done
+    def process_message(result, result_done) -> None:
+        results.append(result)
 
-        async def main() -> None:
-            pool = looppool.Pool(None, 2, worker_class)
-            pool.process_message = process_message
-            pool.start()
-            await pool.put('x')
-            reply = await pool.submit('y')
-            assert reply in (None, 'y')
-            await pool.stop()
+    async def main() -> None:
+        pool = looppool.Pool(None, 2, worker_class)
+        pool.process_message = process_message
+        pool.start()
+        await pool.put('x')
+        got = await pool.submit('y')
+        assert got == reply and type(got) is type(reply)
+        await pool.stop()
 
-        run(main())
-        assert sorted(r[0] for r in results) == ['x', 'y'], worker_class
+    run(main())
+    assert sorted(r[0] for r in results) == ['x', 'y']
 
 
 def test_stop_called_without_await_delivers_every_result() -> None:
