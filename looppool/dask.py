@@ -75,7 +75,7 @@ except ImportError as _import_error:  # pragma: no cover - exercised without the
 from . import protocol
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .protocol import dumps, loads
-from .worker import Worker, start_coroutine
+from .worker import Worker, start_coroutine, worker_arguments
 
 __all__ = ['DaskPool']
 
@@ -107,8 +107,10 @@ class _Host:
     ``put_result`` (for ``_put_nowait``) and ``task_done``.
     """
 
-    def __init__(self, class_blob: bytes, number: int, result_credit: int) -> None:
+    def __init__(self, class_blob: bytes, arguments_blob: bytes, number: int,
+                 result_credit: int) -> None:
         self.class_blob = class_blob
+        self.arguments_blob = arguments_blob   # pickled (worker_args, worker_kwargs)
         self.number = number
         self.credit = result_credit
         self.pid = os.getpid()
@@ -139,12 +141,14 @@ class _Host:
         """
         try:
             cls = pickle.loads(self.class_blob)
+            args, kwargs = pickle.loads(self.arguments_blob)
         except BaseException as exc:
-            return ('failed',
-                    f'its worker class could not be loaded on this Dask worker: {exc!r}',
-                    traceback.format_exc())
+            return ('failed', f'its worker class or worker_args could not be loaded on '
+                              f'this Dask worker: {exc!r}', traceback.format_exc())
+        step = f'{cls.__qualname__}(*worker_args, **worker_kwargs)'
         try:
-            worker = cls()
+            worker = cls(*args, **kwargs)
+            step = 'its _initialise()'
             worker._number = self.number
             worker._ioloop = tornado.ioloop.IOLoop.current()
             # A Worker reaches its runner only through put_result() and task_done().
@@ -155,9 +159,10 @@ class _Host:
             result = worker._initialise()
             if inspect.isawaitable(result):
                 await result
+            step = 'its start()'
             worker.start()
         except BaseException:
-            return ('failed', 'its _initialise() raised', traceback.format_exc())
+            return ('failed', f'{step} raised', traceback.format_exc())
         for payload in sticky:
             self.start_task(_REPLAYED, payload, False)
         return ('ready', self.pid, socket.gethostname())
@@ -499,7 +504,13 @@ class DaskPool:
     :param worker_class: a :class:`~looppool.Worker` subclass. It must be loadable on the
         cluster: defined in a module the Dask workers can import, or sent by value
         (classes defined in ``__main__`` or inside a function are, automatically; for a
-        module, ``cloudpickle.register_pickle_by_value(module)``).
+        module, ``cloudpickle.register_pickle_by_value(module)``). Each actor makes its
+        worker as ``worker_class(*worker_args, **worker_kwargs)``.
+    :param worker_args: a tuple of positional arguments for ``worker_class``, and
+    :param worker_kwargs: a dict of keyword arguments for it; both checked against its
+        signature and pickled (with cloudpickle) here, once, for every actor and every
+        re-created one. A :class:`TypeError` naming the parameter says if they do not fit
+        the class or cannot be pickled.
     :param pool_size: the number of actors (worker numbers); ``None`` means one per Dask
         worker running when the pool starts.
     :param max_in_flight: actor calls in flight at once across the pool; each worker number
@@ -527,6 +538,7 @@ class DaskPool:
     """
 
     def __init__(self, client: Any, worker_class: type[Worker], *,
+                 worker_args: tuple[Any, ...] = (), worker_kwargs: dict[str, Any] | None = None,
                  pool_size: int | None = None, max_in_flight: int = 64,
                  timeout: float | None = None, max_tasks: int = 4096,
                  max_results: int = 4096, max_batch: int = 1000,
@@ -553,6 +565,8 @@ class DaskPool:
         except Exception as exc:
             raise TypeError(f'worker_class {worker_class.__qualname__} cannot be pickled to '
                             f'send it to the cluster: {exc!r}') from exc
+        self._arguments_blob = worker_arguments(worker_class, worker_args, worker_kwargs,
+                                                cloudpickle.dumps)
 
         self._client = client
         self._worker_class = worker_class
@@ -1231,7 +1245,8 @@ class DaskPool:
                 'client\'s, in every Dask worker\'s environment') from None
         _check_abandoned(link)
         link.key = f'{self._name}-{link.number}-{link.serial}'
-        future = client.submit(_Host, self._class_blob, link.number, self._result_share,
+        future = client.submit(_Host, self._class_blob, self._arguments_blob, link.number,
+                               self._result_share,
                                key=link.key, workers=[address], allow_other_workers=False,
                                actor=True, pure=False)
         link.future = future

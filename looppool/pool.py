@@ -62,7 +62,7 @@ from .channel import Channel, socketpair
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .metrics import PoolMetrics
 from .protocol import dumps, loads
-from .worker import Worker, worker_main
+from .worker import Worker, worker_arguments, worker_main
 
 __all__ = ['Pool']
 
@@ -93,6 +93,8 @@ _OPTIONS = {
     'forward_logs': True,
     'statsd_prefix': 'looppool',
     'statsd_interval': 10.0,
+    'worker_args': (),
+    'worker_kwargs': None,
 }
 
 # Parent-side channel descriptors of every live worker of every pool in this process. A
@@ -202,7 +204,7 @@ class _Link:
         self.used = 0
         self.acks = 0
         self.ready = False
-        self.start_error: str | None = None
+        self.start_error: tuple[str, str] | None = None   # (what raised, traceback text)
         self.stop_sent = False
         self.exited = False
         self.kill_reason: str | None = None
@@ -259,7 +261,14 @@ class Pool:
     :param pool_size: the number of worker processes; ``None`` means the number of CPUs
         this process may use.
     :param worker_class: a :class:`~looppool.Worker` subclass, instantiated once in every
-        worker process.
+        worker process, as ``worker_class(*worker_args, **worker_kwargs)``.
+    :param worker_args: a tuple of positional arguments for ``worker_class`` (default
+        none), and
+    :param worker_kwargs: a dict of keyword arguments for it (default none). Both are
+        checked against the class's signature and pickled here, once: every worker, and
+        every replacement of one, is made with its own copy of them as they are now,
+        under every start method. A :class:`TypeError` naming the parameter says if they
+        do not fit the class or cannot be pickled.
     :param max_tasks: tasks sent and not yet done, across the pool; each worker takes at
         most its share (``max_tasks // pool_size``, at least 1) at once.
     :param max_results: results sent with ``_put_nowait`` and not yet acknowledged with
@@ -330,6 +339,8 @@ class Pool:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
         self._mp_context = _resolve_context(self._options['mp_context'])
+        self._worker_arguments = worker_arguments(worker_class, self._options['worker_args'],
+                                                  self._options['worker_kwargs'])
 
         self.pool_size: int = pool_size
         self._ioloop_arg = ioloop
@@ -1190,8 +1201,8 @@ class Pool:
             elif kind == protocol.START_FAILED:
                 try:
                     link.start_error = loads(payload)
-                except BaseException:  # pragma: no cover - the text is a plain str
-                    link.start_error = '(the start-up traceback could not be read)'
+                except BaseException:  # pragma: no cover - two plain strs
+                    link.start_error = ('its start', '(the traceback could not be read)')
         if completed:
             self._counts['completed'] += completed
         if freed:
@@ -1393,6 +1404,7 @@ class Pool:
             forward_logs=bool(self._options['forward_logs']),
             batch_replies=self._batch_replies,
             cancel_grace=self._options['cancel_grace'],
+            worker_arguments=self._worker_arguments,
         )
         link = _Link(slot.number)
         process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
@@ -1664,7 +1676,7 @@ class Pool:
             log.error('worker %d: the replacement started to recycle it (pid %d) %s; the '
                       'worker goes on serving, and the recycle is tried again in %.1f s%s',
                       slot.number, link.pid, _how_it_ended(exitcode), delay,
-                      f'\n{link.start_error}' if link.start_error else '')
+                      f'\n{link.start_error[1]}' if link.start_error else '')
         elif not link.ready:
             self._start_failed(slot, link, exitcode, lost)
         elif not (link.stop_sent and exitcode == 0):
@@ -1709,9 +1721,9 @@ class Pool:
 
     def _start_failed(self, slot: _Slot, link: _Link, exitcode: int | None,
                       lost: list[_TaskFuture]) -> None:
-        traceback_text = link.start_error or ''
+        step, traceback_text = link.start_error or ('', '')
         if traceback_text:
-            what = f'could not start: its _initialise() raised\n{traceback_text}'
+            what = f'could not start: {step} raised\n{traceback_text}'
         elif exitcode is not None and exitcode < 0:
             # Killed from outside while it started (in _initialise, or before): not a
             # problem with the program's main module.

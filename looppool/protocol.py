@@ -102,3 +102,4 @@ class WorkerConfig(NamedTuple):
     forward_logs: bool
     cancel_grace: float
     batch_replies: bool
+    worker_arguments: bytes   # pickled (worker_args, worker_kwargs): see worker_arguments()

@@ -35,12 +35,12 @@ import threading
 import traceback
 import types
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import tornado.ioloop
 
 from . import eager, protocol
-from .channel import Channel
+from .channel import Channel, _ignore
 from .protocol import dumps, loads
 
 __all__ = ['Worker', 'task_done']
@@ -203,6 +203,56 @@ class Worker:
         if runner is None:
             raise RuntimeError('this Worker is not running in a looppool worker process')
         return runner
+
+
+def worker_arguments(worker_class: type[Worker], worker_args: Any, worker_kwargs: Any,
+                     pickle_with: Callable[[Any], bytes] = dumps) -> bytes:
+    """Check the arguments every worker is made with, ``worker_class(*worker_args,
+    **worker_kwargs)``, and pickle them, once for the whole life of a pool: every worker
+    and every replacement unpickles its own copy of them as they were now.
+
+    :raises TypeError: naming the parameter, if ``worker_args`` is not a tuple or list,
+        ``worker_kwargs`` not a dict with str keys (or ``None``), the class does not take
+        them, or one of them cannot be pickled.
+    """
+    if not isinstance(worker_args, (tuple, list)):
+        raise TypeError(f'worker_args must be a tuple of positional arguments for '
+                        f'{worker_class.__qualname__}(), got {type(worker_args).__qualname__}')
+    if worker_kwargs is None:
+        worker_kwargs = {}
+    elif not (isinstance(worker_kwargs, dict) and all(isinstance(key, str)
+                                                      for key in worker_kwargs)):
+        raise TypeError(f'worker_kwargs must be a dict of keyword arguments for '
+                        f'{worker_class.__qualname__}() or None, got {worker_kwargs!r}')
+    args, kwargs = tuple(worker_args), dict(worker_kwargs)
+    try:
+        signature: inspect.Signature | None = inspect.signature(worker_class)
+    except (TypeError, ValueError):   # pragma: no cover - a class without a signature
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            signature = signature.replace(   # the names are enough here
+                parameters=[parameter.replace(annotation=parameter.empty)
+                            for parameter in signature.parameters.values()],
+                return_annotation=signature.empty)
+            raise TypeError(
+                f'{worker_class.__qualname__}{signature} cannot be called with '
+                f'worker_args ({len(args)} positional) and worker_kwargs '
+                f'({", ".join(kwargs) or "none"}): {exc}') from None
+    try:
+        return pickle_with((args, kwargs))
+    except Exception as exc:
+        # Which one: the other pickles alone (a message names one parameter, not both).
+        try:
+            pickle_with(args)
+        except Exception:
+            name = 'worker_args'
+        else:
+            name = 'worker_kwargs'
+        raise TypeError(f'{name} cannot be pickled, and every worker gets its own pickled '
+                        f'copy of them: {exc!r}') from exc
 
 
 class _Runner:
@@ -852,7 +902,13 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     asyncio.set_event_loop(loop)
     io_loop = tornado.ioloop.IOLoop.current()
 
-    worker = worker_class()
+    try:
+        args, kwargs = loads(config.worker_arguments)
+        worker = worker_class(*args, **kwargs)
+    except BaseException:
+        # Nothing to run yet: a bare channel carries the traceback to the pool.
+        _fail_start(Channel(sock, loop, _ignore, _ignore), sock,
+                    f'{worker_class.__qualname__}(*worker_args, **worker_kwargs)')
     worker._number = config.number
     worker._ioloop = io_loop
     runner = _Runner(worker, sock, loop, config)
@@ -861,17 +917,15 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
         _forward_logs(runner, config)
     if sys.platform.startswith('linux'):
         _on_parent_death(runner)
+    step = 'its _initialise()'
     try:
         result = worker._initialise()
         if inspect.isawaitable(result):
             loop.run_until_complete(_await(result))
+        step = 'its start()'
         worker.start()
     except BaseException:
-        text = traceback.format_exc()
-        runner.channel.send(protocol.START_FAILED, os.getpid(), dumps(text))
-        _flush_blocking(runner.channel, sock)
-        sys.stderr.flush()
-        os._exit(3)
+        _fail_start(runner.channel, sock, step)
     runner.channel.send(protocol.READY, os.getpid())
     exit_code = 0
     try:
@@ -894,6 +948,14 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
             loop.close()
     if exit_code:
         sys.exit(exit_code)
+
+
+def _fail_start(channel: Channel, sock: socket.socket, step: str) -> NoReturn:
+    """Tell the pool that ``step`` raised the exception being handled, and exit."""
+    channel.send(protocol.START_FAILED, os.getpid(), dumps((step, traceback.format_exc())))
+    _flush_blocking(channel, sock)
+    sys.stderr.flush()
+    os._exit(3)
 
 
 class _LogForwarder(logging.Handler):

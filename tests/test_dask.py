@@ -40,7 +40,7 @@ import looppool  # noqa: E402
 from conftest import run, wait_for, wait_until  # noqa: E402
 from looppool.dask import DaskPool  # noqa: E402
 from looppool.errors import RemoteTraceback  # noqa: E402
-from workers import Classic, Echo, FailingStart  # noqa: E402
+from workers import Classic, Configured, Echo, FailingStart  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -377,6 +377,21 @@ def test_a_failing_initialise_raises_worker_start_error(backend: Any) -> None:
     run(main())
 
 
+def test_workers_are_made_with_worker_args_and_worker_kwargs(backend: Any) -> None:
+    async def main() -> None:
+        async with backend.pool(Configured, worker_args=({'rows': [1]},),
+                                worker_kwargs={'scale': 3}) as pool:
+            replies = await pool.broadcast('ask')
+            assert [(r['number'], r['scale'], r['table']) for r in replies] == [
+                (0, 3, {'rows': [1]}), (1, 3, {'rows': [1]})]
+        with pytest.raises(looppool.WorkerStartError,
+                           match=r'Configured\(\*worker_args, \*\*worker_kwargs\) raised'):
+            async with backend.pool(Configured, worker_args=({},),
+                                    worker_kwargs={'scale': -1}):
+                pass   # pragma: no cover
+    run(main())
+
+
 def test_a_stopped_pool_refuses_messages(backend: Any) -> None:
     async def main() -> None:
         async with backend.pool(Echo) as pool:
@@ -592,6 +607,12 @@ def test_bad_arguments_are_named(local_cluster: str) -> None:
                     DaskPool(client, Echo, **{name: value})
             with pytest.raises(ValueError, match='timeout must be a positive'):
                 DaskPool(client, Echo, timeout=0)
+            with pytest.raises(TypeError, match=r'Configured\(table, \*, scale=1\) cannot be '
+                                                r'called with worker_args \(0 positional\)'):
+                DaskPool(client, Configured)
+            with pytest.raises(TypeError, match='worker_kwargs cannot be pickled'):
+                DaskPool(client, Configured, worker_args=({},),
+                         worker_kwargs={'scale': (_ for _ in ())})
             pool = DaskPool(client, Echo)
             with pytest.raises(RuntimeError, match='start the pool first'):
                 pool.submit(1)

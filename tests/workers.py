@@ -211,3 +211,36 @@ class Tagger(looppool.Worker):
             await asyncio.sleep(0.01)
             return found, _tag.get()
         return found
+
+
+class Configured(looppool.Worker):
+    """Made with arguments, as ``Pool(worker_args=(table,), worker_kwargs={'scale': 2})``
+    makes it: ``Configured(table, *, scale=1)``."""
+
+    def __init__(self, table: dict[str, Any], *, scale: int = 1) -> None:
+        if scale < 0:
+            raise ValueError(f'scale must not be negative, got {scale}')
+        self.table = table
+        self.scale = scale
+
+    async def handle(self, message: Any) -> Any:
+        if message == 'mutate':
+            self.table['changed by'] = self._number   # this process's copy only
+        return {'table': self.table, 'scale': self.scale, 'number': self._number,
+                'pid': os.getpid()}
+
+
+class CountsPickles:
+    """Counts, in the process that pickles it, how often it was pickled."""
+
+    pickled = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        type(self).pickled += 1
+        return (CountsPickles, ())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CountsPickles)
+
+    def __hash__(self) -> int:
+        return 0
