@@ -18,12 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SHORT = {
-    'looppool_submit': 'looppool\nsubmit',
-    'looppool_map': 'looppool\nmap',
-    'looppool_put_nowait': 'looppool\nput_nowait',
-    'looppool_remote': 'looppool\nremote',
-    'process_pool_executor': 'Process\nPoolExecutor',
-    'aiomultiprocess_pool': 'aiomulti-\nprocess',
+    'looppool_submit': 'looppool submit',
+    'looppool_map': 'looppool map',
+    'looppool_put_nowait': 'looppool put_nowait',
+    'looppool_remote': 'looppool remote',
+    'process_pool_executor': 'ProcessPoolExecutor',
+    'process_pool_executor_map': 'ProcessPoolExecutor map',
+    'aiomultiprocess_pool': 'aiomultiprocess',
+    'aiomultiprocess_fork': 'aiomultiprocess fork',
     'ceiling': 'ceiling',
 }
 COLOURS = {
@@ -31,7 +33,9 @@ COLOURS = {
     'looppool_map': '#08306b',
     'looppool_put_nowait': '#6baed6',
     'process_pool_executor': '#9467bd',
+    'process_pool_executor_map': '#3f007d',
     'aiomultiprocess_pool': '#ff7f0e',
+    'aiomultiprocess_fork': '#fdae6b',
     'ceiling': '#7f7f7f',
 }
 
@@ -54,7 +58,7 @@ PANELS = [
 def render(results, path):
     summary = results['summary']
     names = [name for name in results['peers'] if name in summary]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 10))
     axes = axes.ravel()
     for ax, (workload, fields, title, log, better) in zip(axes, PANELS):
         panel(ax, summary, names, workload, fields, log)
@@ -84,6 +88,8 @@ def render(results, path):
 
 
 def panel(ax, summary, names, workload, fields, log):
+    # Only the peers that ran this workload (some run only a few), so no empty slots.
+    names = [name for name in names if workload in summary[name]]
     width = 0.8 / len(fields)
     for index, (field, label) in enumerate(fields):
         xs, heights, colours = [], [], []
@@ -106,7 +112,9 @@ def panel(ax, summary, names, workload, fields, log):
             ax.annotate(number(value), (bar.get_x() + bar.get_width() / 2, value),
                         ha='center', va='bottom', fontsize=7)
     ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([SHORT.get(name, name) for name in names], fontsize=8)
+    # Slanted: up to nine names side by side would overlap if written straight.
+    ax.set_xticklabels([SHORT.get(name, name) for name in names], fontsize=7.5, rotation=35,
+                       ha='right', rotation_mode='anchor')
     # Head room above the bars for their labels and the legend.
     if log:
         ax.set_yscale('log')
@@ -134,11 +142,11 @@ def info_panel(ax, results):
              'bars are medians of the repetitions.', '']
     for peer in results['peers'].values():
         lines.append(f'{peer["label"]} (start method {peer.get("start_method", "?")}):')
-        lines.extend(textwrap.wrap(peer.get('notes', ''), 58, initial_indent='  ',
+        lines.extend(textwrap.wrap(peer.get('notes', ''), 70, initial_indent='  ',
                                    subsequent_indent='  '))
     lines.append('')
-    lines.extend(textwrap.wrap(f'command: {results["command"]}', 58))
-    ax.text(0, 1, '\n'.join(lines), va='top', fontsize=7.5, family='monospace',
+    lines.extend(textwrap.wrap(f'command: {results["command"]}', 70))
+    ax.text(0, 1, '\n'.join(lines), va='top', fontsize=6.5, family='monospace',
             transform=ax.transAxes)
 
 

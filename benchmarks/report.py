@@ -33,6 +33,16 @@ TARGETS = [
 LOOPPOOL = ('looppool_submit', 'looppool_map')
 REFERENCE = ('looppool_put_nowait',)
 
+# The two bulk calls side by side: looppool's map() against ProcessPoolExecutor's own
+# Executor.map with its best chunk size, on the workloads that send bursts, as (workload,
+# field, 'more' or 'less' is better). Printed as ratios with no target: none is set yet.
+BULK = ('looppool_map', 'process_pool_executor_map')
+BULK_FIELDS = [
+    ('W1', 'msg_per_s', 'more'),
+    ('W3', 'seconds', 'less'),
+    ('W6', 'speedup_2', 'more'),
+]
+
 
 def brief(workload, record):
     """A few words about one repetition, for the progress line."""
@@ -117,6 +127,7 @@ def render(results):
 
     lines.extend(notes(results, summary, names, labels))
     lines.extend(targets(summary, names))
+    lines.extend(bulk(summary, names, labels))
     return '\n'.join(lines) + '\n'
 
 
@@ -179,6 +190,29 @@ def targets(summary, names):
     if reference:
         lines.append('The Looppool 0.3 path against the same figures, for reference:')
         lines.extend(reference)
+        lines.append('')
+    return lines
+
+
+def bulk(summary, names, labels):
+    """looppool map() against the executor's map(): ratios, no targets."""
+    mine, other = BULK
+    if mine not in names or other not in names:
+        return []
+    lines = []
+    for workload, field, better in BULK_FIELDS:
+        ours, theirs = (figure(summary, mine, workload, field),
+                        figure(summary, other, workload, field))
+        if ours is None or not theirs:
+            continue
+        ratio = ours / theirs
+        # Two decimals, or two significant digits for a ratio far below one (W3's).
+        shown = f'{ratio:7.2f}' if ratio >= 0.1 else f'{ratio:7.2g}'
+        lines.append(f'{mine:<20} {workload} {field:<10} {shown}x {other:<26} '
+                     f'({better} is better)')
+    if lines:
+        lines.insert(0, f'Bulk calls, {labels[mine]} / {labels[other]}, medians of this run '
+                        '(no target set):')
         lines.append('')
     return lines
 

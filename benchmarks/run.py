@@ -100,8 +100,11 @@ class Progress:
 # runs it backwards, so looppool submit() is measured right before or right after the
 # ceiling each time: the machine's speed drifts over minutes, and a ratio of two figures
 # taken a minute apart measures the drift as much as the peers.
+# The two bulk calls, looppool's map() and the executor's map(), are compared with each
+# other, so they are neighbours too.
 MEASURE_ORDER = ('ceiling', 'looppool_submit', 'looppool_put_nowait', 'looppool_map',
-                 'looppool_remote', 'aiomultiprocess_pool', 'process_pool_executor')
+                 'process_pool_executor_map', 'looppool_remote', 'aiomultiprocess_pool',
+                 'aiomultiprocess_fork', 'process_pool_executor')
 
 
 def plan(args, mode):

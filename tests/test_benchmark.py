@@ -24,12 +24,24 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
         capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / 'latest.json').read_text())
-    assert set(results['peers']) >= {'looppool_submit', 'looppool_put_nowait',
+    assert set(results['peers']) >= {'looppool_submit', 'looppool_map', 'looppool_put_nowait',
                                      'looppool_remote', 'process_pool_executor',
-                                     'aiomultiprocess_pool', 'ceiling'}
+                                     'process_pool_executor_map', 'aiomultiprocess_pool',
+                                     'aiomultiprocess_fork', 'ceiling'}
+    # The peers that run only some workloads ran exactly those.
+    ran = {(run['peer'], run['workload']) for run in results['runs']}
+    for peer in ('looppool_map', 'process_pool_executor_map'):
+        assert {w for p, w in ran if p == peer} == {'W1', 'W3', 'W6'}, peer
+    assert {w for p, w in ran if p == 'aiomultiprocess_fork'} == {'W5', 'MEM'}
+    assert results['peers']['aiomultiprocess_pool']['start_method'] == 'spawn'
+    assert results['peers']['aiomultiprocess_fork']['start_method'] == 'fork'
     table = (tmp_path / 'latest.txt').read_text()
     for column in ('W1 msg/s', 'W2 p50 us', 'W3 s', 'W4 MiB/s', 'W5 start ms', 'RSS MiB'):
         assert column in table
+    # looppool's map() against the executor's own bulk call, as a ratio under the table
+    assert 'Bulk calls, looppool map() / ProcessPoolExecutor map()' in table
+    assert re.search(r'looppool_map +W1 msg_per_s +\d+\.\d+x process_pool_executor_map',
+                     table), table
     assert (tmp_path / 'latest.png').stat().st_size > 10_000   # the plot was drawn
     assert '[' in done.stderr   # progress lines went to stderr while it ran
 

@@ -22,14 +22,20 @@ PEERS = {
     'looppool_put_nowait': 'looppool put_nowait()',
     'looppool_remote': 'looppool remote submit()',
     'process_pool_executor': 'ProcessPoolExecutor',
+    'process_pool_executor_map': 'ProcessPoolExecutor map()',
     'aiomultiprocess_pool': 'aiomultiprocess.Pool',
+    'aiomultiprocess_fork': 'aiomultiprocess.Pool, fork',
     'ceiling': 'ceiling (hand-written)',
 }
 
-# Peers that run only some workloads: the map() peer differs from the submit() one only
-# where a burst is sent (call_many); elsewhere it would measure submit() again.
+# Peers that run only some workloads. The bulk peers (looppool's map(), the executor's
+# map()) differ from their one-at-a-time peers only where a burst is sent (call_many);
+# elsewhere they would measure submit() or run_in_executor again. aiomultiprocess under fork
+# differs from its default (spawn) only in how its workers start.
 ONLY = {
     'looppool_map': ('W1', 'W3', 'W6'),
+    'process_pool_executor_map': ('W1', 'W3', 'W6'),
+    'aiomultiprocess_fork': ('W5', 'MEM'),
 }
 
 

@@ -3,15 +3,18 @@
 Bursts use ``pool.map`` (its bulk call), single round trips ``pool.apply``.
 ``childconcurrency`` is raised from 16 to 2048 tasks per worker, the share that looppool's
 default bounds give each of two workers, so that the IO workload is not limited by a
-setting. It starts workers with ``spawn``: its default, and the only method that works
-when the pool is created inside a running loop, as here.
+setting. Its workers start with ``spawn``, aiomultiprocess's default on every platform
+(``DEFAULT_START_METHOD`` in its ``core.py``; Linux's ``fork`` is not used unless asked for),
+so this is the pool a user gets. ``fork`` works too, from inside a running loop as here: the
+``aiomultiprocess_fork`` peer measures its start-up and memory.
 """
 
 import aiomultiprocess
 
 import handlers
 
-START_METHOD = 'spawn'
+# Read from the library rather than written here: whatever it starts workers with unasked.
+START_METHOD = aiomultiprocess.core.get_context().get_start_method()
 CHILD_CONCURRENCY = 2048
 NOTES = f'childconcurrency={CHILD_CONCURRENCY}; map() for bursts, apply() for one'
 
