@@ -24,6 +24,8 @@ setup(
                 'with message passing to and from the parent loop',
     long_description=(HERE / 'README.rst').read_text(encoding='utf-8'),
     long_description_content_type='text/x-rst',
+    license_expression='Apache-2.0',   # SPDX (setuptools 77 or later: see pyproject.toml)
+    license_files=['LICENSE'],
     keywords='python tornado asyncio multiprocessing process-pool io-loop',
     packages=find_packages(include=['looppool', 'looppool.*']),
     package_data={'looppool': ['py.typed']},
