@@ -261,9 +261,11 @@ class _Runner:
     Lives in the worker process, on its loop thread; not thread-safe.
     """
 
-    def __init__(self, worker: Worker, sock: socket.socket, loop: asyncio.AbstractEventLoop,
-                 config: protocol.WorkerConfig) -> None:
-        self.worker = worker
+    def __init__(self, worker_class: type[Worker], sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop, config: protocol.WorkerConfig) -> None:
+        # The runner (its channel) comes first, so that whatever the worker's code does,
+        # from its constructor on, can be logged and reported: see attach().
+        self.worker: Worker | None = None
         self.loop = loop
         self.config = config
         self.number = config.number
@@ -280,12 +282,17 @@ class _Runner:
         self.stopping = False
         self.stopped = False
         self.orphaned = False     # the parent is gone: exit without _finalise
-        cls = type(worker)
-        self.looppool_style = cls._process_message is not Worker._process_message
-        self.call = worker._process_message if self.looppool_style else worker.handle
+        self.looppool_style = worker_class._process_message is not Worker._process_message
+        self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
         self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
                                before_flush=self.before_flush)
+
+    def attach(self, worker: Worker) -> None:
+        """Run ``worker``'s handlers from now on (it was made after this runner)."""
+        worker._runner = self
+        self.worker = worker
+        self.call = worker._process_message if self.looppool_style else worker.handle
 
     # -- frames from the parent ------------------------------------------------------------
 
@@ -728,6 +735,7 @@ class _Runner:
         eager.start(self.loop, self.finalise_and_exit())
 
     async def finalise_and_exit(self) -> None:
+        assert self.worker is not None   # a stop is taken only once the worker is ready
         try:
             result = self.worker._finalise()
             if inspect.isawaitable(result):
@@ -902,23 +910,19 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
     asyncio.set_event_loop(loop)
     io_loop = tornado.ioloop.IOLoop.current()
 
+    runner = _Runner(worker_class, sock, loop, config)
+    if config.forward_logs:
+        _forward_logs(runner, config)   # before any of the worker's own code runs
+    if sys.platform.startswith('linux'):
+        _on_parent_death(runner)
+    step = f'{worker_class.__qualname__}(*worker_args, **worker_kwargs)'
     try:
         args, kwargs = loads(config.worker_arguments)
         worker = worker_class(*args, **kwargs)
-    except BaseException:
-        # Nothing to run yet: a bare channel carries the traceback to the pool.
-        _fail_start(Channel(sock, loop, _ignore, _ignore), sock,
-                    f'{worker_class.__qualname__}(*worker_args, **worker_kwargs)')
-    worker._number = config.number
-    worker._ioloop = io_loop
-    runner = _Runner(worker, sock, loop, config)
-    worker._runner = runner
-    if config.forward_logs:
-        _forward_logs(runner, config)
-    if sys.platform.startswith('linux'):
-        _on_parent_death(runner)
-    step = 'its _initialise()'
-    try:
+        worker._number = config.number
+        worker._ioloop = io_loop
+        runner.attach(worker)
+        step = 'its _initialise()'
         result = worker._initialise()
         if inspect.isawaitable(result):
             loop.run_until_complete(_await(result))
@@ -1000,10 +1004,13 @@ class _LogForwarder(logging.Handler):
 
 
 def _forward_logs(runner: _Runner, config: protocol.WorkerConfig) -> None:
-    """Route this process's log records to the parent's handlers.
+    """Route this process's log records to the parent's handlers, next to whatever
+    handlers the worker's own code configures. Called before any of that code runs.
 
-    Handlers inherited through fork are removed: they would write a second copy of each
-    record, from this process, past the parent's configuration.
+    What the process holds at this point is the parent's configuration (inherited under
+    fork, or made again by the imports of spawn and forkserver). Its handlers are removed:
+    the parent applies them to every forwarded record, and here they would write a second
+    copy of each.
     """
     root = logging.getLogger()
     loggers = [root] + [logger for logger in logging.Logger.manager.loggerDict.values()
@@ -1015,7 +1022,20 @@ def _forward_logs(runner: _Runner, config: protocol.WorkerConfig) -> None:
         # here, or its records never reach the forwarder; the parent hands each record to
         # the logger of its name, where propagate=False applies again.
         logger.propagate = True
-    root.addHandler(_LogForwarder(runner))
+    # Where the forwarder goes, and why not on the root logger. logging hands a record to
+    # the handlers of the logger it was made on, then to those of each ancestor in turn
+    # (logger.parent) as long as propagate is true; the root logger is normally the last.
+    # A handler *on* the root logger would count as configuration made by the worker's
+    # code: logging.basicConfig(), which does nothing once the root logger has a handler,
+    # would do nothing (Looppool 0.3's README calls it in _initialise), and dictConfig(),
+    # fileConfig() or basicConfig(force=True), which remove the root logger's handlers,
+    # would end forwarding. So the forwarder gets a logger of its own, outside the named
+    # hierarchy, made the root logger's parent: every record that reaches the root logger
+    # goes to the root's handlers (whatever the worker's code puts there) and then to the
+    # forwarder, and configuring the root logger leaves it alone.
+    forwarding = logging.Logger('looppool.forwarding')
+    forwarding.addHandler(_LogForwarder(runner))
+    root.parent = forwarding
     root.setLevel(config.log_level)
 
 
