@@ -30,10 +30,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Union
 
-__all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'encode', 'socketpair']
+__all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'check_size', 'encode',
+           'socketpair']
 
 HEADER = struct.Struct('<IBq')
 _HEADER_SIZE = HEADER.size
+# The most one frame carries: its length field is a uint32. Read where it is checked, at
+# the time (a test lowers it).
 _MAX_PAYLOAD = 2 ** 32 - 1
 # Payloads at least this large are sent from their own buffer, not copied.
 _LARGE = 1 << 16
@@ -65,6 +68,19 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
             except OSError:  # pragma: no cover - a platform that refuses keeps its default
                 pass
     return parent, child
+
+
+def check_size(size: int) -> None:
+    """Raise :class:`ValueError` if a pickle of ``size`` bytes is more than one frame
+    carries."""
+    if size > _MAX_PAYLOAD:
+        raise _too_large(size)
+
+
+def _too_large(size: int) -> ValueError:
+    return ValueError(f'pickled, it is {size} bytes: more than one frame carries '
+                      f'({_MAX_PAYLOAD} bytes, 4 GiB less one); send data that large '
+                      f'through a file or shared memory')
 
 
 def encode(kind: int, arg: int, payload: Buffer = b'') -> bytes:
@@ -250,7 +266,7 @@ class Channel:
         once with ``now``."""
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
         if size > _MAX_PAYLOAD:
-            raise ValueError(f'a message pickles to {size} bytes; the limit is 4 GiB')
+            raise _too_large(size)   # nothing of it is sent
         wbuf = self._wbuf
         wbuf += HEADER.pack(size, kind, arg)
         if size < _LARGE:
@@ -272,7 +288,7 @@ class Channel:
         size = sum(len(part) if type(part) is bytes else memoryview(part).nbytes
                    for part in parts)
         if size > _MAX_PAYLOAD:
-            raise ValueError(f'a batch pickles to {size} bytes; the limit is 4 GiB')
+            raise _too_large(size)   # nothing of it is sent
         wbuf = self._wbuf
         wbuf += HEADER.pack(size, kind, arg)
         for part in parts:

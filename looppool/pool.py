@@ -58,7 +58,7 @@ from typing import Any, Callable, Deque, TypeVar, Union
 import tornado.ioloop
 
 from . import eager, protocol
-from .channel import Channel, socketpair
+from .channel import Channel, check_size, socketpair
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .metrics import PoolMetrics
 from .protocol import dumps, loads
@@ -699,7 +699,9 @@ class Pool:
         if self._state is not RUNNING:
             raise self._not_running()
         if sticky:
-            self._remember_sticky(sticky, dumps(message))
+            payload = dumps(message)
+            check_size(len(payload))   # else every replacement would fail to get it
+            self._remember_sticky(sticky, payload)
         futures = [self.submit(message, worker_num=number, timeout=timeout)
                    for number in range(self.pool_size)]
         return asyncio.gather(*futures)

@@ -40,7 +40,7 @@ from typing import Any, NoReturn, TypeVar
 import tornado.ioloop
 
 from . import eager, protocol
-from .channel import Channel, _ignore
+from .channel import Channel, _ignore, check_size
 from .protocol import dumps, loads
 
 __all__ = ['Worker', 'task_done']
@@ -674,24 +674,27 @@ class _Runner:
                 else:
                     good_tids.append(tid)
                     good_values.append(value)
-            tids, data = good_tids, dumps(good_values)
+            tids, values, data = good_tids, good_values, dumps(good_values)
         if tids:
             try:
                 self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
-            except ValueError as exc:   # over the 4 GiB frame limit
-                for tid in tids:
-                    self.channel.send(protocol.ERROR, tid, self.encode_error(exc, None))
+            except ValueError:   # over the frame limit together: each on a frame of its own,
+                # so that only a reply over the limit on its own fails
+                for tid, value in zip(tids, values):
+                    self.send_reply(tid, value, True)
 
     def put_result(self, result: Any) -> None:
         payload = dumps(result)  # a result that cannot be pickled raises to the caller
+        check_size(len(payload))   # so does one over the frame limit, even if it would wait
         self.hold_or_send(_origin.get(), payload)
 
     def send_result(self, result: Any) -> None:
         """Send a note's return value; one that cannot be pickled is logged."""
         try:
             payload = dumps(result)
+            check_size(len(payload))
         except Exception:
-            log.exception('worker %d: could not pickle a result of type %s; it was dropped',
+            log.exception('worker %d: could not send a result of type %s; it was dropped',
                           self.number, type(result).__qualname__)
             return
         self.hold_or_send(_origin.get(), payload)
