@@ -4,7 +4,8 @@
 
     LooppoolError
      ├── WorkerLost          the worker running a task died or was killed
-     │    └── WorkerStartError   a worker could not start (its _initialise raised)
+     │    └── WorkerStartError   a worker could not start (its constructor, start() or
+     │                           _initialise() raised)
      ├── PoolClosed          the pool is stopped or stopping
      ├── ConnectionLost      the connection to a pool host broke (looppool.remote)
      └── AuthenticationError a pool host or client refused its peer (looppool.remote)
@@ -44,7 +45,8 @@ class WorkerLost(LooppoolError):
 
 
 class WorkerStartError(WorkerLost):
-    """A worker could not start: its ``_initialise()`` raised, or it died before it was ready.
+    """A worker could not start: its constructor, ``start()`` or ``_initialise()`` raised,
+    or it died before it was ready.
 
     ``traceback`` holds the start-up traceback formatted in the worker.
     """
