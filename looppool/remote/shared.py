@@ -151,6 +151,13 @@ def _file_beside(address: Address, suffix: str) -> str:
     return os.path.join(_runtime_directory(), f'tcp-{address[0]}-{address[1]}{suffix}')
 
 
+# What a probe meets where no host is, or where one is dying (a killed host's queued
+# connections are reset or closed): start a host there. A proof that fails, or anything that
+# is not the handshake, is something else listening, and raises instead.
+_NO_HOST = (ConnectionRefusedError, FileNotFoundError, ConnectionResetError, BrokenPipeError,
+            EOFError)
+
+
 def _host_answers(address: Address, secret: bytes | None, tls: Any) -> bool:
     """Whether a pool host that passes the handshake answers at ``address``.
 
@@ -161,8 +168,8 @@ def _host_answers(address: Address, secret: bytes | None, tls: Any) -> bool:
     try:
         sock, _ = probe._handshake()
     except ConnectionLost as exc:
-        if isinstance(exc.__cause__, (ConnectionRefusedError, FileNotFoundError)):
-            return False   # nothing listens there: start a host
+        if isinstance(exc.__cause__, _NO_HOST):
+            return False   # nothing listens there, or a host dying: start a host
         raise ConnectionLost(f'something answers at {address!r} but is not a pool host '
                              f'that completes the handshake: {exc}') from exc
     sock.close()

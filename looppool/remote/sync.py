@@ -287,7 +287,8 @@ def _frames(sock: socket.socket) -> Iterator[tuple[int, int, Any]]:
     while True:
         data = sock.recv(4096)
         if not data:
-            raise ConnectionLost('the pool host closed the connection during the handshake')
+            raise ConnectionLost('the pool host closed the connection during the '
+                                 'handshake') from EOFError()
         yield from parser.feed(data)
 
 
