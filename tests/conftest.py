@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -135,3 +136,29 @@ def no_children_left(request: pytest.FixtureRequest):
     if left and not request.node.get_closest_marker('leaves_children'):
         pytest.fail(f'the test left {len(left)} child process(es): '
                     f'{[(c.pid, c.name()) for c in left if c.is_running()]}')
+
+
+@pytest.fixture
+def sock_path(tmp_path) -> str:
+    """A Unix socket path for a pool host, in a directory only this user can enter."""
+    directory = tmp_path / 'run'
+    directory.mkdir(mode=0o700)
+    return str(directory / 'echo.sock')
+
+
+class _Mark:
+    """Unpickling this makes the directory ``path``: the trace of a pickle that was read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return os.mkdir, (self.path,)
+
+
+@pytest.fixture
+def mark(tmp_path) -> tuple[str, bytes]:
+    """A path, and a pickle that makes a directory there when it is unpickled: a test at a
+    trust boundary checks that the path does not appear."""
+    path = str(tmp_path / 'unpickled')
+    return path, pickle.dumps(_Mark(path))

@@ -35,22 +35,6 @@ pytestmark = pytest.mark.timeout(90)
 SECRET = b'the right secret'
 
 
-class _Mark:
-    """Unpickling this makes the directory ``path``: the trace of a pickle that was read."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self) -> Any:
-        return os.mkdir, (self.path,)
-
-
-@pytest.fixture
-def mark(tmp_path) -> Iterator[tuple[str, bytes]]:
-    path = str(tmp_path / 'unpickled')
-    yield path, pickle.dumps(_Mark(path))
-
-
 def frame(kind: int, arg: int, payload: bytes = b'') -> bytes:
     return HEADER.pack(len(payload), kind, arg) + payload
 

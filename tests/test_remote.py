@@ -37,12 +37,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, TESTS])}
 
 
-@pytest.fixture
-def sock_path(tmp_path):
-    directory = tmp_path / 'run'
-    directory.mkdir(mode=0o700)
-    return str(directory / 'echo.sock')
-
 
 @pytest.fixture
 def host(sock_path):

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ import pytest
 import looppool
 from looppool import remote
 from conftest import run, wait_for, wait_until
+from looppool.remote.access import _answers
 from serve_workers import FLAG, FailsWhileFlagged, NeverReady, NeverStarts
 from workers import Echo
 
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.timeout(90)
 ROOT = os.path.dirname(looppool.__path__[0])
 TESTS = os.path.dirname(__file__)
 
-
-@pytest.fixture
-def sock_path(tmp_path) -> str:
-    directory = tmp_path / 'run'
-    directory.mkdir(mode=0o700)
-    return str(directory / 'echo.sock')
 
 
 @pytest.fixture
@@ -67,16 +61,6 @@ def _alive(pid: int) -> bool:
     except psutil.NoSuchProcess:
         return False
 
-
-def _answers(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def _call(client: remote.SyncClient, message: Any, outcome: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ import pytest
 import looppool
 from looppool import remote
 from conftest import wait_for
-from test_auth import SECRET, FakeHost, mark, welcome_without_proof  # noqa: F401
+from test_auth import SECRET, FakeHost, welcome_without_proof
 from workers import Chatty, Echo, FailingStart
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(looppool.__path__[0])
 TESTS = os.path.dirname(__file__)
 
-
-@pytest.fixture
-def sock_path(tmp_path) -> str:
-    directory = tmp_path / 'run'
-    directory.mkdir(mode=0o700)
-    return str(directory / 'echo.sock')
 
 
 @pytest.fixture
