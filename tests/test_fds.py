@@ -9,7 +9,6 @@ descriptors, so what the parent leaks, every new worker holds too.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import signal

@@ -4,7 +4,6 @@ pool is made; arguments that do not fit or do not pickle are refused there, by n
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading

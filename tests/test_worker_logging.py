@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
