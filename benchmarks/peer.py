@@ -31,14 +31,15 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peers  # noqa: E402  (needs the path above for the looppool peers)
 from handlers import burn  # noqa: E402
 
-WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'MEM')
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'MEM')
 
 # Sizes of each workload: the full run is the one the targets are stated for; --quick
 # shrinks the counts so that every peer and workload fits in about a minute in all.
 SIZES = {
     'full': {'W1': 100_000, 'W2': 2_000, 'W3': 2_000, 'W4': 200, 'W5': 1, 'W6': 100,
-             'MEM': 1.0},
-    'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W5': 1, 'W6': 20, 'MEM': 0.3},
+             'W7': 200, 'W8': 100, 'MEM': 1.0},
+    'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W5': 1, 'W6': 20, 'W7': 20,
+              'W8': 20, 'MEM': 0.3},
 }
 # A repetition that takes longer than this has hung (a lost reply): it fails with a message
 # rather than waiting for run.py's watchdog.
@@ -46,6 +47,16 @@ REP_TIMEOUT = {'full': 120.0, 'quick': 10.0}
 POOL_SIZE = 2
 SLEEP = 0.05
 PAYLOAD = 1 << 20
+# W7: every SKEW_EVERY-th task computes for SKEW_LONG seconds, the others SKEW_SHORT.
+SKEW_LONG = 0.1
+SKEW_SHORT = 0.001
+SKEW_EVERY = 10
+# W8: IO tasks of IO_S seconds (asyncio.sleep), one every IO_EVERY_S, sent while one
+# worker's loop spins for the length of their whole stream and BLOCK_MARGIN_S more (0.6 s
+# for the full run's 100 tasks), so that every one of them is sent while it is blocked.
+IO_S = 0.02
+IO_EVERY_S = 0.005
+BLOCK_MARGIN_S = 0.1
 
 
 class Meter:
@@ -121,7 +132,8 @@ class Runner:
         """A started pool whose workers have all answered once (start-up is W5's)."""
         peer = self.module.Peer(work, size)
         await peer.start()
-        await peer.call_many([{'echo': 0, 'sleep': 0.0, 'burn': 0}[work]] * (4 * size))
+        warm = {'echo': 0, 'sleep': 0.0, 'burn': 0, 'spin': 0.0, 'mixed': ('io', 0.0)}[work]
+        await peer.call_many([warm] * (4 * size))
         return peer
 
     # -- the workloads ---------------------------------------------------------------------
@@ -244,6 +256,71 @@ class Runner:
                         'machine_speedup_2': alone / bare}
             await self.measure(body)
 
+    async def W7(self):
+        """Skewed CPU: `size` CPU-bound tasks at once, every tenth 100 ms, the rest 1 ms."""
+        peer = await self.started_peer('spin')
+        tasks = skewed_tasks(self.size)
+        await peer.call_many([SKEW_SHORT] * (4 * POOL_SIZE))
+        while self.more():
+            async def body():
+                t0 = time.perf_counter()
+                replies = await peer.call_many(tasks)
+                seconds = time.perf_counter() - t0
+                return {'seconds': seconds, 'ideal_s': ideal_seconds(tasks, POOL_SIZE),
+                        'task_total_s': sum(tasks),
+                        'check': lambda: check(sorted(replies) == sorted(tasks),
+                                               'W7 replies differ from the tasks')}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W8(self):
+        """Blocked loop: IO tasks sent at a steady pace while one worker's loop is blocked.
+
+        One CPU-bound task that spins for `block` seconds is sent, and right after it
+        `size` IO tasks (``await asyncio.sleep(0.02)``), one every 5 ms, each on a schedule
+        fixed from the start (a late one does not delay the next). The blocking task lasts
+        the whole stream and 0.1 s more, so every IO task is sent while a worker's loop is
+        blocked. An IO task's latency runs from its call to its reply, as its caller sees
+        it; alone, it would be 0.02 s and a round trip.
+        """
+        peer = await self.started_peer('mixed')
+        io = ('io', IO_S)
+        block = self.size * IO_EVERY_S + BLOCK_MARGIN_S
+        await peer.call_many([io] * (4 * POOL_SIZE))
+        while self.more():
+            async def body():
+                clock = time.perf_counter
+
+                async def timed(message):
+                    t0 = clock()
+                    reply = await peer.call(message)
+                    return clock() - t0, reply
+
+                blocker = asyncio.ensure_future(timed(('cpu', block)))
+                calls = []
+                start = clock()
+                for k in range(self.size):
+                    delay = start + k * IO_EVERY_S - clock()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    calls.append(asyncio.ensure_future(timed(io)))
+                sent = clock() - start
+                done = await asyncio.gather(*calls)
+                block_seconds, block_reply = await blocker
+                latencies = sorted(seconds for seconds, _ in done)
+                n = len(latencies)
+                return {'io_p50_ms': latencies[n // 2] * 1e3,
+                        'io_p90_ms': latencies[int(n * 0.9)] * 1e3,
+                        'io_p99_ms': latencies[int(n * 0.99)] * 1e3,
+                        'io_max_ms': latencies[-1] * 1e3,
+                        'io_ms': IO_S * 1e3, 'block_s': block,
+                        'block_reply_s': block_seconds, 'stream_s': sent,
+                        'check': lambda: check(
+                            block_reply == block and all(r == IO_S for _, r in done),
+                            'W8 replies differ from the tasks')}
+            await self.measure(body)
+        await peer.stop()
+
     async def MEM(self):
         """Memory: resident size of an idle worker, against a bare interpreter."""
         peer = await self.started_peer('echo')
@@ -262,6 +339,20 @@ class Runner:
                         'bare_rss_mib': bare.rss / mib, 'bare_uss_mib': bare.uss / mib}
             await self.measure(body)
         await peer.stop()
+
+
+def skewed_tasks(count):
+    """W7's tasks, in seconds: the 10th, 20th, ... compute for 100 ms, the others 1 ms."""
+    return [SKEW_LONG if (index + 1) % SKEW_EVERY == 0 else SKEW_SHORT
+            for index in range(count)]
+
+
+def ideal_seconds(tasks, workers):
+    """The least time any pool can take over `tasks` on `workers`: the larger of their
+    total time shared out evenly and the longest task, which one worker must run
+    whole. A bound, not always reachable; W7's list reaches it (each worker takes half
+    the long tasks and half the short ones: 1.09 s for the full run)."""
+    return max(sum(tasks) / workers, max(tasks))
 
 
 def bare_processes_time(count):

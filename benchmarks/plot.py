@@ -32,6 +32,7 @@ COLOURS = {
     'looppool_submit': '#1f77b4',
     'looppool_map': '#08306b',
     'looppool_put_nowait': '#6baed6',
+    'looppool_remote': '#17becf',
     'process_pool_executor': '#9467bd',
     'process_pool_executor_map': '#3f007d',
     'aiomultiprocess_pool': '#ff7f0e',
@@ -50,6 +51,9 @@ PANELS = [
      'lower'),
     ('W6', [('speedup_1', '1 worker'), ('speedup_2', '2 workers')],
      'W6 CPU-bound speed-up, ×', False, 'higher'),
+    ('W7', [('seconds', None)], 'W7 uneven CPU-bound tasks, wall s', False, 'lower'),
+    ('W8', [('io_p50_ms', 'p50'), ('io_p90_ms', 'p90'), ('io_p99_ms', 'p99')],
+     'W8 IO latency behind a blocked loop, ms', True, 'lower'),
     ('MEM', [('worker_rss_mib', 'RSS'), ('worker_uss_mib', 'USS')],
      'Idle worker memory, MiB', False, 'lower'),
 ]
@@ -58,10 +62,20 @@ PANELS = [
 def render(results, path):
     summary = results['summary']
     names = [name for name in results['peers'] if name in summary]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 10))
-    axes = axes.ravel()
-    for ax, (workload, fields, title, log, better) in zip(axes, PANELS):
-        panel(ax, summary, names, workload, fields, log)
+    # A panel for each workload that ran, four to a row, and the notes in the room left.
+    ran = {run['workload'] for run in results['runs']}
+    panels = [entry for entry in PANELS if entry[0] in ran]
+    columns = min(4, len(panels) + 1)
+    rows = -(-(len(panels) + 1) // columns)
+    fig = plt.figure(figsize=(4.25 * columns, 5 * rows))
+    grid = fig.add_gridspec(rows, columns)
+    axes = [fig.add_subplot(grid[index // columns, index % columns])
+            for index in range(len(panels))]
+    last = len(panels)
+    notes = fig.add_subplot(grid[last // columns, last % columns:])
+    for ax, (workload, fields, title, log, better) in zip(axes, panels):
+        panel(ax, summary, names, workload, fields, log,
+              ratio_to=ideal(summary, names) if workload == 'W7' else None)
         if workload == 'W3':
             sizes = [run['info']['size'] for run in results['runs']
                      if run['workload'] == 'W3' and run['info']]
@@ -74,10 +88,16 @@ def render(results, path):
         if workload == 'MEM':
             reference(ax, summary, names, 'MEM', 'bare_rss_mib',
                       'python -c "import tornado", RSS')
+        if workload == 'W7':
+            title = w7_lines(ax, results, summary, names) or title
+        if workload == 'W8':
+            title = w8_lines(ax, results, summary, names) or title
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7.5, loc='upper left')
-        ax.set_title(f'{title} ({better} is better)', fontsize=10)
-    info_panel(axes[-1], results)
+        # Wrapped: four panels to a row leave room for about 50 characters a line.
+        ax.set_title('\n'.join(textwrap.wrap(f'{title} ({better} is better)', 50)),
+                     fontsize=10)
+    info_panel(notes, results, names)
     m = results['machine']
     fig.suptitle(f'looppool against its alternatives, 2 workers ({results["mode"]} run, '
                  f'{results["date"][:10]})\n{m["cpu"]}, {m["cpus"]} CPUs, {m["memory"]}, '
@@ -87,7 +107,12 @@ def render(results, path):
     plt.close(fig)
 
 
-def panel(ax, summary, names, workload, fields, log):
+# The look of the bars of a panel's first, second and third figure.
+STYLES = [(1.0, None), (0.6, '//'), (0.35, 'xx')]
+
+
+def panel(ax, summary, names, workload, fields, log, ratio_to=None):
+    """Bars of each peer's medians; with `ratio_to`, each labelled with its ratio to that."""
     # Only the peers that ran this workload (some run only a few), so no empty slots.
     names = [name for name in names if workload in summary[name]]
     width = 0.8 / len(fields)
@@ -104,12 +129,14 @@ def panel(ax, summary, names, workload, fields, log):
             xs.append(position + (index - (len(fields) - 1) / 2) * width)
             heights.append(value)
             colours.append(COLOURS.get(name, '#333333'))
-        bars = ax.bar(xs, heights, width=width * 0.95, color=colours,
-                      alpha=1.0 if index == 0 else 0.55,
-                      hatch=None if index == 0 else '//',
-                      label=label if label else '_nolegend_')
+        alpha, hatch = STYLES[index]
+        bars = ax.bar(xs, heights, width=width * 0.95, color=colours, alpha=alpha,
+                      hatch=hatch, label=label if label else '_nolegend_')
         for bar, value in zip(bars, heights):
-            ax.annotate(number(value), (bar.get_x() + bar.get_width() / 2, value),
+            text = number(value)
+            if ratio_to:
+                text += f'\n{value / ratio_to:.2f}× ideal'
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, value),
                         ha='center', va='bottom', fontsize=7)
     ax.set_xticks(range(len(names)))
     # Slanted: up to nine names side by side would overlap if written straight.
@@ -136,11 +163,64 @@ def reference(ax, summary, names, workload, field, label):
                    label=f'{label}: {value:.2f}')
 
 
-def info_panel(ax, results):
+def ideal(summary, names):
+    """W7's ideal time (the same in every record of a run), or None."""
+    values = [summary[name]['W7']['median'].get('ideal_s') for name in names
+              if 'W7' in summary[name]]
+    values = [value for value in values if value]
+    return values[0] if values else None
+
+
+def w7_lines(ax, results, summary, names):
+    """W7's ideal and the target of issue 13; returns the panel's title."""
+    best = ideal(summary, names)
+    if best is None:
+        return None
+    ax.axhline(best, color='black', linewidth=0.8, linestyle=':',
+               label=f'ideal {best:.2f} s')
+    # The target is two bounds, 1.1 x ProcessPoolExecutor and 1.15 x the ideal; the line
+    # is the lower of them, the one both are met under.
+    bounds = [1.15 * best]
+    executor = summary.get('process_pool_executor', {}).get('W7')
+    if executor and executor['median'].get('seconds'):
+        bounds.append(1.1 * executor['median']['seconds'])
+    ax.axhline(min(bounds), color='#d62728', linewidth=0.9, linestyle='--',
+               label=f'target {min(bounds):.2f} s (issue 13)')
+    count = size_of(results, 'W7')
+    return f'W7 {count:,} uneven CPU tasks, wall s' if count else None
+
+
+def w8_lines(ax, results, summary, names):
+    """W8's IO task alone and the target for its p90; returns the panel's title."""
+    values = [summary[name]['W8']['median'] for name in names if 'W8' in summary[name]]
+    values = [value for value in values if value.get('io_ms')]
+    if not values:
+        return None
+    io, block = values[0]['io_ms'], values[0]['block_s']
+    ax.axhline(io, color='black', linewidth=0.8, linestyle=':',
+               label=f'an IO task alone, {io:.0f} ms')
+    ax.axhline(3 * io, color='#d62728', linewidth=0.9, linestyle='--',
+               label=f'target for p90, {3 * io:.0f} ms (issue 13)')
+    # The lines in view however low the bars, and room above the bars for five legend
+    # entries (three figures, two lines).
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, io / 2), high * 6)
+    count = size_of(results, 'W8')
+    return (f'W8 {count} IO tasks, a loop blocked {block:.1f} s, latency ms' if count
+            else None)
+
+
+def size_of(results, workload):
+    sizes = [run['info']['size'] for run in results['runs']
+             if run['workload'] == workload and run['info']]
+    return sizes[0] if sizes else None
+
+
+def info_panel(ax, results, names):
     ax.axis('off')
     lines = ['Each peer and workload in a fresh interpreter;',
              'bars are medians of the repetitions.', '']
-    for peer in results['peers'].values():
+    for peer in (results['peers'][name] for name in names):
         lines.append(f'{peer["label"]} (start method {peer.get("start_method", "?")}):')
         lines.extend(textwrap.wrap(peer.get('notes', ''), 70, initial_indent='  ',
                                    subsequent_indent='  '))

@@ -10,6 +10,9 @@ COLUMNS = {
     'W4': [('mib_per_s', 'W4 MiB/s', '{:,.0f}')],
     'W5': [('start_ms', 'W5 start ms', '{:,.1f}'), ('stop_ms', 'W5 stop ms', '{:,.1f}')],
     'W6': [('speedup_1', 'W6 1w x', '{:.2f}'), ('speedup_2', 'W6 2w x', '{:.2f}')],
+    'W7': [('seconds', 'W7 s', '{:.2f}')],
+    'W8': [('io_p50_ms', 'W8 p50 ms', '{:,.0f}'), ('io_p90_ms', 'W8 p90 ms', '{:,.0f}'),
+           ('io_p99_ms', 'W8 p99 ms', '{:,.0f}')],
     'MEM': [('worker_rss_mib', 'RSS MiB', '{:.1f}'), ('worker_uss_mib', 'USS MiB', '{:.1f}')],
 }
 
@@ -41,6 +44,18 @@ BULK_FIELDS = [
     ('W1', 'msg_per_s', 'more'),
     ('W3', 'seconds', 'less'),
     ('W6', 'speedup_2', 'more'),
+]
+
+
+# The targets of issue 13 (how work is dealt to the workers), for the looppool peers that
+# run W7 and W8, as (workload, field, against, factor): looppool's figure is to be at most
+# factor times `against`, which is a peer, 'ideal' (W7's ideal time, from its task list) or
+# 'io_task' (W8's IO task alone, 20 ms). Printed met or not; nothing asserts them.
+DISPATCH = ('looppool_submit', 'looppool_map', 'looppool_remote')
+DISPATCH_TARGETS = [
+    ('W7', 'seconds', 'process_pool_executor', 1.1),
+    ('W7', 'seconds', 'ideal', 1.15),
+    ('W8', 'io_p90_ms', 'io_task', 3.0),
 ]
 
 
@@ -86,7 +101,8 @@ def figure(summary, peer, workload, field):
 
 def render(results):
     summary = results['summary']
-    names = list(results['peers'])
+    # The peers that ran something: with --workloads, some take part in none of them.
+    names = [name for name in results['peers'] if name in summary]
     labels = {name: results['peers'][name]['label'] for name in names}
     workloads = [workload for workload in COLUMNS
                  if any(workload in summary.get(name, {}) for name in names)]
@@ -128,6 +144,7 @@ def render(results):
     lines.extend(notes(results, summary, names, labels))
     lines.extend(targets(summary, names))
     lines.extend(bulk(summary, names, labels))
+    lines.extend(dispatch(summary, names, labels))
     return '\n'.join(lines) + '\n'
 
 
@@ -148,6 +165,11 @@ def notes(results, summary, names, labels):
                         'interpreter each time)',
         'W6': lambda n: f'W6: {n:,} CPU-bound tasks; speed-up over running them in one '
                         'process, with 1 and 2 workers',
+        'W7': lambda n: f'W7: {n:,} CPU-bound tasks at once, every tenth spinning 100 ms and '
+                        'the rest 1 ms; wall seconds',
+        'W8': lambda n: f'W8: {n:,} IO tasks (sleep 0.02 s), one every 5 ms, sent while one '
+                        'worker\'s loop spins on a CPU-bound task; latency of each, call to '
+                        'reply, in ms',
         'MEM': lambda n: 'MEM: an idle worker; RSS counts pages shared with the parent, USS '
                          'only its own',
     }
@@ -213,6 +235,65 @@ def bulk(summary, names, labels):
     if lines:
         lines.insert(0, f'Bulk calls, {labels[mine]} / {labels[other]}, medians of this run '
                         '(no target set):')
+        lines.append('')
+    return lines
+
+
+def dispatch(summary, names, labels):
+    """W7 and W8: every peer's ratios, then looppool's against the targets of issue 13."""
+    lines = []
+    w7 = [name for name in names if figure(summary, name, 'W7', 'seconds') is not None]
+    if w7:
+        ideal = statistics.median(figure(summary, name, 'W7', 'ideal_s') for name in w7)
+        total = statistics.median(figure(summary, name, 'W7', 'task_total_s') for name in w7)
+        executor = figure(summary, 'process_pool_executor', 'W7', 'seconds')
+        lines.append(f'W7, uneven CPU-bound work, medians of this run. The ideal, {ideal:.3f} '
+                     f's, is the larger of the tasks\' {total:.3f} s shared evenly by the '
+                     'workers and the longest task.')
+        rows = [['peer', 'W7 s', '/ ProcessPoolExecutor', '/ ideal']]
+        for name in w7:
+            seconds = figure(summary, name, 'W7', 'seconds')
+            rows.append([labels[name], f'{seconds:.3f}',
+                         f'{seconds / executor:.2f}x' if executor else '-',
+                         f'{seconds / ideal:.2f}x'])
+        lines.extend('    ' + line for line in table(rows))
+        lines.append('')
+    w8 = [name for name in names if figure(summary, name, 'W8', 'io_p90_ms') is not None]
+    if w8:
+        io = statistics.median(figure(summary, name, 'W8', 'io_ms') for name in w8)
+        block = statistics.median(figure(summary, name, 'W8', 'block_s') for name in w8)
+        lines.append(f'W8, IO tasks while one worker\'s loop is blocked for {block:.1f} s, '
+                     f'medians of this run; an IO task alone takes {io:.0f} ms.')
+        rows = [['peer', 'p50 ms', 'p90 ms', 'p99 ms', 'p90 / IO task', 'blocker s']]
+        for name in w8:
+            values = [figure(summary, name, 'W8', field)
+                      for field in ('io_p50_ms', 'io_p90_ms', 'io_p99_ms', 'block_reply_s')]
+            rows.append([labels[name]] + [f'{value:,.0f}' for value in values[:3]]
+                        + [f'{values[1] / io:.1f}x', f'{values[3]:.3f}'])
+        lines.extend('    ' + line for line in table(rows))
+        lines.append('')
+    targets = []
+    for mine in DISPATCH:
+        if mine not in names:
+            continue
+        for workload, field, against, factor in DISPATCH_TARGETS:
+            ours = figure(summary, mine, workload, field)
+            if against == 'ideal':
+                theirs, shown = figure(summary, mine, workload, 'ideal_s'), 'ideal'
+            elif against == 'io_task':
+                theirs = figure(summary, mine, workload, 'io_ms')
+                shown = f'IO task ({theirs:.0f} ms)' if theirs else ''
+            else:
+                theirs, shown = figure(summary, against, workload, field), against
+            if ours is None or not theirs:
+                continue
+            ratio = ours / theirs
+            targets.append(f'{mine:<20} {workload} {field:<10} {ratio:7.2f}x {shown:<22} '
+                           f'(target <= {factor:g}x) {"met" if ratio <= factor else "MISSED"}')
+    if targets:
+        lines.append('Targets (issue 13, dealing work to the workers), looppool / other, '
+                     'medians of this run:')
+        lines.extend(targets)
         lines.append('')
     return lines
 

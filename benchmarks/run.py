@@ -34,7 +34,7 @@ import report  # noqa: E402
 
 PEERS_LIST = list(peers.PEERS)
 
-WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'MEM')
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'MEM')
 
 # Repetitions inside one interpreter, and how many seconds a (peer, workload) may spend
 # repeating before it settles for what it has (at least one repetition always runs). The
@@ -105,18 +105,28 @@ class Progress:
 MEASURE_ORDER = ('ceiling', 'looppool_submit', 'looppool_put_nowait', 'looppool_map',
                  'process_pool_executor_map', 'looppool_remote', 'aiomultiprocess_pool',
                  'aiomultiprocess_fork', 'process_pool_executor')
+# W7's targets are ratios to ProcessPoolExecutor (run_in_executor), so there it is measured
+# next to looppool submit(), and the two map() calls next to each other.
+ORDER_OF = {
+    'W7': ('process_pool_executor', 'looppool_submit', 'looppool_map',
+           'process_pool_executor_map', 'aiomultiprocess_pool'),
+}
+
+
+def ordered(names, workload):
+    order = ORDER_OF.get(workload, MEASURE_ORDER)
+    return sorted(names, key=lambda name: (order.index(name) if name in order
+                                           else len(order) + PEERS_LIST.index(name)))
 
 
 def plan(args, mode):
     """The steps, in order: (workload, peer, reps for that interpreter)."""
     steps = []
-    order = sorted(args.peers, key=lambda name: (MEASURE_ORDER.index(name)
-                                                 if name in MEASURE_ORDER else len(PEERS_LIST)))
     for round_number in range(args.rounds or mode['rounds']):
         for workload in args.workloads:
+            order = ordered([peer for peer in args.peers if peers.runs(peer, workload)],
+                            workload)
             for peer in (order if round_number % 2 == 0 else order[::-1]):
-                if workload not in peers.ONLY.get(peer, (workload,)):
-                    continue
                 if workload == 'W5':
                     steps.extend([(workload, peer, 1)] * mode['startup_reps'])
                 else:

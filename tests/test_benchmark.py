@@ -31,17 +31,31 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     # The peers that run only some workloads ran exactly those.
     ran = {(run['peer'], run['workload']) for run in results['runs']}
     for peer in ('looppool_map', 'process_pool_executor_map'):
-        assert {w for p, w in ran if p == peer} == {'W1', 'W3', 'W6'}, peer
+        assert {w for p, w in ran if p == peer} == {'W1', 'W3', 'W6', 'W7'}, peer
     assert {w for p, w in ran if p == 'aiomultiprocess_fork'} == {'W5', 'MEM'}
+    # The uneven work and the blocked loop (issue 13) ran on their peers, and only those.
+    assert {p for p, w in ran if w == 'W7'} == {
+        'looppool_submit', 'looppool_map', 'process_pool_executor',
+        'process_pool_executor_map', 'aiomultiprocess_pool'}
+    assert {p for p, w in ran if w == 'W8'} == {
+        'looppool_submit', 'looppool_remote', 'aiomultiprocess_pool'}
     assert results['peers']['aiomultiprocess_pool']['start_method'] == 'spawn'
     assert results['peers']['aiomultiprocess_fork']['start_method'] == 'fork'
     table = (tmp_path / 'latest.txt').read_text()
-    for column in ('W1 msg/s', 'W2 p50 us', 'W3 s', 'W4 MiB/s', 'W5 start ms', 'RSS MiB'):
+    for column in ('W1 msg/s', 'W2 p50 us', 'W3 s', 'W4 MiB/s', 'W5 start ms', 'W7 s',
+                   'W8 p90 ms', 'RSS MiB'):
         assert column in table
     # looppool's map() against the executor's own bulk call, as a ratio under the table
     assert 'Bulk calls, looppool map() / ProcessPoolExecutor map()' in table
     assert re.search(r'looppool_map +W1 msg_per_s +\d+\.\d+x process_pool_executor_map',
                      table), table
+    # W7 against ProcessPoolExecutor and its ideal, W8 against its IO task: the targets of
+    # issue 13, printed met or not
+    assert 'Targets (issue 13' in table
+    for pattern in (r'looppool_submit +W7 seconds +\d+\.\d+x process_pool_executor ',
+                    r'looppool_map +W7 seconds +\d+\.\d+x ideal ',
+                    r'looppool_submit +W8 io_p90_ms +\d+\.\d+x IO task \(20 ms\)'):
+        assert re.search(pattern, table), pattern
     assert (tmp_path / 'latest.png').stat().st_size > 10_000   # the plot was drawn
     assert '[' in done.stderr   # progress lines went to stderr while it ran
 

@@ -2,8 +2,8 @@
 one of them with the same code.
 
 Each module defines ``Peer(work, size)``, where ``work`` names a handler in
-:mod:`handlers` (``'echo'``, ``'sleep'``, ``'burn'``) and ``size`` is the number of worker
-processes, with:
+:mod:`handlers` (``'echo'``, ``'sleep'``, ``'burn'``, ``'spin'``, ``'mixed'``) and ``size``
+is the number of worker processes, with:
 
 - ``async start()``: create the pool (it need not be ready: the first call waits);
 - ``async call(message)``: one round trip; returns the reply;
@@ -33,10 +33,29 @@ PEERS = {
 # elsewhere they would measure submit() or run_in_executor again. aiomultiprocess under fork
 # differs from its default (spawn) only in how its workers start.
 ONLY = {
-    'looppool_map': ('W1', 'W3', 'W6'),
-    'process_pool_executor_map': ('W1', 'W3', 'W6'),
+    'looppool_map': ('W1', 'W3', 'W6', 'W7'),
+    'process_pool_executor_map': ('W1', 'W3', 'W6', 'W7'),
     'aiomultiprocess_fork': ('W5', 'MEM'),
 }
+
+# Workloads that only some peers run. W7 (uneven CPU-bound work) compares how a pool deals
+# tasks to workers: the two looppool calls, ProcessPoolExecutor both ways (its workers take
+# the next task when they are free: the yardstick) and aiomultiprocess. W8 (IO-bound tasks
+# while one worker's loop is blocked) needs workers that run an IO loop: ProcessPoolExecutor
+# has none, so every IO task would hold one of its workers (W3 shows what that costs).
+# The ceiling, the Looppool 0.3 path and the forked aiomultiprocess would only repeat how
+# their main peer deals work, and are left out.
+PEERS_OF = {
+    'W7': ('looppool_submit', 'looppool_map', 'process_pool_executor',
+           'process_pool_executor_map', 'aiomultiprocess_pool'),
+    'W8': ('looppool_submit', 'looppool_remote', 'aiomultiprocess_pool'),
+}
+
+
+def runs(peer, workload):
+    """Whether `peer` takes part in `workload`."""
+    return (workload in ONLY.get(peer, (workload,))
+            and peer in PEERS_OF.get(workload, (peer,)))
 
 
 def load(name):

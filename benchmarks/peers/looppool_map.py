@@ -5,7 +5,7 @@ from peers import looppool_submit
 
 START_METHOD = 'default'   # the interpreter's, which is what a user gets
 NOTES = ('Pool defaults (max_tasks=4096); map() with its default chunks; runs the workloads '
-         'that send bursts (W1, W3, W6): elsewhere it would be submit() again')
+         'that send bursts (W1, W3, W6, W7): elsewhere it would be submit() again')
 
 
 class Peer(looppool_submit.Peer):

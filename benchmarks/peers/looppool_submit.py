@@ -25,7 +25,17 @@ class Burn(looppool.Worker):
         return handlers.burn(units)
 
 
-WORKERS = {'echo': Echo, 'sleep': Sleep, 'burn': Burn}
+class Spin(looppool.Worker):
+    async def handle(self, seconds):
+        return handlers.spin(seconds)
+
+
+class Mixed(looppool.Worker):
+    async def handle(self, message):
+        return await handlers.mixed_async(message)
+
+
+WORKERS = {'echo': Echo, 'sleep': Sleep, 'burn': Burn, 'spin': Spin, 'mixed': Mixed}
 
 
 class Peer:
