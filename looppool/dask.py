@@ -75,7 +75,8 @@ except ImportError as _import_error:  # pragma: no cover - exercised without the
 from . import protocol
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .protocol import dumps, loads
-from .worker import Worker, start_coroutine, worker_arguments
+from .eager import start as start_coroutine
+from .worker import Worker, worker_arguments
 
 __all__ = ['DaskPool']
 
@@ -103,7 +104,7 @@ class _Host:
     method is ``async`` and therefore runs on the Dask worker's loop thread, as does the
     Worker itself; nothing here is thread-safe.
 
-    It duck-types the two methods of ``looppool.worker._Runner`` that a Worker calls,
+    It duck-types the two methods of ``looppool.runner._Runner`` that a Worker calls,
     ``put_result`` (for ``_put_nowait``) and ``task_done``.
     """
 

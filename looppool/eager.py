@@ -162,7 +162,7 @@ class Steps:
         """:meth:`run` in the current context rather than a copy of it, for a caller that
         runs many first steps in one copy (Python 3.10 and 3.11 only). The caller keeps
         the promise of a context per coroutine: it gives the next coroutine a fresh copy
-        once one has changed a variable in this one (see ``worker._Runner.start_some``)."""
+        once one has changed a variable in this one (see ``runner._Runner.start_some``)."""
         try:
             yielded = coro.send(None)
         except StopIteration as stop:

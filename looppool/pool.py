@@ -62,7 +62,8 @@ from .channel import Channel, check_size, socketpair
 from .errors import PoolClosed, RemoteTraceback, WorkerLost, WorkerStartError
 from .metrics import PoolMetrics
 from .protocol import dumps, loads
-from .worker import Worker, worker_arguments, worker_main
+from .child import worker_main
+from .worker import Worker, worker_arguments
 
 __all__ = ['Pool']
 

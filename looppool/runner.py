@@ -1,0 +1,608 @@
+"""The worker side of the channel: runs the parent's frames on the :class:`~looppool.Worker`.
+
+Inside one worker process::
+
+    channel (socket to the parent) --frames--> _Runner.on_frames
+        TASK / NOTE  -> Worker.handle(message)            (modern)
+                        Worker._process_message(message)  (Looppool style)
+                        run as a coroutine on this process's loop, started eagerly
+                        (see looppool.eager): one that never suspends costs no Task
+        CANCEL       -> the task's asyncio.Task is cancelled
+        CREDIT       -> room for more _put_nowait results
+        STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
+    replies, FREED counts and _put_nowait results go back through the same channel.
+
+Who owns what: the :class:`_Runner` owns the channel, the table of suspended tasks and the
+counters; the :class:`~looppool.Worker` instance is the user's and owns only the user's
+state. All of it lives on the worker process's single loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import pickle
+import signal
+import socket
+import threading
+import traceback
+import types
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import eager, protocol
+from .channel import Channel, _ignore, check_size
+from .protocol import dumps, loads
+from .worker import Worker
+
+log = logging.getLogger('looppool.worker')
+
+# Once the parent is gone: how long cancelled handlers may take to clean up, and the
+# deadline after which the process ends whatever it is doing. Both fit in the promised
+# second.
+_CLEANUP_GRACE = 0.8
+_ORPHAN_DEADLINE = 0.9
+
+
+# The task (or note origin) a handler runs for, so that a _put_nowait result can be routed
+# back to whoever sent the message (a remote client of a pool host). Tasks copy the context
+# when they are created, so concurrent handlers each see their own.
+# Kept for callers of the earlier name (looppool.dask): eager.start is the one to use.
+start_coroutine = eager.start
+
+_origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
+# The origin of a replayed sticky broadcast: its return value goes nowhere.
+_REPLAYED = -1
+# Replies that leave before the end of a read that holds many batches.
+_EARLY_REPLIES = 256
+
+class _Runner:
+    """Drives one :class:`Worker` in its process: frames in, tasks run, frames out.
+
+    Lives in the worker process, on its loop thread; not thread-safe.
+    """
+
+    def __init__(self, worker_class: type[Worker], sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop, config: protocol.WorkerConfig) -> None:
+        # The runner (its channel) comes first, so that whatever the worker's code does,
+        # from its constructor on, can be logged and reported: see attach().
+        self.worker: Worker | None = None
+        self.loop = loop
+        self.config = config
+        self.number = config.number
+        self.pid = os.getpid()
+        self.credit = config.result_credit
+        # Suspended tasks: a submit()'s task id, or -id(task) for a note (no id needed).
+        self.running: dict[int, asyncio.Future[Any]] = {}
+        self.open_slots = 0       # Looppool-style tasks whose _task_done() is still due
+        self.freed = 0            # slots freed since the last flush, sent as one FREED
+        self.held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.reply_tids: list[int] = []
+        self.reply_values: list[Any] = []
+        self.deferred = 0         # slots whose freeing waits for held results to drain
+        self.stopping = False
+        self.stopped = False
+        self.orphaned = False     # the parent is gone: exit without _finalise
+        self.looppool_style = worker_class._process_message is not Worker._process_message
+        self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
+        self.batch_replies = config.batch_replies and not self.looppool_style
+        self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
+                               before_flush=self.before_flush)
+
+    def attach(self, worker: Worker) -> None:
+        """Run ``worker``'s handlers from now on (it was made after this runner)."""
+        worker._runner = self
+        self.worker = worker
+        self.call = worker._process_message if self.looppool_style else worker.handle
+
+    # -- frames from the parent ------------------------------------------------------------
+
+    def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        for kind, arg, payload in frames:
+            if kind == protocol.TASKS:
+                self.start_batch(payload)
+                if len(self.reply_tids) >= _EARLY_REPLIES:
+                    # A long read: send what is answered so far, so the parent can send
+                    # more work while this process goes on with the rest of the read.
+                    self.channel.flush()
+            elif kind == protocol.MAP:
+                self.start_map(arg, payload)
+            elif kind == protocol.TASK:
+                self.start_task(arg, payload, True)
+            elif kind == protocol.NOTE:
+                self.start_task(arg, payload, False)
+            elif kind == protocol.REPLAY:
+                self.start_task(_REPLAYED, payload, False)
+            elif kind == protocol.CANCEL:
+                task = self.running.get(arg)
+                if task is not None:
+                    task.cancel()
+            elif kind == protocol.CREDIT:
+                self.credited(arg)
+            elif kind == protocol.STOP:
+                self.stopping = True
+                self.maybe_stop()
+            elif kind == protocol.TERMINATE:
+                self.terminate()
+        # What these frames produced (replies of handlers that did not suspend, freed
+        # slots) leaves now, together, instead of one loop iteration later.
+        self.channel.flush()
+
+    def start_batch(self, payload: Any) -> None:
+        """Run a batch of tasks, in order. If the batch cannot be unpickled (a message's
+        class cannot be imported here), ask the parent to send its tasks one by one."""
+        tids, messages_pickle = protocol.unpack_ids(payload)
+        try:
+            messages = loads(messages_pickle)
+        except BaseException:
+            self.channel.send(protocol.RESEND, 0, dumps(tids))
+            return
+        if self.looppool_style or not self.batch_replies:
+            run = self.run
+            for tid, message in zip(tids, messages):
+                run(tid, message, True)
+            return
+        # The common case, kept tight: handle() coroutines stepped eagerly one after
+        # another; those that finish at once answer in this iteration's REPLIES frame.
+        with eager.Steps(self.loop) as steps:
+            if eager.NATIVE:
+                self.start_some(steps, tids, messages, 0, None, None)
+                return
+            # Every first step runs in a copy of this context, as a Task's would. One copy
+            # serves consecutive handlers while none of them changes a variable in it
+            # (comparing it with the original is a pointer comparison until one does):
+            # entering a context per handler would cost a fifth of this loop.
+            base = contextvars.copy_context()
+            position, count = 0, len(tids)
+            while position < count:
+                context = base.copy()
+                position = context.run(self.start_some, steps, tids, messages, position,
+                                       context, base)
+        # No flush to schedule for these replies: on_frames, our only caller, flushes.
+
+    def start_some(self, steps: eager.Steps, tids: list[int], messages: list[Any],
+                   position: int, context: contextvars.Context | None,
+                   base: contextvars.Context | None) -> int:
+        """Start the batch's handlers from ``position`` on; return where it stopped: at the
+        end, or (with ``context``, on Python 3.10 and 3.11) right after a handler that
+        changed a context variable, so that the next one starts in a fresh copy.
+
+        No origin is set for these tasks (a context variable costs a tenth of this loop):
+        it routes _put_nowait results to a pool host's clients, and a host's workers never
+        take this path (their replies are not batched).
+        """
+        call = self.call
+        finish = self.finish
+        reply_tids = self.reply_tids
+        reply_values = self.reply_values
+        held = self.held   # results waiting for credit: replies must wait behind them
+        NOT_DONE = eager.NOT_DONE
+        stopping = self.stopping
+        first_step = steps.run if context is None else steps.send_first
+        count = len(tids)
+        while position < count:
+            tid = tids[position]
+            message = messages[position]
+            position += 1
+            try:
+                result = call(message)
+            except (SystemExit, KeyboardInterrupt):
+                raise  # the handler asked the process to end: see worker_main
+            except BaseException as exc:
+                finish(tid, True, exc, failed=True)
+            else:
+                if type(result) is not types.CoroutineType:
+                    if inspect.isawaitable(result):
+                        result = _await(result)
+                    else:
+                        finish(tid, True, result)
+                        continue
+                value = first_step(result)
+                if value is not NOT_DONE:
+                    if not held and not stopping:
+                        reply_tids.append(tid)
+                        reply_values.append(value)
+                    else:
+                        finish(tid, True, value)
+                else:
+                    state, value = steps.outcome
+                    if state == eager.PENDING:
+                        self.running[tid] = value
+                        value.add_done_callback(
+                            functools.partial(self.task_finished, tid, True))
+                    else:
+                        finish(tid, True, value, failed=state == eager.RAISED)
+            if context is not None and context != base:
+                return position
+        return position
+
+    def start_map(self, tid: int, payload: Any) -> None:
+        """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in
+        order; the chunk is answered with one MAPPED frame once all have ended."""
+        try:
+            messages = loads(payload)
+        except BaseException as exc:
+            self.send_mapped(tid, None, {-1: self.encode_error(
+                exc, 'could not unpickle a chunk of map()')})
+            return
+        replies: list[Any] = [None] * len(messages)
+        errors: dict[int, bytes] = {}
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        call = self.call
+        _origin.set(tid)
+        with eager.Steps(self.loop) as steps:
+            for index, message in enumerate(messages):
+                try:
+                    result = call(message)
+                except (SystemExit, KeyboardInterrupt):
+                    raise  # the handler asked the process to end: see worker_main
+                except BaseException as exc:
+                    errors[index] = self.encode_error(exc, None)
+                    continue
+                if type(result) is not types.CoroutineType:
+                    if not inspect.isawaitable(result):
+                        replies[index] = result
+                        continue
+                    result = _await(result)
+                state, value = steps.step(result)
+                if state == eager.DONE:
+                    replies[index] = value
+                elif state == eager.RAISED:
+                    errors[index] = self.encode_error(value, None)
+                else:
+                    waiting[index] = value
+        if not waiting:
+            self.send_mapped(tid, replies, errors)
+            return
+        task = self.loop.create_task(self.finish_map(tid, replies, errors, waiting))
+        self.running[tid] = task
+        task.add_done_callback(functools.partial(self.map_finished, tid))
+
+    async def finish_map(self, tid: int, replies: list[Any], errors: dict[int, bytes],
+                         waiting: dict[int, asyncio.Future[Any]]) -> None:
+        """Wait for a chunk's suspended handlers; cancelled (the caller gave up), cancel
+        them all, and answer with what each one did."""
+        try:
+            await asyncio.wait(waiting.values())
+        except asyncio.CancelledError:
+            for task in waiting.values():
+                task.cancel()
+            await asyncio.wait(waiting.values())
+        for index, task in waiting.items():
+            if task.cancelled():
+                errors[index] = self.encode_error(asyncio.CancelledError(), None)
+            elif task.exception() is not None:
+                errors[index] = self.encode_error(task.exception(), None)  # type: ignore[arg-type]
+            else:
+                replies[index] = task.result()
+        self.send_mapped(tid, replies, errors)
+
+    def map_finished(self, tid: int, task: asyncio.Future[Any]) -> None:
+        self.running.pop(tid, None)
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover
+            log.error('worker %d: a chunk of map() failed', self.number,
+                      exc_info=task.exception())
+        if self.stopping:
+            self.maybe_stop()
+
+    def send_mapped(self, tid: int, replies: list[Any] | None,
+                    errors: dict[int, bytes]) -> None:
+        """Answer a chunk: its replies and errors, and the slots it frees (none while
+        results are held here: see hold_or_send)."""
+        count = len(replies) if replies is not None else 0
+        frees = count
+        if self.held:
+            frees = 0
+            self.deferred += count
+        try:
+            data = dumps((replies, errors))
+        except Exception:
+            assert replies is not None
+            for index, value in enumerate(replies):
+                try:
+                    dumps(value)
+                except Exception as exc:
+                    replies[index] = None
+                    errors[index] = self.unpicklable(value, exc)
+            data = dumps((replies, errors))
+        try:
+            self.channel.send_parts(protocol.MAPPED, tid, protocol.pack([frees], data))
+        except ValueError as exc:   # over the 4 GiB frame limit: every reply fails with it
+            self.channel.send_parts(protocol.MAPPED, tid, protocol.pack(
+                [frees], dumps((None, {-1: self.encode_error(exc, None)}))))
+
+    def start_task(self, tid: int, payload: Any, reply: bool) -> None:
+        """Unpickle and run one message; ``tid`` is the task id, or for a note (``reply``
+        false) the origin its results are routed to."""
+        try:
+            message = loads(payload)
+        except BaseException as exc:
+            _origin.set(tid)
+            if self.looppool_style:
+                self.open_slots += 1   # freed right away: the handler never ran
+            self.finish(tid, reply, exc, failed=True, note='could not unpickle the message')
+            if self.looppool_style:
+                self.task_done()
+            return
+        self.run(tid, message, reply)
+
+    def run(self, tid: int, message: Any, reply: bool) -> None:
+        _origin.set(tid)
+        if self.looppool_style:
+            self.open_slots += 1
+        try:
+            result = self.call(message)
+        except (SystemExit, KeyboardInterrupt):
+            raise  # the handler asked the process to end: see worker_main
+        except BaseException as exc:
+            self.finish(tid, reply, exc, failed=True)
+            return
+        if type(result) is types.CoroutineType or inspect.isawaitable(result):
+            if type(result) is not types.CoroutineType:
+                result = _await(result)
+            state, task = eager.step(self.loop, result)
+            if state != eager.PENDING:
+                self.finish(tid, reply, task, failed=state == eager.RAISED)
+                return
+            self.running[tid if reply else -id(task)] = task
+            task.add_done_callback(functools.partial(self.task_finished, tid, reply))
+            return
+        self.finish(tid, reply, result)
+
+    def task_finished(self, tid: int, reply: bool, task: asyncio.Future[Any]) -> None:
+        self.running.pop(tid if reply else -id(task), None)
+        if task.cancelled():
+            self.finish(tid, reply, asyncio.CancelledError(), failed=True)
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.finish(tid, reply, exc, failed=True)
+        else:
+            self.finish(tid, reply, task.result())
+
+    def finish(self, tid: int, reply: bool, value: Any, failed: bool = False,
+               note: str | None = None) -> None:
+        """Answer a task: a reply for submit(), or a freed slot (and result) for a note."""
+        # A modern task's end frees its slot (Looppool style: _task_done does), unless
+        # results are held back, which defers it: see hold_or_send.
+        frees = not self.looppool_style
+        if frees and self.held:
+            frees = False
+            self.deferred += 1
+        if reply:
+            if frees and not failed and self.batch_replies:
+                # Pickled with the other replies of this loop iteration, at the flush.
+                self.reply_tids.append(tid)
+                self.reply_values.append(value)
+                if len(self.reply_tids) == 1:
+                    self.channel.schedule_flush()
+            elif failed:
+                kind = protocol.ERROR if frees else protocol.ERROR_KEEP
+                self.channel.send(kind, tid, self.encode_error(value, note))
+            else:
+                self.send_reply(tid, value, frees)
+        else:
+            if failed and not isinstance(value, asyncio.CancelledError):
+                log.error('worker %d: %s %s', self.number,
+                          note or 'message handler raised', _describe(value),
+                          exc_info=(type(value), value, value.__traceback__))
+            elif not failed and value is not None and not self.looppool_style \
+                    and tid != _REPLAYED:
+                self.send_result(value)
+            if frees:
+                self.slot_freed()
+        if self.stopping:
+            self.maybe_stop()
+
+    def send_reply(self, tid: int, value: Any, frees: bool) -> None:
+        """Answer one task on its own frame; a reply that cannot be pickled, or is over
+        the frame limit, answers it with the error instead."""
+        kind = protocol.REPLY if frees else protocol.REPLY_KEEP
+        try:
+            payload = dumps(value)
+        except BaseException as exc:
+            kind = protocol.ERROR if frees else protocol.ERROR_KEEP
+            payload = self.unpicklable(value, exc)
+        try:
+            self.channel.send(kind, tid, payload)
+        except ValueError as exc:   # over the 4 GiB frame limit
+            self.channel.send(protocol.ERROR if frees else protocol.ERROR_KEEP, tid,
+                              self.encode_error(exc, None))
+
+    def unpicklable(self, value: Any, exc: BaseException) -> bytes:
+        """The error that answers a task whose reply could not be pickled."""
+        return self.encode_error(pickle.PicklingError(
+            f'worker {self.number} (pid {self.pid}) could not pickle the reply '
+            f'({type(value).__qualname__}): {exc!r}'), None)
+
+    def encode_error(self, exc: BaseException, note: str | None) -> bytes:
+        text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if note:
+            text = f'{note} in worker {self.number} (pid {self.pid}):\n{text}'
+        try:
+            payload = dumps((exc, text))
+            loads(payload)  # an exception that pickles but cannot be rebuilt fails here
+            return payload
+        except BaseException as pickling_error:
+            stand_in = pickle.PicklingError(
+                f'worker {self.number} (pid {self.pid}) raised {type(exc).__qualname__}: '
+                f'{exc}, which cannot be sent to the parent ({pickling_error!r})')
+            return dumps((stand_in, text))
+
+    # -- slots and results -----------------------------------------------------------------
+
+    def slot_freed(self) -> None:
+        self.freed += 1
+        if self.freed == 1:
+            self.channel.schedule_flush()
+
+    def task_done(self) -> None:
+        if self.open_slots <= 0:
+            raise RuntimeError('_task_done() called more often than messages were received')
+        self.open_slots -= 1
+        if self.held:
+            self.deferred += 1
+        else:
+            self.slot_freed()
+        if self.stopping:
+            self.maybe_stop()
+
+    def before_flush(self) -> None:
+        if self.reply_tids:
+            self.send_replies()
+        if self.freed:
+            freed, self.freed = self.freed, 0
+            self.channel.send(protocol.FREED, freed)
+
+    def send_replies(self) -> None:
+        """Send this iteration's replies as one frame; a reply that cannot be pickled
+        fails its own task with a PicklingError instead."""
+        tids, values = self.reply_tids, self.reply_values
+        self.reply_tids, self.reply_values = [], []
+        if len(tids) == 1:
+            # One reply (a round trip at a time): a REPLY frame, one pickle, no ids list.
+            self.send_reply(tids[0], values[0], True)
+            return
+        try:
+            data = dumps(values)
+        except Exception:
+            good_tids, good_values = [], []
+            for tid, value in zip(tids, values):
+                try:
+                    dumps(value)
+                except Exception as exc:
+                    self.channel.send(protocol.ERROR, tid, self.unpicklable(value, exc))
+                else:
+                    good_tids.append(tid)
+                    good_values.append(value)
+            tids, values, data = good_tids, good_values, dumps(good_values)
+        if tids:
+            try:
+                self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
+            except ValueError:   # over the frame limit together: each on a frame of its own,
+                # so that only a reply over the limit on its own fails
+                for tid, value in zip(tids, values):
+                    self.send_reply(tid, value, True)
+
+    def put_result(self, result: Any) -> None:
+        payload = dumps(result)  # a result that cannot be pickled raises to the caller
+        check_size(len(payload))   # so does one over the frame limit, even if it would wait
+        self.hold_or_send(_origin.get(), payload)
+
+    def send_result(self, result: Any) -> None:
+        """Send a note's return value; one that cannot be pickled is logged."""
+        try:
+            payload = dumps(result)
+            check_size(len(payload))
+        except Exception:
+            log.exception('worker %d: could not send a result of type %s; it was dropped',
+                          self.number, type(result).__qualname__)
+            return
+        self.hold_or_send(_origin.get(), payload)
+
+    def hold_or_send(self, origin: int, payload: bytes) -> None:
+        """Send a result if the parent has room for it, else hold it here.
+
+        At most this worker's share of ``max_results`` results wait for ``result_done()``
+        in the parent. Past that, results wait in this process, and while any wait the
+        worker frees no task slots, so the parent sends it no more work: backpressure from
+        a slow ``process_message`` all the way to ``put_nowait``, and nothing is dropped.
+        """
+        if self.credit > 0 and not self.held:
+            self.credit -= 1
+            self.channel.send(protocol.RESULT, origin, payload)
+        else:
+            self.held.append((origin, payload))
+
+    def credited(self, count: int) -> None:
+        """The parent acknowledged ``count`` results: send what was held, then free the
+        slots that waited for it."""
+        self.credit += count
+        held = self.held
+        while held and self.credit > 0:
+            self.credit -= 1
+            origin, payload = held.popleft()
+            self.channel.send(protocol.RESULT, origin, payload)
+        if not held and self.deferred:
+            self.freed += self.deferred
+            self.deferred = 0
+            self.channel.schedule_flush()
+        if self.stopping:
+            self.maybe_stop()
+
+    # -- stopping --------------------------------------------------------------------------
+
+    def maybe_stop(self) -> None:
+        if self.stopped or self.orphaned or self.running or self.open_slots or self.held:
+            return
+        self.stopped = True
+        eager.start(self.loop, self.finalise_and_exit())
+
+    async def finalise_and_exit(self) -> None:
+        assert self.worker is not None   # a stop is taken only once the worker is ready
+        try:
+            result = self.worker._finalise()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception('worker %d: _finalise() raised', self.number)
+        self.channel.flush()
+        self.loop.stop()
+
+    def terminate(self) -> None:
+        self.stopping = True
+        for task in list(self.running.values()):
+            task.cancel()
+        self.open_slots = 0
+        self.credited(len(self.held))   # past the deadline: send what is held regardless
+        self.maybe_stop()
+
+    def on_parent_lost(self) -> None:
+        # The parent closed its end or died: nobody is left to answer, so cancel what runs,
+        # let the handlers' except/finally blocks run (for at most _CLEANUP_GRACE), and
+        # exit. Called by the channel (end of file) and by the death signal, whichever
+        # reaches the loop first; the second call finds it done.
+        if self.orphaned:
+            return
+        self.stopping = True
+        self.orphaned = True
+        # The loop runs, so the short deadline the death signal set (for a blocked loop)
+        # gives way to the cleanup's; past it, a handler that blocks in its cleanup, or a
+        # join() that hangs, must not keep the process alive.
+        _end_process_after(_ORPHAN_DEADLINE)
+        tasks = list(self.running.values())
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            self.loop.stop()
+            return
+        self.loop.call_later(_CLEANUP_GRACE, self.loop.stop)
+        done = asyncio.gather(*tasks, return_exceptions=True)
+        done.add_done_callback(lambda _: self.loop.stop())
+
+
+async def _await(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _describe(exc: BaseException) -> str:
+    return f'{type(exc).__qualname__}: {exc}'
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process with SIGALRM after ``seconds`` (replacing an earlier deadline).
+
+    SIGALRM's default action is carried out by the kernel, so it ends the process even while
+    the loop is blocked, in Python or in C. The default is restored first: a forked worker
+    inherits the parent's handlers (pytest-timeout's, for one).
+    """
+    if not hasattr(signal, 'setitimer') or \
+            threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        return   # (signals are set from the main thread only; worker_main runs there)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
