@@ -259,7 +259,10 @@ class _Runner:
         if not waiting:
             self.send_mapped(tid, replies, errors)
             return
-        task = self.loop.create_task(self.finish_map(tid, replies, errors, waiting))
+        # Started eagerly, so that it is waiting on its handlers before a CANCEL can reach
+        # it: a Task cancelled before its first step would never cancel them (a CANCEL in
+        # the same read as the chunk left its handlers running).
+        task = eager.start(self.loop, self.finish_map(tid, replies, errors, waiting))
         self.running[tid] = task
         task.add_done_callback(functools.partial(self.map_finished, tid))
 

@@ -62,6 +62,16 @@ class Echo(looppool.Worker):
             raise
         return 'finished'
 
+    async def do_watched(self, seconds: float) -> str:
+        """Says when it starts and when it is cancelled (as _put_nowait results)."""
+        self._put_nowait(('started', self._number))
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self._put_nowait(('cancelled', self._number))
+            raise
+        return 'finished'
+
     async def do_spin(self, seconds: float) -> str:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
