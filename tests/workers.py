@@ -55,16 +55,16 @@ class Echo(looppool.Worker):
         raise exc
 
     async def do_cancellable(self, seconds: float) -> str:
-        try:
-            await asyncio.sleep(seconds)
-        except asyncio.CancelledError:
-            self._put_nowait(('cancelled', self._number))
-            raise
-        return 'finished'
+        """Sleeps; says so (a _put_nowait result) if it is cancelled."""
+        return await self._sleep_reporting(seconds, started=False)
 
     async def do_watched(self, seconds: float) -> str:
-        """Says when it starts and when it is cancelled (as _put_nowait results)."""
-        self._put_nowait(('started', self._number))
+        """Sleeps; says when it starts and when it is cancelled."""
+        return await self._sleep_reporting(seconds, started=True)
+
+    async def _sleep_reporting(self, seconds: float, started: bool) -> str:
+        if started:
+            self._put_nowait(('started', self._number))
         try:
             await asyncio.sleep(seconds)
         except asyncio.CancelledError:
