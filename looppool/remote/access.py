@@ -177,7 +177,7 @@ def _answers(path: str) -> bool:
 
 # -- the handshake -----------------------------------------------------------------------------
 #
-# Before either side has proved itself, only the handshake kinds are read (wire.HANDSHAKE),
+# Before either side has proved itself, only the handshake kinds are read,
 # frames of at most _PRE_AUTH_FRAME bytes, and none holds a pickle:
 #
 #   host   -> HELLO    version, the host's nonce

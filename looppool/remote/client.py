@@ -346,7 +346,7 @@ class Client:
     # -- answers ---------------------------------------------------------------------------
 
     def _answer(self, kind: int, tid: int, payload: Any) -> None:
-        if tid in self._uncounted:
+        if self._uncounted and tid in self._uncounted:
             self._uncounted.discard(tid)   # a stats() call takes no share
         else:
             self._unacked -= 1

@@ -31,10 +31,8 @@ AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
 # host -> client
 HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTICE = \
     range(60, 69)
-# The handshake: the only kinds either side reads before its peer is authenticated, and
-# none of them holds a pickle. HELLO (host): version, nonce. AUTH (client): nonce, proof.
-# WELCOME (host): pool size, proof, share. REFUSED (host): a reason in UTF-8.
-HANDSHAKE = frozenset((HELLO, AUTH, WELCOME, REFUSED))
+# The handshake (HELLO, AUTH, WELCOME, REFUSED) is all either side reads before its peer is
+# authenticated, and none of it is a pickle: see access.py.
 
 _NONCE = 32
 _OPTS = struct.Struct('<h')     # worker_num (-1: any); for a broadcast, sticky: 0, 1, 2=named
