@@ -235,6 +235,9 @@ class Channel:
         self._on_frames = on_frames
         self._on_close = on_close
         self.before_flush = before_flush
+        # Called once (from the loop) when everything queued has been written; set by an
+        # owner that must not go on before the peer can read what it sent (see _Runner).
+        self.on_drained: Callable[[], None] | None = None
         self._wbuf = bytearray()
         self._queue: collections.deque[Buffer] = collections.deque()
         self._flush_scheduled = False
@@ -253,6 +256,11 @@ class Channel:
     def handling(self) -> bool:
         """Whether ``on_frames`` is running for frames of this channel right now."""
         return self._reading
+
+    @property
+    def backed_up(self) -> bool:
+        """Whether the kernel refused to take more: the peer is not reading."""
+        return self._writer_registered
 
     @property
     def wants_write(self) -> bool:
@@ -358,6 +366,9 @@ class Channel:
         elif not queue and self._writer_registered:
             self._loop.remove_writer(self._fd)
             self._writer_registered = False
+        if not queue and self.on_drained is not None:
+            drained, self.on_drained = self.on_drained, None
+            self._loop.call_soon(drained)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -81,6 +81,15 @@ _EARLY_REFILL = 256
 _OUTBOX_PER_WORKER = _MAX_BATCH
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
+# How often the pool looks for workers that hold work and have said nothing since the last
+# look: those are blocked (a handler holds their loop) and get no new work while another
+# worker has room; what they hold and have not started is recalled for the others.
+_LAG_CHECK = 0.015
+# The messages a worker may hold unstarted (sent and not acknowledged, or held in its
+# inbox): the window starts here, doubles while the worker keeps up and the backlog waits,
+# halves when the worker is found blocked, never past its share of max_tasks.
+_FIRST_WINDOW = 4
+_MIN_WINDOW = 2
 
 _OPTIONS = {
     'stop_timeout': 30.0,
@@ -129,6 +138,7 @@ class _TaskFuture(asyncio.Future[Any]):
     _lp_timer: asyncio.TimerHandle | None = None
     _lp_started: float = 0.0
     _lp_sink: Callable[[bool, Any], None] | None = None
+    _lp_target: int | None = None   # worker_num, for a task given back unstarted
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -193,7 +203,8 @@ class _Link:
     __slots__ = ('number', 'process', 'pid', 'sentinel', 'channel', 'inflight', 'used',
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
                  'started_at', 'sent', 'retiring', 'batch', 'baseline_rss', 'terminated',
-                 'batch_gave_up', '__weakref__')
+                 'batch_gave_up', 'unread', 'held', 'window', 'reads', 'reads_seen',
+                 'was_queued', 'blocked', 'recalling', 'heard_at', 'overran', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -216,6 +227,20 @@ class _Link:
         self.terminated = False   # told to cancel everything (stop or recycle deadline)
         self.sent = 0           # tasks sent, for max_tasks_per_worker
         self.retiring = False   # being recycled: takes no new work, exits when drained
+        # What it holds unstarted: messages sent and not yet started (an ACK counts those
+        # that start), at most `window`; among them, the ids of the tasks it reported held
+        # in its inbox (HELD), oldest first (a TAKEN count starts the oldest): those, if it
+        # dies, never ran.
+        self.unread = 0
+        self.held: Deque[int] = collections.deque()
+        self.window = _FIRST_WINDOW
+        self.overran = False    # it held work since the window last grew
+        self.reads = 0          # reads of its frames; the lag check compares them
+        self.reads_seen = 0
+        self.was_queued = False
+        self.blocked = False    # held work and said nothing for a lag check or more
+        self.recalling = False  # a RECALL is on its way, not yet answered
+        self.heard_at = 0.0     # loop time of its last frames
 
     def result_done(self) -> None:
         """Acknowledge one result; the credit goes back to the worker with the next flush."""
@@ -361,6 +386,7 @@ class Pool:
         self._slots = [_Slot(number) for number in range(pool_size)]
         self._pending: Deque[Entry] = collections.deque()
         self._rr = 0
+        self._note_turn = 0   # put_nowait()'s own turn: exact round-robin, as in Looppool 0.3
         self._next_tid = 1
         self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
         self._sticky_ids = itertools.count()
@@ -391,6 +417,7 @@ class Pool:
         self._room_waiters: list[asyncio.Future[None]] = []   # map()s waiting for room
         self._catching_up = False   # reading replies inside submit(): see _catch_up
         self._held: list[tuple[_Link, int, int, bytes]] | None = None   # see _hold
+        self._lag_timer: asyncio.TimerHandle | None = None   # see _check_lag
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -535,7 +562,8 @@ class Pool:
             rr = self._rr
             slot = self._slots[rr]
             link = slot.link
-            if link is not None and not link.used and not slot.targeted and not self._pending:
+            if link is not None and not link.used and not link.unread \
+                    and not slot.targeted and not self._pending:
                 # The next worker in turn is idle: this one goes at once (latency).
                 self._rr = rr + 1 if rr + 1 < self.pool_size else 0
                 self._submits += 1
@@ -555,6 +583,8 @@ class Pool:
         if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(f'timeout must be a positive number of seconds, got {timeout!r}')
         future = self._new_future(self._task_future, tid, message, None, timeout)
+        if worker_num is not None:
+            future._lp_target = worker_num
         self._submits += 1
         self._dispatch(future, worker_num)
         return future
@@ -590,7 +620,6 @@ class Pool:
             return
         slots = self._slots
         size = len(slots)
-        share = self._share
         touched = []
         start = 0
         while start < count:
@@ -601,17 +630,22 @@ class Pool:
                 index = rr + step if rr + step < size else rr + step - size
                 slot = slots[index]
                 link = slot.link
-                if link is not None and link.used < share and not slot.targeted:
-                    turn.append((index, link))
-                    if share - link.used < rounds:
-                        rounds = share - link.used
+                if link is not None and not slot.targeted:
+                    room = self._room(link)
+                    if room > 0:
+                        turn.append((link.unread, index, link))
+                        if room < rounds:
+                            rounds = room
             if not turn:
                 break
+            if len(turn) > 1:
+                turn.sort(key=_queued_first)   # the least queued first (stable: in turn)
             width = len(turn)
             dealt = min(count - start, rounds * width)
-            for offset, (_, link) in enumerate(turn[:dealt]):
+            for offset, (_, _, link) in enumerate(turn[:dealt]):
                 part = outbox[start + offset:start + dealt:width]
                 link.used += len(part)
+                link.unread += len(part)
                 link.inflight.update(zip(map(_tid_of, part), part))
                 if link.batch:
                     link.batch.extend(part)
@@ -619,7 +653,7 @@ class Pool:
                     link.batch = part
                 if link not in touched:
                     touched.append(link)
-            last = turn[(dealt - 1) % width][0]
+            last = turn[(dealt - 1) % width][1]
             self._rr = last + 1 if last + 1 < size else 0
             start += dealt
         for link in touched:
@@ -666,6 +700,8 @@ class Pool:
             tid = self._next_tid
             self._next_tid = tid + 1
         future = self._new_future(cls, tid, payload, sink, timeout)
+        if worker_num is not None:
+            future._lp_target = worker_num
         self._counts['submitted'] += 1
         if self._outbox:
             self._flush_outbox()
@@ -721,29 +757,37 @@ class Pool:
         """Send ``message`` without waiting for a reply (Looppool 0.3 style).
 
         Workers are chosen round-robin, exactly: ``pool_size`` consecutive calls reach each
-        worker once; ``worker_num`` picks one. Raises :class:`queue.Full` when that worker
-        already holds its share of ``max_tasks`` (sent and not yet done).
+        worker once (``put_nowait`` keeps a turn of its own, which ``submit`` does not
+        move); ``worker_num`` picks one. Raises :class:`queue.Full` when that worker
+        already holds its share of ``max_tasks`` (sent and not yet done, or waiting here
+        for it). A message for a worker that is busy with what it holds waits in the pool
+        for it, in order, and counts against its share meanwhile.
         """
         if self._state is not RUNNING:
             raise self._not_running()
         if self._outbox:
-            self._flush_outbox()   # the submit()s before it go first, and move the turn
+            self._flush_outbox()   # the submit()s before it go first
         if worker_num is None:
-            slot = self._slots[self._rr]
+            slot = self._slots[self._note_turn]
         else:
             self._check_worker_num(worker_num)
             slot = self._slots[worker_num]
         link = slot.link
-        if link is None or link.used >= self._share or slot.targeted:
+        if link is None or link.used + len(slot.targeted) >= self._share:
             if slot.start_error is not None:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
         payload = dumps(message)
+        check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
-            self._rr = (self._rr + 1) % self.pool_size
+            self._note_turn = (self._note_turn + 1) % self.pool_size
         self._counts['submitted'] += 1
-        self._send(link, (protocol.NOTE, 0, payload, None))
+        item = (protocol.NOTE, 0, payload, None)
+        if slot.targeted or link.blocked or link.unread >= link.window:
+            slot.targeted.append(item)   # its turn comes when the worker has room
+        else:
+            self._send(link, item)
 
     def put(self, message: Any, worker_num: int | None = None) -> asyncio.Future[None]:
         """Like :meth:`put_nowait`, but waits for room instead of raising ``queue.Full``.
@@ -898,8 +942,12 @@ class Pool:
         except ValueError as exc:   # over the 4 GiB frame limit
             future.set_result(([], {0: exc}))
             return
+        future._lp_message = payload   # kept: a chunk given back unstarted goes again
         link.used += count
+        link.unread += 1
         link.inflight[future._lp_tid] = future
+        if self._lag_timer is None:
+            self._watch_lag()
         if self._recycle_after is not None:
             self._count_sent(link, count)
 
@@ -949,14 +997,19 @@ class Pool:
         """Plain numbers about the pool: counters since start, and one entry per worker."""
         self._flush_outbox()   # what was submitted is in flight or waiting, as it says
         workers: list[dict[str, Any]] = []
+        now = self._loop.time() if self._loop is not None else 0.0
         for slot in self._slots:
             link = slot.link
             workers.append({
                 'number': slot.number,
                 'pid': link.pid if link else None,
+                'state': self._worker_state(link),
                 'alive': link is not None and not link.exited,
                 'ready': link is not None and link.ready,
                 'in_flight': link.used if link else 0,
+                'queued': link.unread if link else 0,
+                'lag': (round(max(0.0, now - link.heard_at), 4)
+                        if link is not None and link.blocked else 0.0),
                 'waiting': len(slot.targeted),
                 'restarts': slot.restarts,
             })
@@ -976,23 +1029,50 @@ class Pool:
             'workers': workers,
         }
 
+    def _worker_state(self, link: _Link | None) -> str:
+        if link is None:
+            return 'stopped' if self._state in (STOPPING, STOPPED) else 'restarting'
+        if link.exited:
+            return 'stopped'
+        if not link.ready:
+            return 'starting'
+        if link.stop_sent:
+            return 'stopping'
+        return 'blocked' if link.blocked else 'running'
+
     # -- dispatch --------------------------------------------------------------------------
 
     def _next_link(self, count: int = 1) -> _Link | None:
-        """The next worker in turn with room for ``count`` more tasks and nothing waiting
-        for it in particular; the turn moves past it. None if there is none."""
+        """The worker with room for ``count`` more tasks (a map() chunk counts one in its
+        window), nothing waiting for it in particular, and the fewest messages queued:
+        in turn among equals; the turn moves past it. None if there is none."""
         limit = self._share - count
         slots = self._slots
         size = len(slots)
         index = self._rr
+        best: _Link | None = None
+        best_queued = 0
+        after = index
         for _ in range(size):
             slot = slots[index]
             index = index + 1 if index + 1 < size else 0
             link = slot.link
-            if link is not None and link.used <= limit and not slot.targeted:
-                self._rr = index
-                return link
-        return None
+            if link is not None and link.used <= limit and not slot.targeted \
+                    and not link.blocked:
+                queued = link.unread
+                if queued < link.window and (best is None or queued < best_queued):
+                    best, best_queued, after = link, queued, index
+                    if not queued:
+                        break
+        if best is not None:
+            self._rr = after
+        return best
+
+    def _room(self, link: _Link) -> int:
+        """How many more messages from the backlog ``link`` may take now."""
+        if link.blocked or link.retiring:
+            return 0
+        return min(self._share - link.used, link.window - link.unread)
 
     def _dispatch(self, item: Entry, worker_num: int | None) -> None:
         share = self._share
@@ -1013,7 +1093,8 @@ class Pool:
                 self._fail_item(item, slot.start_error)
                 return
             link = slot.link
-            if link is not None and link.used < share and not slot.targeted:
+            if link is not None and link.used < share and not slot.targeted \
+                    and link.unread < link.window:
                 self._send(link, item)
             else:
                 slot.targeted.append(item)
@@ -1022,21 +1103,26 @@ class Pool:
         if not isinstance(item, tuple):
             self._send_task(link, item)
             return
-        link.used += 1
         kind, tid, payload, future = item
+        weight = future._lp_count if kind == protocol.MAP else 1
+        link.used += weight
         if link.batch:
             self._send_batch(link)   # what was submitted earlier goes first
         try:
             # To an idle worker at once (latency), as submit() does; else at the flush.
-            link.channel.send(kind, tid, payload, link.used == 1)  # type: ignore[union-attr]
+            link.channel.send(kind, tid, payload,  # type: ignore[union-attr]
+                              link.used == weight)
         except ValueError as exc:   # over the 4 GiB frame limit: nothing was sent
-            link.used -= 1
+            link.used -= weight
             if future is None:
                 raise               # put_nowait(): raise to its caller
             if not future.done():
                 future.set_exception(exc)
             return
-        if kind == protocol.TASK:
+        link.unread += 1
+        if self._lag_timer is None:
+            self._watch_lag()
+        if kind == protocol.TASK or kind == protocol.MAP:
             link.inflight[tid] = future
         elif future is not None:
             future.set_result(None)
@@ -1047,6 +1133,7 @@ class Pool:
         """A submit() to ``link``: pickled with the rest of this loop iteration's tasks, at
         the flush."""
         link.used += 1
+        link.unread += 1
         link.inflight[future._lp_tid] = future
         batch = link.batch
         batch.append(future)
@@ -1076,33 +1163,41 @@ class Pool:
         targeted = slot.targeted
         pending = self._pending
         metrics = self._metrics
-        if not targeted and metrics is None and self._recycle_after is None:
+        if link.blocked:
+            pass   # its turn comes when it is heard from again
+        elif not targeted and metrics is None and self._recycle_after is None:
             # The common case, kept tight: submit()s move from the queue into the batch.
             inflight = link.inflight
             batch = link.batch
             used = link.used
-            while used < share and pending:
+            room = min(share - used, link.window - link.unread)
+            taken = 0
+            while taken < room and pending:
                 item = pending[0]
                 if isinstance(item, tuple):
                     break   # a broadcast's or a host's task: the general path below
                 pending.popleft()
                 if item.done():
                     continue   # cancelled or timed out while it waited
-                used += 1
+                taken += 1
                 inflight[item._lp_tid] = item
                 batch.append(item)
                 if len(batch) >= _MAX_BATCH:
-                    link.used = used
+                    link.used = used + taken
+                    link.unread += taken
+                    room -= taken
                     self._send_batch(link)
-                    used, batch = link.used, link.batch
-            link.used = used
+                    used, taken, batch = link.used, 0, link.batch
+            link.used = used + taken
+            link.unread += taken
             if batch:
                 # Now rather than at the end of the iteration: the worker may be idle.
                 self._send_batch(link, now=True)
             if slot.link is not link:
                 return
         # slot.link is read again each time: a send may recycle the process.
-        while (link := slot.link) is not None and link.used < share and (targeted or pending):
+        while (link := slot.link) is not None and link.used < share and (targeted or pending) \
+                and link.unread < link.window and not link.blocked:
             item = targeted.popleft() if targeted else pending.popleft()
             if isinstance(item, tuple):
                 future = item[3]
@@ -1124,15 +1219,103 @@ class Pool:
             _cancel_timer(future)
             future.set_exception(error or PoolClosed('the pool is stopped'))
 
+    # -- blocked workers and work given back ------------------------------------------------
+
+    def _watch_lag(self) -> None:
+        """Look for blocked workers in a moment (a worker was sent work)."""
+        if self._state is RUNNING or self._state is STOPPING:
+            self._lag_timer = self._loop.call_later(_LAG_CHECK, self._check_lag)
+
+    def _check_lag(self) -> None:
+        """Mark blocked the workers that hold work and have said nothing since the last
+        look (a handler holds their loop): they get no new work until they are heard from,
+        and, when another worker has room and nothing waits in the pool, what they hold
+        and have not started is recalled for it. Runs while any worker holds work."""
+        self._lag_timer = None
+        busy = free = False
+        stuck = []
+        for slot in self._slots:
+            link = slot.link
+            if link is None or link.exited:
+                continue
+            if link.unread:
+                busy = True
+                if link.was_queued and link.reads == link.reads_seen and link.ready:
+                    if not link.blocked:
+                        link.blocked = True
+                        link.window = max(_MIN_WINDOW, link.window // 2)
+                    stuck.append(link)
+                link.was_queued = True
+            else:
+                link.was_queued = False
+            link.reads_seen = link.reads
+            if not free and self._room(link) > 0:
+                free = True
+        if stuck and free and not self._pending and not self._outbox:
+            for link in stuck:
+                if link.recalling or link.channel is None or link.channel.closed:
+                    continue
+                # What it may hold that another worker could run (not worker_num's).
+                wanted = [tid for tid, future in link.inflight.items()
+                          if future._lp_target is None and not future.done()]
+                if wanted:
+                    link.recalling = True
+                    link.channel.send(protocol.RECALL, len(wanted), dumps(wanted))
+        if busy:
+            self._watch_lag()
+
+    def _recalled(self, link: _Link, tids: list[int]) -> None:
+        """``link`` gave back these held tasks, unstarted: they go to the others."""
+        link.recalling = False
+        if not tids:
+            return
+        gone = set(tids)
+        link.held = collections.deque(tid for tid in link.held if tid not in gone)
+        link.unread -= len(tids)
+        self._take_back(link, tids)
+        # To the others: this one gets more when it next shows it can start it.
+        self._refill_all(but=link)
+
+    def _take_back(self, link: _Link, tids: Iterable[int]) -> None:
+        """Tasks ``link`` never started go back to the front of the pool's queue (or of
+        their worker's, with ``worker_num``), in the order they were sent."""
+        again: list[Entry] = []
+        again_targeted: list[Entry] = []
+        for tid in tids:
+            future = link.inflight.pop(tid, None)
+            if future is None:
+                continue
+            link.used -= _weight(future)
+            if future.done():
+                continue
+            (again if future._lp_target is None else again_targeted).append(_entry(future))
+        self._pending.extendleft(reversed(again))
+        self._slots[link.number].targeted.extendleft(reversed(again_targeted))
+
+    def _refill_all(self, but: _Link | None = None) -> None:
+        for slot in self._slots:
+            if slot.link is not None and slot.link is not but \
+                    and (self._pending or slot.targeted):
+                self._refill(slot)
+        if self._room_waiters:
+            self._wake_room()
+
     # -- frames from workers ---------------------------------------------------------------
 
     def _on_frames(self, link: _Link, frames: list[tuple[int, int, Any]]) -> None:
         inflight = link.inflight
         freed = 0
         completed = 0
+        acked = False
         metrics = self._metrics
+        link.reads += 1   # heard from: its loop runs
+        link.heard_at = self._loop.time()
+        link.blocked = False
         for kind, arg, payload in frames:
-            if kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
+            if kind == protocol.ACK:
+                link.unread -= arg
+                acked = True
+            elif kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
                 if kind == protocol.REPLY:
                     freed += 1
                 completed += 1
@@ -1190,6 +1373,17 @@ class Pool:
                 freed += self._on_mapped(link, arg, payload)
             elif kind == protocol.FREED:
                 freed += arg
+            elif kind == protocol.HELD:
+                link.held.extend(loads(payload))
+                link.overran = True
+            elif kind == protocol.TAKEN:
+                held = link.held
+                for _ in range(min(arg, len(held))):
+                    held.popleft()
+                acked = True
+            elif kind == protocol.RECALLED:
+                self._recalled(link, loads(payload))
+                acked = True
             elif kind == protocol.RESEND:
                 self._resend(link, payload)
             elif kind == protocol.RESULT or kind == protocol.LOG:
@@ -1208,11 +1402,17 @@ class Pool:
                     link.start_error = ('its start', '(the traceback could not be read)')
         if completed:
             self._counts['completed'] += completed
-        if freed:
+        if freed or acked:
             link.used -= freed
             slot = self._slots[link.number]
             if slot.link is link and (self._pending or slot.targeted
                                       or self._state is STOPPING):
+                if acked and not link.unread:
+                    if not link.overran and link.window < self._share:
+                        # It started all it had, in the budget of its turns, while work
+                        # waited here: a longer queue keeps it busy through the round trip.
+                        link.window = min(self._share, link.window * 2)
+                    link.overran = False
                 self._refill(slot)
             if self._room_waiters:
                 self._wake_room()
@@ -1431,6 +1631,7 @@ class Pool:
         # A replacement first replays the sticky broadcasts, then takes its share of work.
         for payload in self._sticky.values():
             link.used += 1
+            link.unread += 1
             link.channel.send(protocol.REPLAY, 0, payload)
         if successor:
             slot.successor = link   # the current worker serves until this one is ready
@@ -1575,18 +1776,25 @@ class Pool:
                 now = False   # written
             except ValueError:   # over the 4 GiB frame limit together: send one by one,
                 # so that only a message over the limit on its own fails
+                link.unread -= len(batch)   # counted again as each goes
                 self._resend(link, dumps([future._lp_tid for future in batch]))
                 batch = [future for future in batch if not future.done()]
         if now:
             link.channel.flush()
+        if self._lag_timer is None:
+            self._watch_lag()
         if len(batch) < before:   # slots came free: let waiting messages have them
             slot = self._slots[link.number]
             if slot.link is link:
                 self._refill(slot)
 
-    def _unsend(self, link: _Link, future: _TaskFuture) -> None:
+    def _unsend(self, link: _Link, future: _TaskFuture, counted: bool = True) -> None:
+        """``future`` was dealt to ``link`` but is not sent after all (with ``counted``,
+        it was counted as on its way)."""
         link.inflight.pop(future._lp_tid, None)
         link.used -= 1
+        if counted:
+            link.unread -= 1
 
     def _resend(self, link: _Link, payload: Any) -> None:
         """The worker could not unpickle a batch: send its tasks one by one, so that only
@@ -1601,14 +1809,16 @@ class Pool:
             if future is None:
                 continue
             if future.done():   # cancelled while its batch came back: never ran
-                self._unsend(link, future)
+                self._unsend(link, future, counted=False)
                 continue
             try:
                 link.channel.send(protocol.TASK, tid, dumps(future._lp_message))
             except Exception as exc:   # over the frame limit on its own
-                self._unsend(link, future)
+                self._unsend(link, future, counted=False)
                 future.set_exception(exc)
                 self._counts['failed'] += 1
+                continue
+            link.unread += 1
 
     def _title(self, number: int) -> str | None:
         title = self._options['title']
@@ -1665,6 +1875,11 @@ class Pool:
                 self._take_over(slot, slot.successor)
         elif link in slot.retiring:
             slot.retiring.remove(link)
+        # What it reported held and never took did not start: it runs elsewhere.
+        given_back = bool(link.held)
+        if given_back:
+            held, link.held = link.held, collections.deque()
+            self._take_back(link, held)
         lost = list(link.inflight.values())
         link.inflight.clear()
         link.used = 0
@@ -1719,6 +1934,8 @@ class Pool:
                         f'the pool stopped before worker {slot.number} could take this task'))
                 slot.targeted.clear()
             self._check_stopped()
+        if given_back and self._state is not STOPPED:
+            self._refill_all()
         if self._room_waiters:
             self._wake_room()   # a replacement has room; or map() must see the pool stop
 
@@ -1809,6 +2026,9 @@ class Pool:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._lag_timer is not None:
+            self._lag_timer.cancel()
+            self._lag_timer = None
         _live_pools.discard(self)
         future = self._stop_future
         if future is not None and not future.done():
@@ -2035,6 +2255,19 @@ def _pickle_batch(batch: list[_TaskFuture]) -> bytes:
     if len(batch) == 1:
         return dumps(batch[0]._lp_message)
     return dumps(list(map(_message_of, batch)))
+
+
+def _entry(future: _TaskFuture) -> Entry:
+    """How a task given back unstarted waits to be sent again."""
+    if isinstance(future, _ChunkFuture):
+        return (protocol.MAP, future._lp_tid, future._lp_message, future)
+    if future._lp_sink is not None:   # a pool host's task: its message is a pickle
+        return (protocol.TASK, future._lp_tid, future._lp_message, future)
+    return future
+
+
+def _queued_first(entry: tuple[int, int, _Link]) -> int:
+    return entry[0]
 
 
 def _weight(future: _TaskFuture) -> int:

@@ -18,6 +18,7 @@ REPLAY     0            pickled sticky broadcast, replayed to a replacement: run
 TASKS      count        a batch of TASKs sent in one loop iteration: see ``pack``
 MAP        task id      pickled list of messages (a chunk of ``Pool.map``): each is
                         handled as a TASK; the worker answers with one MAPPED
+RECALL     count        pickled ids of tasks: send back those you hold, not started
 ========== ============ ===========================================================
 
 Worker to parent:
@@ -43,6 +44,15 @@ MAPPED       task id      the answer to a MAP, packed like a batch (see ``pack``
                           "ids" are ``[slots freed]``, the items ``(replies, errors)``,
                           errors mapping a position to a pickled ``(exception, text)``;
                           ``(None, {-1: error})`` when the chunk could not be unpickled
+ACK          count        --; that many messages were read (a TASKS frame counts its
+                          tasks, every other frame that carries work one)
+HELD         count        pickled ids of tasks (TASK, TASKS, MAP) put in the worker's
+                          inbox, not started: its loop ran over its budget
+TAKEN        count        --; the first ``count`` held tasks are about to start. Sent,
+                          and written, before they start: a held task the parent has
+                          not seen taken never ran, whatever happens to the worker
+RECALLED     count        pickled ids of the held tasks sent back for a RECALL (none
+                          of them started); they are no longer held
 ============ ============ =========================================================
 
 Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
@@ -58,9 +68,12 @@ import pickle
 import struct
 from typing import Any, NamedTuple
 
-TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP = range(1, 10)
+TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP, RECALL = range(1, 11)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
-REPLIES, RESEND, MAPPED = 25, 26, 27
+REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED = range(25, 32)
+
+# The frames that carry work to a worker.
+WORK = frozenset((TASK, NOTE, REPLAY, TASKS, MAP))
 
 # Protocol 5 adds out-of-band buffers and is the fastest for large bytes-like payloads.
 PROTOCOL = 5

@@ -9,8 +9,17 @@ Inside one worker process::
                         (see looppool.eager): one that never suspends costs no Task
         CANCEL       -> the task's asyncio.Task is cancelled
         CREDIT       -> room for more _put_nowait results
+        RECALL       -> the held tasks go back to the parent (RECALLED), unstarted
         STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
-    replies, FREED counts and _put_nowait results go back through the same channel.
+    replies, FREED counts and _put_nowait results go back through the same channel,
+    with an ACK of what was read at every flush.
+
+Work is started as it is read, for at most _BUDGET seconds of one turn of the loop. What
+comes after that (the rest of a batch behind a CPU-bound handler, the next frames) waits
+in the inbox and is reported HELD; later turns take it in order, a few at a time, and
+announce each take (TAKEN) before starting it, so that the parent knows exactly which
+tasks never started: it may take those back (RECALL) for a worker with room, and if this
+process dies they run elsewhere instead of failing.
 
 Who owns what: the :class:`_Runner` owns the channel, the table of suspended tasks and the
 counters; the :class:`~looppool.Worker` instance is the user's and owns only the user's
@@ -30,6 +39,7 @@ import pickle
 import signal
 import socket
 import threading
+import time
 import traceback
 import types
 from collections.abc import Awaitable, Callable
@@ -60,6 +70,14 @@ _origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin',
 _REPLAYED = -1
 # Replies that leave before the end of a read that holds many batches.
 _EARLY_REPLIES = 256
+# Seconds of starting work in one turn of the loop; what is left waits in the inbox, where
+# the parent can see it and take it back, and the loop gets to read the socket.
+_BUDGET = 0.005
+# The most held messages one turn takes.
+_MAX_TAKE = 4096
+# An inbox entry of a batch: its messages are unpickled, some may have started.
+_REST = -1
+_monotonic = time.monotonic
 
 class _Runner:
     """Drives one :class:`Worker` in its process: frames in, tasks run, frames out.
@@ -91,6 +109,17 @@ class _Runner:
         self.looppool_style = worker_class._process_message is not Worker._process_message
         self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
+        # Work read and not started, in order: (kind, task id(s) or origin, payload).
+        self.inbox: collections.deque[tuple[int, Any, Any]] = collections.deque()
+        self.new_held: list[int] = []   # ids in the inbox not yet reported HELD
+        self.reported = 0          # ids in the inbox reported HELD (they come first)
+        self.cancelled: set[int] = set()  # held tasks the parent gave up on
+        self.read = 0              # messages started since the last ACK
+        self.slow = False          # a turn overran its budget: new work is held
+        self.deadline = 0.0        # the end of this turn's budget
+        self.resume_due = False
+        self.take = 1              # how many held messages the next turn takes
+        self.taken: list[tuple[int, Any, Any]] | None = None   # waits for TAKEN to leave
         self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
                                before_flush=self.before_flush)
 
@@ -103,25 +132,31 @@ class _Runner:
     # -- frames from the parent ------------------------------------------------------------
 
     def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        self.deadline = _monotonic() + _BUDGET
         for kind, arg, payload in frames:
-            if kind == protocol.TASKS:
-                self.start_batch(payload)
-                if len(self.reply_tids) >= _EARLY_REPLIES:
-                    # A long read: send what is answered so far, so the parent can send
-                    # more work while this process goes on with the rest of the read.
-                    self.channel.flush()
-            elif kind == protocol.MAP:
-                self.start_map(arg, payload)
-            elif kind == protocol.TASK:
-                self.start_task(arg, payload, True)
-            elif kind == protocol.NOTE:
-                self.start_task(arg, payload, False)
-            elif kind == protocol.REPLAY:
-                self.start_task(_REPLAYED, payload, False)
+            if kind in protocol.WORK:
+                if self.slow:
+                    self.hold(kind, arg, payload)
+                    continue
+                if kind == protocol.TASKS:
+                    self.start_batch(payload)
+                    if len(self.reply_tids) >= _EARLY_REPLIES:
+                        # A long read: send what is answered so far, so the parent can
+                        # send more work while this process goes on with the rest.
+                        self.channel.flush()
+                else:
+                    self.start_one(kind, arg, payload)
+                    self.read += 1
+                if not self.slow and _monotonic() > self.deadline:
+                    self.overran()
             elif kind == protocol.CANCEL:
                 task = self.running.get(arg)
                 if task is not None:
                     task.cancel()
+                elif self.inbox or self.taken:
+                    self.cancelled.add(arg)   # answered when its turn comes
+            elif kind == protocol.RECALL:
+                self.recall(set(loads(payload)))
             elif kind == protocol.CREDIT:
                 self.credited(arg)
             elif kind == protocol.STOP:
@@ -140,37 +175,56 @@ class _Runner:
         try:
             messages = loads(messages_pickle)
         except BaseException:
+            self.read += len(tids)   # done with: the parent sends them again
             self.channel.send(protocol.RESEND, 0, dumps(tids))
             return
+        position = self.start_list(tids, messages, self.deadline)
+        self.read += position
+        if position < len(tids):   # over budget: the rest waits in the inbox
+            rest = tids[position:]
+            self.inbox.append((_REST, rest, messages[position:]))
+            self.new_held.extend(rest)
+
+    def start_list(self, tids: list[int], messages: list[Any], deadline: float) -> int:
+        """Start the tasks of a batch in order until the clock passes ``deadline`` (then
+        the turn has overran); return how many were started."""
+        count = len(tids)
         if self.looppool_style or not self.batch_replies:
             run = self.run
-            for tid, message in zip(tids, messages):
-                run(tid, message, True)
-            return
+            for position in range(count):
+                run(tids[position], messages[position], True)
+                if _monotonic() > deadline:
+                    self.overran()
+                    return position + 1
+            return count
         # The common case, kept tight: handle() coroutines stepped eagerly one after
         # another; those that finish at once answer in this iteration's REPLIES frame.
         with eager.Steps(self.loop) as steps:
             if eager.NATIVE:
-                self.start_some(steps, tids, messages, 0, None, None)
-                return
+                return self.start_some(steps, tids, messages, 0, None, None, deadline)
             # Every first step runs in a copy of this context, as a Task's would. One copy
             # serves consecutive handlers while none of them changes a variable in it
             # (comparing it with the original is a pointer comparison until one does):
             # entering a context per handler would cost a fifth of this loop.
             base = contextvars.copy_context()
-            position, count = 0, len(tids)
+            position = 0
             while position < count:
                 context = base.copy()
                 position = context.run(self.start_some, steps, tids, messages, position,
-                                       context, base)
-        # No flush to schedule for these replies: on_frames, our only caller, flushes.
+                                       context, base, deadline)
+                if position < count and _monotonic() > deadline:
+                    self.overran()
+                    break
+            return position
+        # No flush to schedule for these replies: the caller flushes.
 
     def start_some(self, steps: eager.Steps, tids: list[int], messages: list[Any],
                    position: int, context: contextvars.Context | None,
-                   base: contextvars.Context | None) -> int:
+                   base: contextvars.Context | None, deadline: float) -> int:
         """Start the batch's handlers from ``position`` on; return where it stopped: at the
-        end, or (with ``context``, on Python 3.10 and 3.11) right after a handler that
-        changed a context variable, so that the next one starts in a fresh copy.
+        end, once the clock passes ``deadline`` (the turn overran), or (with ``context``,
+        on Python 3.10 and 3.11) right after a handler that changed a context variable, so
+        that the next one starts in a fresh copy.
 
         No origin is set for these tasks (a context variable costs a tenth of this loop):
         it routes _put_nowait results to a pool host's clients, and a host's workers never
@@ -185,7 +239,11 @@ class _Runner:
         stopping = self.stopping
         first_step = steps.run if context is None else steps.send_first
         count = len(tids)
+        clock = _monotonic
         while position < count:
+            if clock() > deadline:
+                self.overran()
+                return position
             tid = tids[position]
             message = messages[position]
             position += 1
@@ -220,6 +278,191 @@ class _Runner:
             if context is not None and context != base:
                 return position
         return position
+
+    def start_one(self, kind: int, arg: int, payload: Any) -> None:
+        """Start the work of one frame other than TASKS."""
+        if kind == protocol.TASK:
+            self.start_task(arg, payload, True)
+        elif kind == protocol.MAP:
+            self.start_map(arg, payload)
+        elif kind == protocol.NOTE:
+            self.start_task(arg, payload, False)
+        else:   # REPLAY
+            self.start_task(_REPLAYED, payload, False)
+
+    # -- the inbox: work held while the loop is over its budget ---------------------------
+
+    def overran(self) -> None:
+        """This turn used its budget: what comes next waits in the inbox, and a later turn
+        (after the loop has read the socket) takes it."""
+        self.slow = True
+        if not self.resume_due:
+            self.resume_due = True
+            self.loop.call_soon(self.resume)
+
+    def hold(self, kind: int, arg: int, payload: Any) -> None:
+        """Put the work of one frame in the inbox (its payload is only lent: copied)."""
+        if kind == protocol.TASKS:
+            tids, messages_pickle = protocol.unpack_ids(payload)
+            try:
+                messages = loads(messages_pickle)
+            except BaseException:
+                self.read += len(tids)   # done with: the parent sends them again
+                self.channel.send(protocol.RESEND, 0, dumps(tids))
+                return
+            self.inbox.append((_REST, tids, messages))
+            self.new_held.extend(tids)
+            return
+        self.inbox.append((kind, arg, bytes(payload)))
+        if kind == protocol.TASK or kind == protocol.MAP:
+            self.new_held.append(arg)
+
+    def report_held(self) -> None:
+        """Tell the parent which tasks wait in the inbox, not reported yet. Not while it
+        does not read what this process sends: a task it never heard was held may start
+        without a TAKEN (to the parent it is as good as started), so nothing waits for a
+        parent whose loop is held."""
+        if self.new_held and not self.channel.backed_up:
+            held, self.new_held = self.new_held, []
+            self.reported += len(held)
+            self.channel.send(protocol.HELD, len(held), dumps(held))
+
+    def recall(self, wanted: set[int]) -> None:
+        """Send back to the parent the held tasks it asks for (reported held or not: it
+        asks for what it sent and may not have heard of); the rest stays, in order."""
+        tids: list[int] = []
+        kept: collections.deque[tuple[int, Any, Any]] = collections.deque()
+        count = 0   # task ids left in the inbox
+        for entry in self.inbox:
+            kind, arg, payload = entry
+            if kind == _REST:
+                stay = [i for i, tid in enumerate(arg) if tid not in wanted]
+                if len(stay) < len(arg):
+                    tids.extend(tid for tid in arg if tid in wanted)
+                    if not stay:
+                        continue
+                    entry = (_REST, [arg[i] for i in stay], [payload[i] for i in stay])
+                count += len(stay)
+            elif (kind == protocol.TASK or kind == protocol.MAP):
+                if arg in wanted:
+                    tids.append(arg)
+                    continue
+                count += 1
+            kept.append(entry)
+        self.inbox = kept
+        if tids:
+            gone = set(tids)
+            self.new_held = [tid for tid in self.new_held if tid not in gone]
+            self.reported = count - len(self.new_held)
+            self.cancelled.difference_update(gone)
+        self.channel.send(protocol.RECALLED, len(tids), dumps(tids))
+
+    def resume(self) -> None:
+        """A later turn: read what came first (a RECALL, a CANCEL, more work), then take
+        the next held messages, announced to the parent before they start."""
+        self.resume_due = False
+        if self.stopped or self.orphaned or self.taken is not None:
+            return
+        self.channel.drain()   # (nothing, if it is closed)
+        if self.channel.closed:
+            return
+        inbox = self.inbox
+        if not inbox:
+            self.slow = False
+            self.channel.flush()
+            if self.stopping:
+                self.maybe_stop()
+            return
+        want = self.take
+        taken: list[tuple[int, Any, Any]] = []
+        count = announced = 0
+        while inbox and count < want:
+            kind, arg, payload = inbox[0]
+            if kind == _REST:
+                room = want - count
+                if len(arg) > room:
+                    taken.append((_REST, arg[:room], payload[:room]))
+                    inbox[0] = (_REST, arg[room:], payload[room:])
+                    count += room
+                    announced += room
+                    break
+                count += len(arg)
+                announced += len(arg)
+            else:
+                count += 1
+                if kind == protocol.TASK or kind == protocol.MAP:
+                    announced += 1
+            taken.append(inbox.popleft())
+        # Those reported held come first; a TAKEN tells the parent they start. The others
+        # it never heard of: they start as they are.
+        reported = min(announced, self.reported)
+        self.reported -= reported
+        del self.new_held[:announced - reported]
+        if reported:
+            self.channel.send(protocol.TAKEN, reported)
+        self.report_held()   # what stays behind
+        self.channel.flush()
+        self.taken = taken
+        if reported and self.channel.wants_write:
+            # Not started before the parent can read that they were: else, were this
+            # process to die, it would think them never started and run them again.
+            self.channel.on_drained = self.run_taken
+            return
+        self.run_taken()
+
+    def run_taken(self) -> None:
+        """Start the messages this turn took (their TAKEN is written)."""
+        taken, self.taken = self.taken, None
+        if taken is None or self.stopped or self.orphaned:
+            return
+        began = _monotonic()
+        count = 0
+        cancelled = self.cancelled
+        for kind, arg, payload in taken:
+            if kind == _REST:
+                count += len(arg)
+                if cancelled:
+                    tids, messages = [], []
+                    for tid, message in zip(arg, payload):
+                        if tid in cancelled:
+                            self.refuse(tid)
+                        else:
+                            tids.append(tid)
+                            messages.append(message)
+                    arg, payload = tids, messages
+                self.start_list(arg, payload, float('inf'))
+                continue
+            count += 1
+            if cancelled and arg in cancelled and kind in (protocol.TASK, protocol.MAP):
+                if kind == protocol.TASK:
+                    self.refuse(arg)
+                else:
+                    cancelled.discard(arg)
+                    self.send_mapped(arg, None, {-1: self.encode_error(
+                        asyncio.CancelledError(), None)})
+                continue
+            self.start_one(kind, arg, payload)
+        self.read += count
+        spent = _monotonic() - began
+        # Take as many next time as fit the budget at this turn's pace.
+        each = spent / count if count else _BUDGET
+        self.take = max(1, min(_MAX_TAKE, int(_BUDGET / each) if each > 0 else _MAX_TAKE))
+        if self.inbox or spent > _BUDGET:
+            self.overran()   # (a turn that overran leaves the next read held too)
+        else:
+            self.slow = False
+        self.channel.flush()
+        if self.stopping:
+            self.maybe_stop()
+
+    def refuse(self, tid: int) -> None:
+        """Answer a held task the parent cancelled before it started: it never runs."""
+        self.cancelled.discard(tid)
+        if self.looppool_style:
+            self.open_slots += 1   # freed right away: the handler never ran
+        self.finish(tid, True, asyncio.CancelledError(), failed=True)
+        if self.looppool_style:
+            self.task_done()
 
     def start_map(self, tid: int, payload: Any) -> None:
         """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in
@@ -456,6 +699,9 @@ class _Runner:
             self.maybe_stop()
 
     def before_flush(self) -> None:
+        if self.read:
+            read, self.read = self.read, 0
+            self.channel.send(protocol.ACK, read)
         if self.reply_tids:
             self.send_replies()
         if self.freed:
@@ -541,7 +787,8 @@ class _Runner:
     # -- stopping --------------------------------------------------------------------------
 
     def maybe_stop(self) -> None:
-        if self.stopped or self.orphaned or self.running or self.open_slots or self.held:
+        if self.stopped or self.orphaned or self.running or self.open_slots or self.held \
+                or self.inbox or self.taken is not None:
             return
         self.stopped = True
         eager.start(self.loop, self.finalise_and_exit())
@@ -559,6 +806,18 @@ class _Runner:
 
     def terminate(self) -> None:
         self.stopping = True
+        # What never started is answered as cancelled, as what runs is.
+        taken, self.taken = self.taken or [], None
+        inbox, self.inbox = self.inbox, collections.deque()
+        for kind, arg, _ in [*taken, *inbox]:
+            if kind == _REST:
+                for tid in arg:
+                    self.refuse(tid)
+            elif kind == protocol.TASK:
+                self.refuse(arg)
+            elif kind == protocol.MAP:
+                self.send_mapped(arg, None, {-1: self.encode_error(
+                    asyncio.CancelledError(), None)})
         for task in list(self.running.values()):
             task.cancel()
         self.open_slots = 0
@@ -574,6 +833,8 @@ class _Runner:
             return
         self.stopping = True
         self.orphaned = True
+        self.inbox.clear()
+        self.taken = None
         # The loop runs, so the short deadline the death signal set (for a blocked loop)
         # gives way to the cleanup's; past it, a handler that blocks in its cleanup, or a
         # join() that hangs, must not keep the process alive.

@@ -13,11 +13,12 @@ import looppool
 
 
 def spin(seconds: float) -> tuple[int, float]:
-    """Hold the loop (busy, no await) for ``seconds`` of wall time; return this process's
-    pid and the CPU time it used meanwhile."""
+    """Hold the loop (busy, no await) until this process has used ``seconds`` of CPU time
+    (so that the CPU time a worker is given is the work it was dealt, however loaded the
+    machine); return this process's pid and the CPU time it used."""
     cpu = time.process_time()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    deadline = cpu + seconds
+    while time.process_time() < deadline:
         pass
     return os.getpid(), time.process_time() - cpu
 

@@ -130,8 +130,10 @@ def test_a_worker_whose_loop_is_held_gets_no_new_work() -> None:
 @pytest.mark.timeout(60)
 def test_a_burst_does_not_wait_behind_a_held_loop() -> None:
     """Messages submitted in the same loop iteration as a CPU-bound one are not stuck
-    behind it: those the busy worker holds unstarted are taken back, the rest wait in the
-    parent, and all are answered by the other worker while the first still computes."""
+    behind it: the busy worker is sent no more than a fresh worker's window (it has not
+    acknowledged anything yet), the rest wait in the parent and are answered by the other
+    worker while the first still computes; those it was sent are taken back unstarted
+    once it reads again, and answered too."""
     async def main() -> None:
         async with looppool.Pool(pool_size=2, worker_class=Balance) as pool:
             pids = await _answer(pool.broadcast(('pid',)), 'the first broadcast')
@@ -142,9 +144,11 @@ def test_a_burst_does_not_wait_behind_a_held_loop() -> None:
             for future in burst:
                 future.add_done_callback(lambda _: order.append('io'))
             replies = await _answer(asyncio.gather(*burst), 'the burst')
-            assert replies == [pids[1]] * 20, replies
+            # At most the window less the spin went to worker 0 before it was known busy.
+            behind = looppool.pool._FIRST_WINDOW - 1
+            assert replies.count(pids[1]) >= 20 - behind, replies
             # done callbacks run in the order the futures were resolved
-            assert order[:20] == ['io'] * 20, f'the spin ended first: {order}'
+            assert order[:20 - behind] == ['io'] * (20 - behind), f'too few first: {order}'
             assert (await _answer(spinning, 'the spin'))[0] == pids[0]
 
     run(main())
