@@ -90,6 +90,10 @@ _LAG_CHECK = 0.015
 # halves when the worker is found blocked, never past its share of max_tasks.
 _FIRST_WINDOW = 4
 _MIN_WINDOW = 2
+# map() without a chunksize: its first chunks hold this many messages, the later ones
+# about this many seconds of a worker's time, at the pace seen so far.
+_FIRST_CHUNK = 4
+_CHUNK_SECONDS = 0.005
 
 _OPTIONS = {
     'stop_timeout': 30.0,
@@ -821,9 +825,12 @@ class Pool:
         An exception raised by a handler (or ``WorkerLost``, when a worker dies with the
         chunk) is raised here at that message's place, after the replies before it; the
         chunks still out are cancelled, as they are when the loop over ``map()`` is left
-        early. ``chunksize`` defaults to a quarter of a worker's share of ``max_tasks``, at
-        most 1024, and for messages of known length (a list, a range) to no more than
-        spreads them over four chunks a worker. Needs a Worker with ``handle()``.
+        early. Without ``chunksize``, chunks follow the work: small at first, then as many
+        messages as the workers get through in about 5 ms at the pace seen so far (so
+        tiny messages travel a thousand to a chunk, and long ones one by one, each to
+        the worker that has room), at most a quarter of a worker's share of
+        ``max_tasks`` or 1024, and for messages of known length (a list, a range) no more
+        than spreads them over four chunks a worker. Needs a Worker with ``handle()``.
         """
         if self._state is not RUNNING:
             raise self._not_running()
@@ -831,6 +838,7 @@ class Pool:
             raise TypeError(f'map() needs replies: {self._worker_class.__qualname__} '
                             'overrides _process_message (Looppool style); give it a '
                             'handle() method')
+        adapt = chunksize is None
         if chunksize is None:
             chunksize = max(1, min(1024, self._share // 4))
             known = operator.length_hint(messages, 0)
@@ -839,33 +847,39 @@ class Pool:
         else:
             _check_int('chunksize', chunksize, 1)
             chunksize = min(chunksize, self._share)
-        source = _Chunks(messages, chunksize)
+        source = _Chunks(messages)
         # The chunks sent and not yet yielded, in order. The workers' shares bound those in
         # flight to max_tasks; this bounds those done and waiting for their turn to as many,
         # so a slow message at the head does not let replies pile up behind it.
         window: collections.deque[tuple[_ChunkFuture, int]] = collections.deque()
         held = 0
         limit = 2 * max(self._max_tasks, chunksize)
+        size = min(chunksize, _FIRST_CHUNK) if adapt else chunksize
+        began = 0.0     # loop time of the first chunk sent
+        completed = 0   # messages answered
         try:
             while True:
                 # Send while a worker has room for a whole chunk (the queued submits first).
-                while not source.done and self._state is RUNNING and held + chunksize <= limit:
+                while not source.done and self._state is RUNNING and held + size <= limit:
                     # The submits waiting in the pool go first.
                     if self._outbox:
                         self._flush_outbox()
-                    link = None if self._pending else self._next_link(chunksize)
+                    link = None if self._pending else self._next_link(size)
                     if link is None:
                         break
-                    chunk = await source.take()
+                    chunk = await source.take(size)
                     if chunk:
+                        if not began:
+                            began = self._loop.time()
                         window.append((self._send_chunk(link, chunk), len(chunk)))
                         held += len(chunk)
                 # Yield what is ready at the head, in order.
                 yielded = False
                 while window and window[0][0].done():
                     yielded = True
-                    head, size = window.popleft()
-                    held -= size
+                    head, count = window.popleft()
+                    held -= count
+                    completed += count
                     replies, errors = head.result()
                     if not errors:
                         for reply in replies:
@@ -875,6 +889,12 @@ class Pool:
                     for reply in replies[:max(first, 0)]:
                         yield reply
                     raise errors[first]
+                if adapt and yielded:
+                    # Each worker's time per message so far: the next chunks hold about
+                    # _CHUNK_SECONDS of work.
+                    each = (self._loop.time() - began) * self.pool_size / completed
+                    size = max(1, min(chunksize, int(_CHUNK_SECONDS / each)
+                                      if each > 0 else chunksize))
                 if not window:
                     if source.done:
                         return
@@ -2283,9 +2303,9 @@ def _wake(waiter: asyncio.Future[None], _: Any = None) -> None:
 class _Chunks:
     """Reads an iterable or an async iterable in lists of ``size``."""
 
-    __slots__ = ('iterator', 'is_async', 'size', 'done')
+    __slots__ = ('iterator', 'is_async', 'done')
 
-    def __init__(self, messages: Iterable[Any] | AsyncIterable[Any], size: int) -> None:
+    def __init__(self, messages: Iterable[Any] | AsyncIterable[Any]) -> None:
         self.is_async = hasattr(messages, '__aiter__')
         if self.is_async:
             self.iterator: Any = messages.__aiter__()  # type: ignore[union-attr]
@@ -2294,19 +2314,18 @@ class _Chunks:
         else:
             raise TypeError(f'map() takes an iterable or an async iterable of messages, '
                             f'not {type(messages).__qualname__}')
-        self.size = size
         self.done = False
 
-    async def take(self) -> list[Any]:
+    async def take(self, size: int) -> list[Any]:
         chunk: list[Any] = []
         if self.is_async:
             try:
-                while len(chunk) < self.size:
+                while len(chunk) < size:
                     chunk.append(await self.iterator.__anext__())
             except StopAsyncIteration:
                 self.done = True
         else:
-            chunk = list(itertools.islice(self.iterator, self.size))
-            if len(chunk) < self.size:
+            chunk = list(itertools.islice(self.iterator, size))
+            if len(chunk) < size:
                 self.done = True
         return chunk
