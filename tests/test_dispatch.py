@@ -145,7 +145,7 @@ def test_a_burst_does_not_wait_behind_a_held_loop() -> None:
                 future.add_done_callback(lambda _: order.append('io'))
             replies = await _answer(asyncio.gather(*burst), 'the burst')
             # At most the window less the spin went to worker 0 before it was known busy.
-            behind = looppool.pool._FIRST_WINDOW - 1
+            behind = looppool.link._FIRST_WINDOW - 1
             assert replies.count(pids[1]) >= 20 - behind, replies
             # done callbacks run in the order the futures were resolved
             assert order[:20 - behind] == ['io'] * (20 - behind), f'too few first: {order}'

@@ -47,7 +47,7 @@ def no_gc() -> Iterator[None]:
 def test_replaced_workers_leave_no_descriptor_open(no_gc: None, how: str,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # Twenty kills in a row would otherwise be restarted with back-off (quick deaths).
-    monkeypatch.setattr(looppool.pool, '_QUICK_DEATH', 0.0)
+    monkeypatch.setattr(looppool.supervise, '_QUICK_DEATH', 0.0)
     options: dict[str, Any] = {'max_tasks_per_worker': 1} if how == 'recycled' else {}
 
     async def replace(pool: looppool.Pool) -> tuple[int, Any]:

@@ -262,7 +262,7 @@ FLOOD_RECORDS = 30
 FLOOD_RECORD_SIZE = 400_000
 # (As many as a fresh worker's window holds with the flood message: the rest of a burst
 # would wait in the parent, whose loop the handler holds.)
-QUICK_MESSAGES = looppool.pool._FIRST_WINDOW - 1
+QUICK_MESSAGES = looppool.link._FIRST_WINDOW - 1
 # How long the parent's handler waits, at most, for the worker to answer every quick
 # message while the handler holds the parent's loop.
 STUCK_HANDLER_SECONDS = 30

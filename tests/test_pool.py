@@ -609,7 +609,7 @@ def test_submits_made_in_one_loop_iteration_reach_the_worker_together() -> None:
         assert groups[0] == 1            # the warm-up
         burst = groups[1:]
         assert sum(burst) == 20
-        window = looppool.pool._FIRST_WINDOW
+        window = looppool.link._FIRST_WINDOW
         assert burst[0] == 1 and burst[1] >= min(19, window - 1), burst
         assert len(burst) <= 2 + -(-19 // window), burst
 

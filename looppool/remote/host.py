@@ -14,7 +14,9 @@ from typing import Any
 
 from .. import protocol
 from ..errors import PoolClosed
-from ..pool import Pool, _parent_fds, _RawFuture
+from ..pool import Pool
+from ..supervise import _parent_fds
+from ..tasks import _RawFuture
 from ..protocol import dumps
 from ..worker import Worker
 from .access import Address, _host_proof, _peer_uid, _private_directory, _still_private
@@ -223,7 +225,7 @@ class _Session(_Framed):
             return
         pool = self.host.pool
         pool._counts['submitted'] += 1
-        pool._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT, bytes(payload),
+        pool._dispatcher._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT, bytes(payload),
                         _Ack(self)), worker_num)
 
     def start(self, tid: int, payload: Any, worker_num: int | None) -> None:
@@ -244,7 +246,7 @@ class _Session(_Framed):
             return
         pool = self.host.pool
         if sticky:
-            pool._remember_sticky(sticky, payload)
+            pool._dispatcher._remember_sticky(sticky, payload)
         replies: list[Any] = [None] * pool.pool_size
         missing = [pool.pool_size]
 
@@ -334,7 +336,7 @@ class _Host:
         self.arm_idle_timer(max(self.idle_timeout or 0.0, _FIRST_CLIENT_GRACE))
 
     def accepting(self, session: _Session, tid: int) -> bool:
-        if self.pool._state == 'running':
+        if self.pool.state == 'running':
             return True
         if tid:
             session.send(H_ERROR, tid, _encode_error(PoolClosed('the pool host is stopping')))

@@ -43,7 +43,8 @@ import time
 import traceback
 from typing import Any, NamedTuple
 
-from ..pool import _back_off, _how_it_ended, _likely_cause, _resolve_context
+from ..pool import _resolve_context
+from ..supervise import _back_off, _how_it_ended, _likely_cause
 from ..worker import Worker
 from .access import Address, _answers
 from .host import _run_host

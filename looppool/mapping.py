@@ -1,0 +1,153 @@
+"""``Pool.map``: every message of an iterable to the workers, the replies in order.
+
+The messages travel in chunks (one pickle, one frame, one future per chunk); a chunk goes
+to the worker with room for it, like a ``submit()``, and its answer (MAPPED) resolves the
+chunk's future with the replies and errors of its messages. Without a ``chunksize`` the
+chunks follow the work: :data:`_FIRST_CHUNK` messages at first, then about
+:data:`_CHUNK_SECONDS` of a worker's time at the pace seen so far.
+
+Runs on the pool's loop, in the caller's task; not thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import operator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .errors import PoolClosed
+from .supervise import RUNNING
+from .tasks import _ChunkFuture, _wake
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+_FIRST_CHUNK = 4
+_CHUNK_SECONDS = 0.005
+
+
+async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
+              chunksize: int | None) -> AsyncIterator[Any]:
+    """The replies of ``messages``, in order: see :meth:`Pool.map`."""
+    if pool._supervisor._state is not RUNNING:
+        raise pool._not_running()
+    if pool._worker_class._process_message is not Worker._process_message:
+        raise TypeError(f'map() needs replies: {pool._worker_class.__qualname__} '
+                        'overrides _process_message (Looppool style); give it a '
+                        'handle() method')
+    from .pool import _check_int   # (pool imports this module)
+    adapt = chunksize is None
+    if chunksize is None:
+        chunksize = max(1, min(1024, pool._share // 4))
+        known = operator.length_hint(messages, 0)
+        if known:   # spread a short one over every worker, a few chunks each
+            chunksize = min(chunksize, -(-known // (4 * pool.pool_size)))
+    else:
+        _check_int('chunksize', chunksize, 1)
+        chunksize = min(chunksize, pool._share)
+    source = _Chunks(messages)
+    # The chunks sent and not yet yielded, in order. The workers' shares bound those in
+    # flight to max_tasks; this bounds those done and waiting for their turn to as many,
+    # so a slow message at the head does not let replies pile up behind it.
+    window: collections.deque[tuple[_ChunkFuture, int]] = collections.deque()
+    held = 0
+    limit = 2 * max(pool._max_tasks, chunksize)
+    size = min(chunksize, _FIRST_CHUNK) if adapt else chunksize
+    began = 0.0     # loop time of the first chunk sent
+    completed = 0   # messages answered
+    try:
+        while True:
+            # Send while a worker has room for a whole chunk (the queued submits first).
+            while not source.done and pool._supervisor._state is RUNNING and held + size <= limit:
+                # The submits waiting in the pool go first.
+                if pool._dispatcher._outbox:
+                    pool._dispatcher._flush_outbox()
+                link = None if pool._pending else pool._dispatcher._next_link(size)
+                if link is None:
+                    break
+                chunk = await source.take(size)
+                if chunk:
+                    if not began:
+                        began = pool._loop.time()
+                    window.append((pool._dispatcher._send_chunk(link, chunk), len(chunk)))
+                    held += len(chunk)
+            # Yield what is ready at the head, in order.
+            yielded = False
+            while window and window[0][0].done():
+                yielded = True
+                head, count = window.popleft()
+                held -= count
+                completed += count
+                replies, errors = head.result()
+                if not errors:
+                    for reply in replies:
+                        yield reply
+                    continue
+                first = min(errors)
+                for reply in replies[:max(first, 0)]:
+                    yield reply
+                raise errors[first]
+            if adapt and yielded:
+                # Each worker's time per message so far: the next chunks hold about
+                # _CHUNK_SECONDS of work.
+                each = (pool._loop.time() - began) * pool.pool_size / completed
+                size = max(1, min(chunksize, int(_CHUNK_SECONDS / each)
+                                  if each > 0 else chunksize))
+            if not window:
+                if source.done:
+                    return
+                if pool._supervisor._state is not RUNNING:
+                    raise PoolClosed('the pool stopped before map() sent every message')
+                if yielded:
+                    continue   # everything sent was yielded: send the next chunks
+            # Wait for the head chunk, or for room to send another.
+            waiter = pool._loop.create_future()
+            pool._dispatcher._room_waiters.append(waiter)
+            wake = functools.partial(_wake, waiter)
+            oldest = window[0][0] if window else None
+            if oldest is not None:
+                oldest.add_done_callback(wake)
+            try:
+                await waiter
+            finally:
+                if oldest is not None:
+                    oldest.remove_done_callback(wake)
+    finally:
+        for future, _ in window:
+            future.cancel()
+
+
+
+class _Chunks:
+    """Reads an iterable or an async iterable in lists of ``size``."""
+
+    __slots__ = ('iterator', 'is_async', 'done')
+
+    def __init__(self, messages: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self.is_async = hasattr(messages, '__aiter__')
+        if self.is_async:
+            self.iterator: Any = messages.__aiter__()  # type: ignore[union-attr]
+        elif hasattr(messages, '__iter__'):
+            self.iterator = iter(messages)  # type: ignore[arg-type]
+        else:
+            raise TypeError(f'map() takes an iterable or an async iterable of messages, '
+                            f'not {type(messages).__qualname__}')
+        self.done = False
+
+    async def take(self, size: int) -> list[Any]:
+        chunk: list[Any] = []
+        if self.is_async:
+            try:
+                while len(chunk) < size:
+                    chunk.append(await self.iterator.__anext__())
+            except StopAsyncIteration:
+                self.done = True
+        else:
+            chunk = list(itertools.islice(self.iterator, size))
+            if len(chunk) < size:
+                self.done = True
+        return chunk
