@@ -28,7 +28,6 @@ thread-safe.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import TYPE_CHECKING, Any, Deque
 
 from . import protocol
@@ -36,8 +35,7 @@ from .errors import PoolClosed
 from .link import _Link, _Slot
 from .protocol import dumps, loads
 from .supervise import RUNNING, STOPPING
-from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _ChunkFuture,
-                    _pickle_batch, _TaskFuture, _tid_of, _wake)
+from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture, _tid_of, _wake)
 
 if TYPE_CHECKING:
     from .inflight import InFlight
@@ -79,8 +77,6 @@ class Dispatcher:
         self._rr = 0
         self._note_turn = 0   # put_nowait()'s own turn: exact round-robin, as in Looppool 0.3
         self._next_tid = 1
-        self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
-        self._sticky_ids = itertools.count()
         self._submits = 0   # submit() calls; stats() adds them to _counts['submitted']
         # submit()s of this loop iteration not yet handed to a worker, in order; handed out
         # at the end of the iteration, or once there are _outbox_limit (see submit()).
@@ -269,67 +265,11 @@ class Dispatcher:
             future._lp_timer = self.pool._loop.call_later(timeout, self.inflight._expire, future, timeout)
         return future
 
-    def _remember_sticky(self, sticky: bool | str, payload: bytes) -> None:
-        if sticky is True:
-            key: Any = next(self._sticky_ids)
-        elif isinstance(sticky, str):
-            key = sticky
-            self._sticky.pop(key, None)   # the refreshed message replays last, in order
-        else:
-            raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
-        self._sticky[key] = payload
-
     def _wake_room(self) -> None:
         """Room came free, a worker is back or the pool is stopping: map()s look again."""
         waiters, self._room_waiters = self._room_waiters, []
         for waiter in waiters:
             _wake(waiter)
-
-    def _send_chunk(self, link: _Link, chunk: list[Any]) -> _ChunkFuture:
-        tid = self._next_tid
-        self._next_tid = tid + 1
-        future = self._new_future(_ChunkFuture, tid, None, None, None)
-        future._lp_count = len(chunk)
-        future._lp_after = None
-        try:
-            payload = dumps(chunk)
-        except Exception as chunk_error:
-            # Find the message at fault: those before it go, it fails in its place.
-            index, fault = 0, chunk_error   # if each pickles alone, the chunk fails at once
-            for position, message in enumerate(chunk):
-                try:
-                    dumps(message)
-                except Exception as exc:
-                    index, fault = position, exc
-                    break
-            if index == 0:
-                future.set_result(([], {0: fault}))
-                return future
-            future._lp_count = index
-            future._lp_after = {index: fault}
-            payload = dumps(chunk[:index])
-        self._send_chunk_payload(link, future, payload)
-        return future
-
-    def _send_chunk_payload(self, link: _Link, future: _ChunkFuture, payload: bytes) -> None:
-        count = future._lp_count
-        self._counts['submitted'] += count
-        if link.batch:
-            self._send_batch(link)   # what was submitted earlier goes first
-        assert link.channel is not None
-        try:
-            link.channel.send(protocol.MAP, future._lp_tid, payload)
-        except ValueError as exc:   # over the 4 GiB frame limit
-            future.set_result(([], {0: exc}))
-            return
-        future._lp_message = payload   # kept: a chunk given back unstarted goes again
-        link.used += count
-        link.unread += 1
-        link.inflight[future._lp_tid] = future
-        if self.inflight._lag_timer is None:
-            self.inflight._watch_lag()
-        if self._recycle_after is not None:
-            self._count_sent(link, count)
 
     def _next_link(self, count: int = 1) -> _Link | None:
         """The worker with room for ``count`` more tasks (a map() chunk counts one in its
@@ -416,7 +356,7 @@ class Dispatcher:
         elif future is not None:
             future.set_result(None)
         if self._recycle_after is not None:
-            self._count_sent(link)
+            self._count_sent(link, weight)
 
     def _send_task(self, link: _Link, future: _TaskFuture) -> None:
         """A submit() to ``link``: pickled with the rest of this loop iteration's tasks, at

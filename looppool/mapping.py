@@ -18,7 +18,10 @@ import operator
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
+from . import protocol
 from .errors import PoolClosed
+from .link import _Link
+from .protocol import dumps
 from .supervise import RUNNING
 from .tasks import _ChunkFuture, _wake
 from .worker import Worker
@@ -39,16 +42,8 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
         raise TypeError(f'map() needs replies: {pool._worker_class.__qualname__} '
                         'overrides _process_message (Looppool style); give it a '
                         'handle() method')
-    from .pool import _check_int   # (pool imports this module)
     adapt = chunksize is None
-    if chunksize is None:
-        chunksize = max(1, min(1024, pool._share // 4))
-        known = operator.length_hint(messages, 0)
-        if known:   # spread a short one over every worker, a few chunks each
-            chunksize = min(chunksize, -(-known // (4 * pool.pool_size)))
-    else:
-        _check_int('chunksize', chunksize, 1)
-        chunksize = min(chunksize, pool._share)
+    chunksize = _largest_chunk(pool, messages, chunksize)
     source = _Chunks(messages)
     # The chunks sent and not yet yielded, in order. The workers' shares bound those in
     # flight to max_tasks; this bounds those done and waiting for their turn to as many,
@@ -73,7 +68,7 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                 if chunk:
                     if not began:
                         began = pool._loop.time()
-                    window.append((pool._dispatcher._send_chunk(link, chunk), len(chunk)))
+                    window.append((_send_chunk(pool, link, chunk), len(chunk)))
                     held += len(chunk)
             # Yield what is ready at the head, in order.
             yielded = False
@@ -120,6 +115,52 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
         for future, _ in window:
             future.cancel()
 
+
+
+def _largest_chunk(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
+                   chunksize: int | None) -> int:
+    """The given ``chunksize`` (checked), or the largest chunk map() makes by itself."""
+    from .pool import _check_int   # (pool imports this module)
+    if chunksize is not None:
+        _check_int('chunksize', chunksize, 1)
+        return min(chunksize, pool._share)
+    largest = max(1, min(1024, pool._share // 4))
+    known = operator.length_hint(messages, 0)
+    if known:   # spread a short one over every worker, a few chunks each
+        largest = min(largest, -(-known // (4 * pool.pool_size)))
+    return largest
+
+
+def _send_chunk(pool: Pool, link: _Link, chunk: list[Any]) -> _ChunkFuture:
+    """Send ``chunk`` to ``link`` as one MAP frame; its future resolves to ``(replies,
+    errors)``. A message that cannot be pickled fails in its place: those before it go."""
+    dispatcher = pool._dispatcher
+    tid = dispatcher._next_tid
+    dispatcher._next_tid = tid + 1
+    future = dispatcher._new_future(_ChunkFuture, tid, None, None, None)
+    future._lp_count = len(chunk)
+    future._lp_after = None
+    try:
+        payload = dumps(chunk)
+    except Exception as chunk_error:
+        # Find the message at fault: those before it go, it fails in its place.
+        index, fault = 0, chunk_error   # if each pickles alone, the chunk fails at once
+        for position, message in enumerate(chunk):
+            try:
+                dumps(message)
+            except Exception as exc:
+                index, fault = position, exc
+                break
+        if index == 0:
+            future.set_result(([], {0: fault}))
+            return future
+        future._lp_count = index
+        future._lp_after = {index: fault}
+        payload = dumps(chunk[:index])
+    future._lp_message = payload   # kept: a chunk given back unstarted goes again
+    pool._counts['submitted'] += future._lp_count
+    dispatcher._send(link, (protocol.MAP, tid, payload, future))
+    return future
 
 
 class _Chunks:

@@ -297,7 +297,7 @@ class Pool:
         if sticky:
             payload = dumps(message)
             check_size(len(payload))   # else every replacement would fail to get it
-            self._dispatcher._remember_sticky(sticky, payload)
+            self._supervisor._remember_sticky(sticky, payload)
         futures = [self.submit(message, worker_num=number, timeout=timeout)
                    for number in range(self.pool_size)]
         return asyncio.gather(*futures)

@@ -94,11 +94,10 @@ class Receiver:
         return frees
 
     def _on_frames(self, link: _Link, frames: list[tuple[int, int, Any]]) -> None:
-        inflight = link.inflight
+        """The frames of one read from ``link``, in order."""
         freed = 0
         completed = 0
         acked = False
-        metrics = self.pool._metrics
         link.reads += 1   # heard from: its loop runs
         link.heard_at = self.pool._loop.time()
         link.blocked = False
@@ -106,49 +105,6 @@ class Receiver:
             if kind == protocol.ACK:
                 link.unread -= arg
                 acked = True
-            elif kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
-                if kind == protocol.REPLY:
-                    freed += 1
-                completed += 1
-                future = inflight.pop(arg, None)
-                if future is None or future.done():
-                    continue
-                if future._lp_timer is not None:
-                    future._lp_timer.cancel()
-                if future._lp_sink is not None:
-                    _TaskFuture.set_result(future, None)
-                    future._lp_sink(False, payload)
-                    continue
-                try:
-                    value = loads(payload)
-                except BaseException as exc:
-                    future.set_exception(self._unpickle_error(link, 'reply', exc))
-                    continue
-                future.set_result(value)
-                if metrics is not None:
-                    metrics.durations.offer(self.pool._loop.time() - future._lp_started)
-            elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
-                if kind == protocol.ERROR:
-                    freed += 1
-                future = inflight.pop(arg, None)
-                if future is None or future.done():
-                    continue   # the caller gave up (cancel, timeout): not a failure
-                self._counts['failed'] += 1
-                _cancel_timer(future)
-                if future._lp_sink is not None:
-                    _TaskFuture.set_result(future, None)
-                    future._lp_sink(True, payload)
-                    continue
-                error = self._decode_error(link, payload)
-                if isinstance(error, asyncio.CancelledError):
-                    if link.terminated:   # cancelled by a deadline (stop, or a recycle)
-                        future.set_exception(PoolClosed(
-                            f'worker {link.number} was told to give up '
-                            f'({link.kill_reason}), so this task was cancelled there'))
-                    else:                           # the handler cancelled itself
-                        future.cancel()
-                else:
-                    future.set_exception(error)
             elif kind == protocol.REPLIES:
                 count = self._on_replies(link, payload)
                 freed += count
@@ -160,53 +116,110 @@ class Receiver:
                     slot = self._slots[link.number]
                     if slot.link is link:
                         self.dispatcher._refill(slot)
+            elif kind == protocol.REPLY or kind == protocol.REPLY_KEEP:
+                freed += kind == protocol.REPLY
+                completed += 1
+                self._on_reply(link, arg, payload)
+            elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
+                freed += kind == protocol.ERROR
+                self._on_error(link, arg, payload)
             elif kind == protocol.MAPPED:
                 freed += self._on_mapped(link, arg, payload)
             elif kind == protocol.FREED:
                 freed += arg
-            elif kind == protocol.HELD:
-                link.held.extend(loads(payload))
-                link.overran = True
-            elif kind == protocol.TAKEN:
-                held = link.held
-                for _ in range(min(arg, len(held))):
-                    held.popleft()
-                acked = True
-            elif kind == protocol.RECALLED:
-                self.inflight._recalled(link, loads(payload))
-                acked = True
-            elif kind == protocol.RESEND:
-                self.dispatcher._resend(link, payload)
-            elif kind == protocol.RESULT or kind == protocol.LOG:
-                if self.dispatcher._catching_up or self._held is not None:
-                    self._hold(link, kind, arg, payload)
-                elif kind == protocol.RESULT:
-                    self._deliver(link, arg, payload)
-                else:
-                    self._on_log(link, payload)
-            elif kind == protocol.READY:
-                self.supervisor._on_ready(link)
-            elif kind == protocol.START_FAILED:
-                try:
-                    link.start_error = loads(payload)
-                except BaseException:  # pragma: no cover - two plain strs
-                    link.start_error = ('its start', '(the traceback could not be read)')
+            else:
+                acked = self._on_other(link, kind, arg, payload) or acked
         if completed:
             self._counts['completed'] += completed
         if freed or acked:
-            link.used -= freed
-            slot = self._slots[link.number]
-            if slot.link is link and (self._pending or slot.targeted
-                                      or self.supervisor._state is STOPPING):
-                if acked and not link.unread:
-                    if not link.overran and link.window < self._share:
-                        # It started all it had, in the budget of its turns, while work
-                        # waited here: a longer queue keeps it busy through the round trip.
-                        link.window = min(self._share, link.window * 2)
-                    link.overran = False
-                self.dispatcher._refill(slot)
-            if self.dispatcher._room_waiters:
-                self.dispatcher._wake_room()
+            self._room_made(link, freed, acked)
+
+    def _on_reply(self, link: _Link, tid: int, payload: Any) -> None:
+        future = link.inflight.pop(tid, None)
+        if future is None or future.done():
+            return
+        if future._lp_timer is not None:
+            future._lp_timer.cancel()
+        if future._lp_sink is not None:
+            _TaskFuture.set_result(future, None)
+            future._lp_sink(False, payload)
+            return
+        try:
+            value = loads(payload)
+        except BaseException as exc:
+            future.set_exception(self._unpickle_error(link, 'reply', exc))
+            return
+        future.set_result(value)
+        metrics = self.pool._metrics
+        if metrics is not None:
+            metrics.durations.offer(self.pool._loop.time() - future._lp_started)
+
+    def _on_error(self, link: _Link, tid: int, payload: Any) -> None:
+        future = link.inflight.pop(tid, None)
+        if future is None or future.done():
+            return   # the caller gave up (cancel, timeout): not a failure
+        self._counts['failed'] += 1
+        _cancel_timer(future)
+        if future._lp_sink is not None:
+            _TaskFuture.set_result(future, None)
+            future._lp_sink(True, payload)
+            return
+        error = self._decode_error(link, payload)
+        if not isinstance(error, asyncio.CancelledError):
+            future.set_exception(error)
+        elif link.terminated:   # cancelled by a deadline (stop, or a recycle)
+            future.set_exception(PoolClosed(
+                f'worker {link.number} was told to give up '
+                f'({link.kill_reason}), so this task was cancelled there'))
+        else:                   # the handler cancelled itself
+            future.cancel()
+
+    def _on_other(self, link: _Link, kind: int, arg: int, payload: Any) -> bool:
+        """The rarer frames; returns whether the worker's queue got shorter."""
+        if kind == protocol.HELD:
+            link.held.extend(loads(payload))
+            link.overran = True
+        elif kind == protocol.TAKEN:
+            held = link.held
+            for _ in range(min(arg, len(held))):
+                held.popleft()
+            return True
+        elif kind == protocol.RECALLED:
+            self.inflight._recalled(link, loads(payload))
+            return True
+        elif kind == protocol.RESEND:
+            self.dispatcher._resend(link, payload)
+        elif kind == protocol.RESULT or kind == protocol.LOG:
+            if self.dispatcher._catching_up or self._held is not None:
+                self._hold(link, kind, arg, payload)
+            elif kind == protocol.RESULT:
+                self._deliver(link, arg, payload)
+            else:
+                self._on_log(link, payload)
+        elif kind == protocol.READY:
+            self.supervisor._on_ready(link)
+        elif kind == protocol.START_FAILED:
+            try:
+                link.start_error = loads(payload)
+            except BaseException:  # pragma: no cover - two plain strs
+                link.start_error = ('its start', '(the traceback could not be read)')
+        return False
+
+    def _room_made(self, link: _Link, freed: int, acked: bool) -> None:
+        """``link`` freed slots or started what it held: it may take more."""
+        link.used -= freed
+        slot = self._slots[link.number]
+        if slot.link is link and (self._pending or slot.targeted
+                                  or self.supervisor._state is STOPPING):
+            if acked and not link.unread:
+                if not link.overran and link.window < self._share:
+                    # It started all it had, in the budget of its turns, while work waited
+                    # here: a longer queue keeps it busy through the round trip.
+                    link.window = min(self._share, link.window * 2)
+                link.overran = False
+            self.dispatcher._refill(slot)
+        if self.dispatcher._room_waiters:
+            self.dispatcher._wake_room()
 
     def _on_replies(self, link: _Link, payload: Any) -> int:
         tids, values_pickle = protocol.unpack_ids(payload)

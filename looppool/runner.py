@@ -12,7 +12,7 @@ Inside one worker process::
         RECALL       -> the held tasks go back to the parent (RECALLED), unstarted
         STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
     replies, FREED counts and _put_nowait results go back through the same channel,
-    with an ACK of what was read at every flush.
+    with an ACK of what was started at every flush (see looppool.inbox for the rest).
 
 Work is started as it is read, for at most _BUDGET seconds of one turn of the loop. What
 comes after that (the rest of a batch behind a CPU-bound handler, the next frames) waits
@@ -39,7 +39,6 @@ import pickle
 import signal
 import socket
 import threading
-import time
 import traceback
 import types
 from collections.abc import Awaitable, Callable
@@ -47,6 +46,7 @@ from typing import Any
 
 from . import eager, protocol
 from .channel import Channel, _ignore, check_size
+from .inbox import _BUDGET, _REST, Inbox, _monotonic
 from .protocol import dumps, loads
 from .worker import Worker
 
@@ -70,14 +70,6 @@ _origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin',
 _REPLAYED = -1
 # Replies that leave before the end of a read that holds many batches.
 _EARLY_REPLIES = 256
-# Seconds of starting work in one turn of the loop; what is left waits in the inbox, where
-# the parent can see it and take it back, and the loop gets to read the socket.
-_BUDGET = 0.005
-# The most held messages one turn takes.
-_MAX_TAKE = 4096
-# An inbox entry of a batch: its messages are unpickled, some may have started.
-_REST = -1
-_monotonic = time.monotonic
 
 class _Runner:
     """Drives one :class:`Worker` in its process: frames in, tasks run, frames out.
@@ -109,19 +101,11 @@ class _Runner:
         self.looppool_style = worker_class._process_message is not Worker._process_message
         self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
-        # Work read and not started, in order: (kind, task id(s) or origin, payload).
-        self.inbox: collections.deque[tuple[int, Any, Any]] = collections.deque()
-        self.new_held: list[int] = []   # ids in the inbox not yet reported HELD
-        self.reported = 0          # ids in the inbox reported HELD (they come first)
-        self.cancelled: set[int] = set()  # held tasks the parent gave up on
         self.read = 0              # messages started since the last ACK
-        self.slow = False          # a turn overran its budget: new work is held
-        self.deadline = 0.0        # the end of this turn's budget
-        self.resume_due = False
-        self.take = 1              # how many held messages the next turn takes
-        self.taken: list[tuple[int, Any, Any]] | None = None   # waits for TAKEN to leave
+        self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
         self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
                                before_flush=self.before_flush)
+        self.inbox = Inbox(self)
 
     def attach(self, worker: Worker) -> None:
         """Run ``worker``'s handlers from now on (it was made after this runner)."""
@@ -135,8 +119,8 @@ class _Runner:
         self.deadline = _monotonic() + _BUDGET
         for kind, arg, payload in frames:
             if kind in protocol.WORK:
-                if self.slow:
-                    self.hold(kind, arg, payload)
+                if self.inbox.slow:
+                    self.inbox.hold(kind, arg, payload)
                     continue
                 if kind == protocol.TASKS:
                     self.start_batch(payload)
@@ -147,16 +131,16 @@ class _Runner:
                 else:
                     self.start_one(kind, arg, payload)
                     self.read += 1
-                if not self.slow and _monotonic() > self.deadline:
-                    self.overran()
+                if not self.inbox.slow and _monotonic() > self.deadline:
+                    self.inbox.overran()
             elif kind == protocol.CANCEL:
                 task = self.running.get(arg)
                 if task is not None:
                     task.cancel()
-                elif self.inbox or self.taken:
-                    self.cancelled.add(arg)   # answered when its turn comes
+                else:
+                    self.inbox.cancel(arg)   # answered when its turn comes, if it waits
             elif kind == protocol.RECALL:
-                self.recall(set(loads(payload)))
+                self.inbox.recall(set(loads(payload)))
             elif kind == protocol.CREDIT:
                 self.credited(arg)
             elif kind == protocol.STOP:
@@ -181,9 +165,7 @@ class _Runner:
         position = self.start_list(tids, messages, self.deadline)
         self.read += position
         if position < len(tids):   # over budget: the rest waits in the inbox
-            rest = tids[position:]
-            self.inbox.append((_REST, rest, messages[position:]))
-            self.new_held.extend(rest)
+            self.inbox.hold_rest(tids[position:], messages[position:])
 
     def start_list(self, tids: list[int], messages: list[Any], deadline: float) -> int:
         """Start the tasks of a batch in order until the clock passes ``deadline`` (then
@@ -194,7 +176,7 @@ class _Runner:
             for position in range(count):
                 run(tids[position], messages[position], True)
                 if _monotonic() > deadline:
-                    self.overran()
+                    self.inbox.overran()
                     return position + 1
             return count
         # The common case, kept tight: handle() coroutines stepped eagerly one after
@@ -213,7 +195,7 @@ class _Runner:
                 position = context.run(self.start_some, steps, tids, messages, position,
                                        context, base, deadline)
                 if position < count and _monotonic() > deadline:
-                    self.overran()
+                    self.inbox.overran()
                     break
             return position
         # No flush to schedule for these replies: the caller flushes.
@@ -242,7 +224,7 @@ class _Runner:
         clock = _monotonic
         while position < count:
             if clock() > deadline:
-                self.overran()
+                self.inbox.overran()
                 return position
             tid = tids[position]
             message = messages[position]
@@ -292,172 +274,9 @@ class _Runner:
 
     # -- the inbox: work held while the loop is over its budget ---------------------------
 
-    def overran(self) -> None:
-        """This turn used its budget: what comes next waits in the inbox, and a later turn
-        (after the loop has read the socket) takes it."""
-        self.slow = True
-        if not self.resume_due:
-            self.resume_due = True
-            self.loop.call_soon(self.resume)
-
-    def hold(self, kind: int, arg: int, payload: Any) -> None:
-        """Put the work of one frame in the inbox (its payload is only lent: copied)."""
-        if kind == protocol.TASKS:
-            tids, messages_pickle = protocol.unpack_ids(payload)
-            try:
-                messages = loads(messages_pickle)
-            except BaseException:
-                self.read += len(tids)   # done with: the parent sends them again
-                self.channel.send(protocol.RESEND, 0, dumps(tids))
-                return
-            self.inbox.append((_REST, tids, messages))
-            self.new_held.extend(tids)
-            return
-        self.inbox.append((kind, arg, bytes(payload)))
-        if kind == protocol.TASK or kind == protocol.MAP:
-            self.new_held.append(arg)
-
-    def report_held(self) -> None:
-        """Tell the parent which tasks wait in the inbox, not reported yet. Not while it
-        does not read what this process sends: a task it never heard was held may start
-        without a TAKEN (to the parent it is as good as started), so nothing waits for a
-        parent whose loop is held."""
-        if self.new_held and not self.channel.backed_up:
-            held, self.new_held = self.new_held, []
-            self.reported += len(held)
-            self.channel.send(protocol.HELD, len(held), dumps(held))
-
-    def recall(self, wanted: set[int]) -> None:
-        """Send back to the parent the held tasks it asks for (reported held or not: it
-        asks for what it sent and may not have heard of); the rest stays, in order."""
-        tids: list[int] = []
-        kept: collections.deque[tuple[int, Any, Any]] = collections.deque()
-        count = 0   # task ids left in the inbox
-        for entry in self.inbox:
-            kind, arg, payload = entry
-            if kind == _REST:
-                stay = [i for i, tid in enumerate(arg) if tid not in wanted]
-                if len(stay) < len(arg):
-                    tids.extend(tid for tid in arg if tid in wanted)
-                    if not stay:
-                        continue
-                    entry = (_REST, [arg[i] for i in stay], [payload[i] for i in stay])
-                count += len(stay)
-            elif (kind == protocol.TASK or kind == protocol.MAP):
-                if arg in wanted:
-                    tids.append(arg)
-                    continue
-                count += 1
-            kept.append(entry)
-        self.inbox = kept
-        if tids:
-            gone = set(tids)
-            self.new_held = [tid for tid in self.new_held if tid not in gone]
-            self.reported = count - len(self.new_held)
-            self.cancelled.difference_update(gone)
-        self.channel.send(protocol.RECALLED, len(tids), dumps(tids))
-
-    def resume(self) -> None:
-        """A later turn: read what came first (a RECALL, a CANCEL, more work), then take
-        the next held messages, announced to the parent before they start."""
-        self.resume_due = False
-        if self.stopped or self.orphaned or self.taken is not None:
-            return
-        self.channel.drain()   # (nothing, if it is closed)
-        if self.channel.closed:
-            return
-        inbox = self.inbox
-        if not inbox:
-            self.slow = False
-            self.channel.flush()
-            if self.stopping:
-                self.maybe_stop()
-            return
-        want = self.take
-        taken: list[tuple[int, Any, Any]] = []
-        count = announced = 0
-        while inbox and count < want:
-            kind, arg, payload = inbox[0]
-            if kind == _REST:
-                room = want - count
-                if len(arg) > room:
-                    taken.append((_REST, arg[:room], payload[:room]))
-                    inbox[0] = (_REST, arg[room:], payload[room:])
-                    count += room
-                    announced += room
-                    break
-                count += len(arg)
-                announced += len(arg)
-            else:
-                count += 1
-                if kind == protocol.TASK or kind == protocol.MAP:
-                    announced += 1
-            taken.append(inbox.popleft())
-        # Those reported held come first; a TAKEN tells the parent they start. The others
-        # it never heard of: they start as they are.
-        reported = min(announced, self.reported)
-        self.reported -= reported
-        del self.new_held[:announced - reported]
-        if reported:
-            self.channel.send(protocol.TAKEN, reported)
-        self.report_held()   # what stays behind
-        self.channel.flush()
-        self.taken = taken
-        if reported and self.channel.wants_write:
-            # Not started before the parent can read that they were: else, were this
-            # process to die, it would think them never started and run them again.
-            self.channel.on_drained = self.run_taken
-            return
-        self.run_taken()
-
-    def run_taken(self) -> None:
-        """Start the messages this turn took (their TAKEN is written)."""
-        taken, self.taken = self.taken, None
-        if taken is None or self.stopped or self.orphaned:
-            return
-        began = _monotonic()
-        count = 0
-        cancelled = self.cancelled
-        for kind, arg, payload in taken:
-            if kind == _REST:
-                count += len(arg)
-                if cancelled:
-                    tids, messages = [], []
-                    for tid, message in zip(arg, payload):
-                        if tid in cancelled:
-                            self.refuse(tid)
-                        else:
-                            tids.append(tid)
-                            messages.append(message)
-                    arg, payload = tids, messages
-                self.start_list(arg, payload, float('inf'))
-                continue
-            count += 1
-            if cancelled and arg in cancelled and kind in (protocol.TASK, protocol.MAP):
-                if kind == protocol.TASK:
-                    self.refuse(arg)
-                else:
-                    cancelled.discard(arg)
-                    self.send_mapped(arg, None, {-1: self.encode_error(
-                        asyncio.CancelledError(), None)})
-                continue
-            self.start_one(kind, arg, payload)
-        self.read += count
-        spent = _monotonic() - began
-        # Take as many next time as fit the budget at this turn's pace.
-        each = spent / count if count else _BUDGET
-        self.take = max(1, min(_MAX_TAKE, int(_BUDGET / each) if each > 0 else _MAX_TAKE))
-        if self.inbox or spent > _BUDGET:
-            self.overran()   # (a turn that overran leaves the next read held too)
-        else:
-            self.slow = False
-        self.channel.flush()
-        if self.stopping:
-            self.maybe_stop()
-
     def refuse(self, tid: int) -> None:
         """Answer a held task the parent cancelled before it started: it never runs."""
-        self.cancelled.discard(tid)
+        self.inbox.cancelled.discard(tid)
         if self.looppool_style:
             self.open_slots += 1   # freed right away: the handler never ran
         self.finish(tid, True, asyncio.CancelledError(), failed=True)
@@ -788,7 +607,7 @@ class _Runner:
 
     def maybe_stop(self) -> None:
         if self.stopped or self.orphaned or self.running or self.open_slots or self.held \
-                or self.inbox or self.taken is not None:
+                or self.inbox.busy:
             return
         self.stopped = True
         eager.start(self.loop, self.finalise_and_exit())
@@ -807,9 +626,7 @@ class _Runner:
     def terminate(self) -> None:
         self.stopping = True
         # What never started is answered as cancelled, as what runs is.
-        taken, self.taken = self.taken or [], None
-        inbox, self.inbox = self.inbox, collections.deque()
-        for kind, arg, _ in [*taken, *inbox]:
+        for kind, arg, _ in self.inbox.drop():
             if kind == _REST:
                 for tid in arg:
                     self.refuse(tid)
@@ -833,8 +650,7 @@ class _Runner:
             return
         self.stopping = True
         self.orphaned = True
-        self.inbox.clear()
-        self.taken = None
+        self.inbox.drop()
         # The loop runs, so the short deadline the death signal set (for a blocked loop)
         # gives way to the cleanup's; past it, a handler that blocks in its cleanup, or a
         # join() that hangs, must not keep the process alive.

@@ -26,6 +26,7 @@ import asyncio
 import atexit
 import collections
 import functools
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -36,7 +37,7 @@ import signal
 import sys
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .channel import Channel, socketpair
@@ -91,11 +92,23 @@ class Supervisor:
         self._kill_at: float | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._memory_timer: asyncio.TimerHandle | None = None
+        self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
+        self._sticky_ids = itertools.count()
 
     def bind(self, dispatcher: Dispatcher, inflight: InFlight, receiver: Receiver) -> None:
         self.dispatcher = dispatcher
         self.inflight = inflight
         self.receiver = receiver
+
+    def _remember_sticky(self, sticky: bool | str, payload: bytes) -> None:
+        if sticky is True:
+            key: Any = next(self._sticky_ids)
+        elif isinstance(sticky, str):
+            key = sticky
+            self._sticky.pop(key, None)   # the refreshed message replays last, in order
+        else:
+            raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
+        self._sticky[key] = payload
 
     def stop(self, timeout: float | None) -> asyncio.Future[None]:
         """:meth:`Pool.stop`."""
@@ -184,7 +197,7 @@ class Supervisor:
         _parent_fds.add(link.channel.fileno())
         self.pool._loop.add_reader(link.sentinel, self._on_exit, link)
         # A replacement first replays the sticky broadcasts, then takes its share of work.
-        for payload in self.dispatcher._sticky.values():
+        for payload in self._sticky.values():
             link.used += 1
             link.unread += 1
             link.channel.send(protocol.REPLAY, 0, payload)
@@ -357,35 +370,7 @@ class Supervisor:
         elif not link.ready:
             self._start_failed(slot, link, exitcode, lost)
         elif not (link.stop_sent and exitcode == 0):
-            reason = link.kill_reason or _likely_cause(exitcode)
-            error = WorkerLost(
-                f'worker {link.number} (pid {link.pid}) {_how_it_ended(exitcode)} while '
-                f'running this task; {reason}'
-                + ('; it was replaced' if self._state is RUNNING else ''),
-                link.number, link.pid, exitcode)
-            if lost or self._state is RUNNING:
-                log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
-                          link.pid, _how_it_ended(exitcode),
-                          sum(map(_weight, lost)),
-                          reason)
-            self._fail(lost, error, 'lost')
-            if self._state is RUNNING and slot.link is None and not link.retiring:
-                # A worker that dies soon after it started (a sticky broadcast that crashes
-                # it, say) is restarted with back-off, like one that cannot start at all.
-                if self.pool._loop.time() - link.started_at < _QUICK_DEATH:
-                    slot.quick_deaths += 1
-                else:
-                    slot.quick_deaths = 0
-                if slot.quick_deaths >= 2:
-                    delay = _back_off(slot.quick_deaths - 1)
-                    log.warning('worker %d died %d times in a row soon after starting; '
-                                'restarting it in %.1f s', slot.number, slot.quick_deaths,
-                                delay)
-                    slot.restart_timer = self.pool._loop.call_later(delay, self._restart, slot)
-                else:
-                    slot.restarts += 1
-                    self._counts['restarts'] += 1
-                    self._spawn(slot)
+            self._lost(slot, link, exitcode, lost)
         if self._state is STOPPING:
             if slot.link is None:
                 for item in slot.targeted:
@@ -397,6 +382,38 @@ class Supervisor:
             self.dispatcher._refill_all()
         if self.dispatcher._room_waiters:
             self.dispatcher._wake_room()   # a replacement has room; or map() must see the pool stop
+
+    def _lost(self, slot: _Slot, link: _Link, exitcode: int | None,
+              lost: list[_TaskFuture]) -> None:
+        """A ready worker died unasked: what it may have started fails with WorkerLost,
+        and it is replaced (with back-off if it keeps dying soon after starting)."""
+        reason = link.kill_reason or _likely_cause(exitcode)
+        error = WorkerLost(
+            f'worker {link.number} (pid {link.pid}) {_how_it_ended(exitcode)} while '
+            f'running this task; {reason}'
+            + ('; it was replaced' if self._state is RUNNING else ''),
+            link.number, link.pid, exitcode)
+        if lost or self._state is RUNNING:
+            log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
+                      link.pid, _how_it_ended(exitcode), sum(map(_weight, lost)), reason)
+        self._fail(lost, error, 'lost')
+        if self._state is not RUNNING or slot.link is not None or link.retiring:
+            return
+        # A worker that dies soon after it started (a sticky broadcast that crashes it,
+        # say) is restarted with back-off, like one that cannot start at all.
+        if self.pool._loop.time() - link.started_at < _QUICK_DEATH:
+            slot.quick_deaths += 1
+        else:
+            slot.quick_deaths = 0
+        if slot.quick_deaths >= 2:
+            delay = _back_off(slot.quick_deaths - 1)
+            log.warning('worker %d died %d times in a row soon after starting; restarting '
+                        'it in %.1f s', slot.number, slot.quick_deaths, delay)
+            slot.restart_timer = self.pool._loop.call_later(delay, self._restart, slot)
+        else:
+            slot.restarts += 1
+            self._counts['restarts'] += 1
+            self._spawn(slot)
 
     def _start_failed(self, slot: _Slot, link: _Link, exitcode: int | None,
                       lost: list[_TaskFuture]) -> None:
@@ -525,49 +542,7 @@ class Supervisor:
 
     def _run_blocking_until_stopped(self) -> None:
         """Drive the channels and sentinels directly while the loop cannot run."""
-        future = self._stop_future
-        assert future is not None
-        loop = self.pool._loop
-        with selectors.DefaultSelector() as selector:
-            while not future.done():
-                now = loop.time()
-                if now >= self._stop_deadline and self._kill_at is None:
-                    self._escalate()
-                if self._kill_at is not None and now >= self._kill_at:
-                    self._kill_all()
-                wait = (self._kill_at if self._kill_at is not None else self._stop_deadline)
-                links = self._links()
-                for link in links:
-                    assert link.channel is not None
-                    if link.channel.wants_write or link.acks or link.batch:
-                        link.channel.flush()
-                keys = []
-                for link in links:
-                    assert link.channel is not None
-                    if not link.channel.closed:
-                        events = selectors.EVENT_READ
-                        if link.channel.wants_write:
-                            events |= selectors.EVENT_WRITE
-                        keys.append(selector.register(link.channel.fileno(), events,
-                                                      ('channel', link)))
-                    keys.append(selector.register(link.sentinel, selectors.EVENT_READ,
-                                                  ('exit', link)))
-                if not keys:
-                    self._check_stopped()
-                    break
-                ready = selector.select(max(0.0, min(wait - now, 0.5)))
-                for key in keys:
-                    selector.unregister(key.fileobj)
-                for key, events in ready:
-                    what, link = key.data
-                    if what == 'exit':
-                        self._on_exit(link)
-                    elif not link.exited and link.channel is not None:
-                        if events & selectors.EVENT_READ:
-                            link.channel.read_ready()
-                        if events & selectors.EVENT_WRITE:
-                            link.channel.flush()
-                self._check_stopped()
+        _drive_until_stopped(self)
 
     def _abandon_at_exit(self) -> None:
         """The interpreter is exiting with this pool running: end the workers quickly."""
@@ -643,3 +618,52 @@ def _end_pools_at_exit() -> None:
 def _back_off(attempt: int) -> float:
     """Seconds before the next start after ``attempt`` failed ones: 0.1, 0.2, 0.4 ... 10."""
     return min(0.1 * 2.0 ** (attempt - 1), 10.0)
+
+
+def _drive_until_stopped(supervisor: Supervisor) -> None:
+    """Run ``supervisor``'s stop to its end without the loop: read the channels and
+    sentinels with a selector of our own, keep the deadlines."""
+    future = supervisor._stop_future
+    assert future is not None
+    loop = supervisor.pool._loop
+    with selectors.DefaultSelector() as selector:
+        while not future.done():
+            now = loop.time()
+            if now >= supervisor._stop_deadline and supervisor._kill_at is None:
+                supervisor._escalate()
+            if supervisor._kill_at is not None and now >= supervisor._kill_at:
+                supervisor._kill_all()
+            wait = (supervisor._kill_at if supervisor._kill_at is not None
+                    else supervisor._stop_deadline)
+            links = supervisor._links()
+            for link in links:
+                assert link.channel is not None
+                if link.channel.wants_write or link.acks or link.batch:
+                    link.channel.flush()
+            keys = []
+            for link in links:
+                assert link.channel is not None
+                if not link.channel.closed:
+                    events = selectors.EVENT_READ
+                    if link.channel.wants_write:
+                        events |= selectors.EVENT_WRITE
+                    keys.append(selector.register(link.channel.fileno(), events,
+                                                  ('channel', link)))
+                keys.append(selector.register(link.sentinel, selectors.EVENT_READ,
+                                              ('exit', link)))
+            if not keys:
+                supervisor._check_stopped()
+                break
+            ready = selector.select(max(0.0, min(wait - now, 0.5)))
+            for key in keys:
+                selector.unregister(key.fileobj)
+            for key, events in ready:
+                what, link = key.data
+                if what == 'exit':
+                    supervisor._on_exit(link)
+                elif not link.exited and link.channel is not None:
+                    if events & selectors.EVENT_READ:
+                        link.channel.read_ready()
+                    if events & selectors.EVENT_WRITE:
+                        link.channel.flush()
+            supervisor._check_stopped()

@@ -150,7 +150,11 @@ def test_leaving_the_loop_early_cancels_what_is_still_out() -> None:
             await wait_until(lambda: len([r for r in reports if r[0] == 'cancelled'])
                              == len(started), what='every started handler cancelled')
             assert 1 <= len(started) <= 9
-            assert pool.stats()['lost'] == 0 and pool.stats()['cancelled'] == 9
+            # Every message map() took from the iterable (a worker's window may have left
+            # some there) was answered or cancelled; none lost.
+            stats = pool.stats()
+            assert stats['lost'] == 0, stats
+            assert stats['cancelled'] == stats['submitted'] - stats['completed'] >= len(started)
 
     run(main())
 

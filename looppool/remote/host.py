@@ -246,7 +246,7 @@ class _Session(_Framed):
             return
         pool = self.host.pool
         if sticky:
-            pool._dispatcher._remember_sticky(sticky, payload)
+            pool._supervisor._remember_sticky(sticky, payload)
         replies: list[Any] = [None] * pool.pool_size
         missing = [pool.pool_size]
 
