@@ -35,7 +35,8 @@ from .errors import PoolClosed
 from .link import _Link, _Slot
 from .protocol import dumps, loads
 from .supervise import RUNNING, STOPPING
-from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture, _tid_of, _wake)
+from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
+                    _tid_of, _wake)
 
 if TYPE_CHECKING:
     from .inflight import InFlight
@@ -254,7 +255,7 @@ class Dispatcher:
                     timeout: float | None) -> _AnyTaskFuture:
         future = cls(loop=self.pool._loop)
         if future._lp_pool is not self.pool:
-            future._lp_pool = self.pool   # a class of its own kind (map's chunks, a host's tasks)
+            future._lp_pool = self.pool   # a class of its own (map's chunks, a host's tasks)
         future._lp_tid = tid
         if sink is not None:
             future._lp_sink = sink
@@ -262,7 +263,8 @@ class Dispatcher:
         if self.pool._metrics is not None:
             future._lp_started = self.pool._loop.time()
         if timeout is not None:
-            future._lp_timer = self.pool._loop.call_later(timeout, self.inflight._expire, future, timeout)
+            future._lp_timer = self.pool._loop.call_later(timeout, self.inflight._expire,
+                                                          future, timeout)
         return future
 
     def _wake_room(self) -> None:
@@ -382,7 +384,8 @@ class Dispatcher:
         assert self._recycle_after is not None
         link.sent += count
         if link.sent >= self._recycle_after:
-            self.supervisor._recycle(link, f'it was sent max_tasks_per_worker={self._recycle_after} tasks')
+            self.supervisor._recycle(
+                link, f'it was sent max_tasks_per_worker={self._recycle_after} tasks')
 
     def _refill(self, slot: _Slot) -> None:
         link = slot.link

@@ -14,12 +14,11 @@ Lives in the worker process, on its loop; not thread-safe.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import chunk, protocol
 from .protocol import dumps, loads
 
 if TYPE_CHECKING:
@@ -221,8 +220,7 @@ class Inbox:
                     self.runner.refuse(arg)
                 else:
                     cancelled.discard(arg)
-                    self.runner.send_mapped(arg, None, {-1: self.runner.encode_error(
-                        asyncio.CancelledError(), None)})
+                    chunk.refuse(self.runner, arg)
                 continue
             self.runner.start_one(kind, arg, payload)
         self.runner.read += count

@@ -163,7 +163,8 @@ class InFlight:
         link.channel.send(protocol.CANCEL, tid)
         grace = self._options['cancel_grace']
         self.supervisor._timers.append(
-            self.pool._loop.call_later(grace, self._check_cancelled, weakref.ref(link), tid, grace))
+            self.pool._loop.call_later(grace, self._check_cancelled, weakref.ref(link), tid,
+                                       grace))
 
     def _link_of(self, future: _TaskFuture) -> _Link | None:
         """The worker process that holds ``future``'s task (sent, or in its batch), if any."""

@@ -57,7 +57,8 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
     try:
         while True:
             # Send while a worker has room for a whole chunk (the queued submits first).
-            while not source.done and pool._supervisor._state is RUNNING and held + size <= limit:
+            while not source.done and pool._supervisor._state is RUNNING \
+                    and held + size <= limit:
                 # The submits waiting in the pool go first.
                 if pool._dispatcher._outbox:
                     pool._dispatcher._flush_outbox()
@@ -87,11 +88,7 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                     yield reply
                 raise errors[first]
             if adapt and yielded:
-                # Each worker's time per message so far: the next chunks hold about
-                # _CHUNK_SECONDS of work.
-                each = (pool._loop.time() - began) * pool.pool_size / completed
-                size = max(1, min(chunksize, int(_CHUNK_SECONDS / each)
-                                  if each > 0 else chunksize))
+                size = _paced(pool, began, completed, chunksize)
             if not window:
                 if source.done:
                     return
@@ -115,6 +112,13 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
         for future, _ in window:
             future.cancel()
 
+
+
+def _paced(pool: Pool, began: float, completed: int, largest: int) -> int:
+    """A chunk of about _CHUNK_SECONDS of a worker's time, at the pace seen since
+    ``began``: ``completed`` messages answered by the pool's workers."""
+    each = (pool._loop.time() - began) * pool.pool_size / completed
+    return max(1, min(largest, int(_CHUNK_SECONDS / each) if each > 0 else largest))
 
 
 def _largest_chunk(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],

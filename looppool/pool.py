@@ -195,7 +195,7 @@ class Pool:
         """Start the worker processes. Messages may be sent right away; they wait in the
         channel until the worker has run ``_initialise()``."""
         if self._supervisor._state != NEW:
-            raise RuntimeError(f'the pool was already started (it is {self._supervisor._state})')
+            raise RuntimeError(f'the pool was already started (it is {self.state})')
         ioloop = self._ioloop_arg
         if ioloop is None:
             ioloop = tornado.ioloop.IOLoop.current()
@@ -395,7 +395,7 @@ class Pool:
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers about the pool: counters since start, and one entry per worker."""
-        self._dispatcher._flush_outbox()   # what was submitted is in flight or waiting, as it says
+        self._dispatcher._flush_outbox()   # what was submitted is in flight or waiting
         workers: list[dict[str, Any]] = []
         now = self._loop.time() if self._loop is not None else 0.0
         for slot in self._slots:

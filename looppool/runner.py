@@ -46,6 +46,7 @@ from typing import Any
 
 from . import eager, protocol
 from .channel import Channel, _ignore, check_size
+from . import chunk
 from .inbox import _BUDGET, _REST, Inbox, _monotonic
 from .protocol import dumps, loads
 from .worker import Worker
@@ -266,7 +267,7 @@ class _Runner:
         if kind == protocol.TASK:
             self.start_task(arg, payload, True)
         elif kind == protocol.MAP:
-            self.start_map(arg, payload)
+            chunk.start(self, arg, payload)
         elif kind == protocol.NOTE:
             self.start_task(arg, payload, False)
         else:   # REPLAY
@@ -282,104 +283,6 @@ class _Runner:
         self.finish(tid, True, asyncio.CancelledError(), failed=True)
         if self.looppool_style:
             self.task_done()
-
-    def start_map(self, tid: int, payload: Any) -> None:
-        """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in
-        order; the chunk is answered with one MAPPED frame once all have ended."""
-        try:
-            messages = loads(payload)
-        except BaseException as exc:
-            self.send_mapped(tid, None, {-1: self.encode_error(
-                exc, 'could not unpickle a chunk of map()')})
-            return
-        replies: list[Any] = [None] * len(messages)
-        errors: dict[int, bytes] = {}
-        waiting: dict[int, asyncio.Future[Any]] = {}
-        call = self.call
-        _origin.set(tid)
-        with eager.Steps(self.loop) as steps:
-            for index, message in enumerate(messages):
-                try:
-                    result = call(message)
-                except (SystemExit, KeyboardInterrupt):
-                    raise  # the handler asked the process to end: see worker_main
-                except BaseException as exc:
-                    errors[index] = self.encode_error(exc, None)
-                    continue
-                if type(result) is not types.CoroutineType:
-                    if not inspect.isawaitable(result):
-                        replies[index] = result
-                        continue
-                    result = _await(result)
-                state, value = steps.step(result)
-                if state == eager.DONE:
-                    replies[index] = value
-                elif state == eager.RAISED:
-                    errors[index] = self.encode_error(value, None)
-                else:
-                    waiting[index] = value
-        if not waiting:
-            self.send_mapped(tid, replies, errors)
-            return
-        # Started eagerly, so that it is waiting on its handlers before a CANCEL can reach
-        # it: a Task cancelled before its first step would never cancel them (a CANCEL in
-        # the same read as the chunk left its handlers running).
-        task = eager.start(self.loop, self.finish_map(tid, replies, errors, waiting))
-        self.running[tid] = task
-        task.add_done_callback(functools.partial(self.map_finished, tid))
-
-    async def finish_map(self, tid: int, replies: list[Any], errors: dict[int, bytes],
-                         waiting: dict[int, asyncio.Future[Any]]) -> None:
-        """Wait for a chunk's suspended handlers; cancelled (the caller gave up), cancel
-        them all, and answer with what each one did."""
-        try:
-            await asyncio.wait(waiting.values())
-        except asyncio.CancelledError:
-            for task in waiting.values():
-                task.cancel()
-            await asyncio.wait(waiting.values())
-        for index, task in waiting.items():
-            if task.cancelled():
-                errors[index] = self.encode_error(asyncio.CancelledError(), None)
-            elif task.exception() is not None:
-                errors[index] = self.encode_error(task.exception(), None)  # type: ignore[arg-type]
-            else:
-                replies[index] = task.result()
-        self.send_mapped(tid, replies, errors)
-
-    def map_finished(self, tid: int, task: asyncio.Future[Any]) -> None:
-        self.running.pop(tid, None)
-        if not task.cancelled() and task.exception() is not None:  # pragma: no cover
-            log.error('worker %d: a chunk of map() failed', self.number,
-                      exc_info=task.exception())
-        if self.stopping:
-            self.maybe_stop()
-
-    def send_mapped(self, tid: int, replies: list[Any] | None,
-                    errors: dict[int, bytes]) -> None:
-        """Answer a chunk: its replies and errors, and the slots it frees (none while
-        results are held here: see hold_or_send)."""
-        count = len(replies) if replies is not None else 0
-        frees = count
-        if self.held:
-            frees = 0
-            self.deferred += count
-        try:
-            data = dumps((replies, errors))
-        except Exception:
-            assert replies is not None
-            for index, value in enumerate(replies):
-                try:
-                    dumps(value)
-                except Exception as exc:
-                    replies[index] = None
-                    errors[index] = self.unpicklable(value, exc)
-            data = dumps((replies, errors))
-        try:
-            self.channel.send_parts(protocol.MAPPED, tid, protocol.pack([frees], data))
-        except ValueError as exc:   # over the 4 GiB frame limit: every reply fails with it
-            self.channel.send_parts(protocol.MAPPED, tid, protocol.pack(
-                [frees], dumps((None, {-1: self.encode_error(exc, None)}))))
 
     def start_task(self, tid: int, payload: Any, reply: bool) -> None:
         """Unpickle and run one message; ``tid`` is the task id, or for a note (``reply``
@@ -633,8 +536,7 @@ class _Runner:
             elif kind == protocol.TASK:
                 self.refuse(arg)
             elif kind == protocol.MAP:
-                self.send_mapped(arg, None, {-1: self.encode_error(
-                    asyncio.CancelledError(), None)})
+                chunk.refuse(self, arg)
         for task in list(self.running.values()):
             task.cancel()
         self.open_slots = 0

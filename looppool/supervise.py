@@ -193,7 +193,8 @@ class Supervisor:
         link.channel = Channel(parent_sock, self.pool._loop,
                                functools.partial(self.receiver._on_frames, link),
                                functools.partial(self._on_channel_closed, link),
-                               before_flush=functools.partial(self.dispatcher._before_flush, link))
+                               before_flush=functools.partial(self.dispatcher._before_flush,
+                                                              link))
         _parent_fds.add(link.channel.fileno())
         self.pool._loop.add_reader(link.sentinel, self._on_exit, link)
         # A replacement first replays the sticky broadcasts, then takes its share of work.
@@ -250,7 +251,8 @@ class Supervisor:
         link.kill_reason = 'it was being recycled and its tasks outlived stop_timeout'
         link.terminated = True
         link.channel.send(protocol.TERMINATE, 0)
-        self._timers.append(self.pool._loop.call_later(self._options['kill_grace'], _kill, link))
+        self._timers.append(self.pool._loop.call_later(self._options['kill_grace'], _kill,
+                                                       link))
 
     def _check_memory(self) -> None:
         self._memory_timer = None
@@ -381,7 +383,8 @@ class Supervisor:
         if given_back and self._state is not STOPPED:
             self.dispatcher._refill_all()
         if self.dispatcher._room_waiters:
-            self.dispatcher._wake_room()   # a replacement has room; or map() must see the pool stop
+            # A replacement has room; or map() must see the pool stop.
+            self.dispatcher._wake_room()
 
     def _lost(self, slot: _Slot, link: _Link, exitcode: int | None,
               lost: list[_TaskFuture]) -> None:
@@ -495,7 +498,8 @@ class Supervisor:
         if self.pool._metrics is not None:
             self.pool._metrics.stop()
         for item in self._pending:
-            self.dispatcher._fail_item(item, PoolClosed('the pool stopped before this task was sent'))
+            self.dispatcher._fail_item(
+                item, PoolClosed('the pool stopped before this task was sent'))
         self._pending.clear()
         for timer in self._timers:
             timer.cancel()
@@ -512,14 +516,13 @@ class Supervisor:
         """The stop deadline passed: tell the workers to give up, then kill them."""
         if self._state is not STOPPING or self._kill_at is not None:
             return
+        never_sent = 'the pool stopped (its stop timeout passed) before this task was sent'
         for item in self._pending:
-            self.dispatcher._fail_item(item, PoolClosed('the pool stopped (its stop timeout passed) '
-                                             'before this task was sent'))
+            self.dispatcher._fail_item(item, PoolClosed(never_sent))
         self._pending.clear()
         for slot in self._slots:
             for item in slot.targeted:
-                self.dispatcher._fail_item(item, PoolClosed('the pool stopped (its stop timeout passed) '
-                                                 'before this task was sent'))
+                self.dispatcher._fail_item(item, PoolClosed(never_sent))
             slot.targeted.clear()
         for link in self._links():
             if link.channel is not None and not link.channel.closed:

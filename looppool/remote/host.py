@@ -225,8 +225,8 @@ class _Session(_Framed):
             return
         pool = self.host.pool
         pool._counts['submitted'] += 1
-        pool._dispatcher._dispatch((protocol.NOTE, self.number << _SESSION_SHIFT, bytes(payload),
-                        _Ack(self)), worker_num)
+        note = (protocol.NOTE, self.number << _SESSION_SHIFT, bytes(payload), _Ack(self))
+        pool._dispatcher._dispatch(note, worker_num)
 
     def start(self, tid: int, payload: Any, worker_num: int | None) -> None:
         if not self.host.accepting(self, tid):

@@ -86,13 +86,7 @@ def shared(worker_class: type[Worker], address: Address | None = None, *,
     address = default_address(worker_class) if address is None else address
     key = _secret_bytes(secret)
     _check_address(address, key, certfile)
-    client_tls = None
-    if certfile is not None:
-        for name, path in (('certfile', certfile), ('keyfile', keyfile),
-                           ('cafile', cafile or certfile)):
-            if not os.path.isfile(str(path)):
-                raise FileNotFoundError(f'{name} {path!r} is not a file')
-        client_tls = ssl.create_default_context(cafile=cafile or certfile)
+    client_tls = _client_tls(certfile, keyfile, cafile)
     Pool(None, **pool_options, worker_class=worker_class)  # check the options here
     spec = {'worker_class': worker_class, 'address': address, 'secret': key,
             'pool_options': pool_options, 'allowed_uids': _allowed(allowed_uids),
@@ -115,6 +109,18 @@ def shared(worker_class: type[Worker], address: Address | None = None, *,
         client = Client(address, secret=key, ssl_context=client_tls, ensure_host=ensure)
     ensure()
     return client
+
+
+def _client_tls(certfile: str | None, keyfile: str | None,
+                cafile: str | None) -> ssl.SSLContext | None:
+    """The clients' TLS context for a host with ``certfile`` (checked to exist), if any."""
+    if certfile is None:
+        return None
+    for name, path in (('certfile', certfile), ('keyfile', keyfile),
+                       ('cafile', cafile or certfile)):
+        if not os.path.isfile(str(path)):
+            raise FileNotFoundError(f'{name} {path!r} is not a file')
+    return ssl.create_default_context(cafile=cafile or certfile)
 
 
 def _main_preparation(worker_class: type[Worker]) -> dict[str, Any]:
