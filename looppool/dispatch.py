@@ -28,21 +28,19 @@ thread-safe.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Deque
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .errors import PoolClosed
 from .link import _Link, _Slot
+from .part import Part
 from .protocol import dumps, loads
 from .supervise import RUNNING, STOPPING
 from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
                     _tid_of, _wake)
 
 if TYPE_CHECKING:
-    from .inflight import InFlight
     from .pool import Pool
-    from .receive import Receiver
-    from .supervise import Supervisor
 
 # A batch is cut at this many tasks, so one frame stays a bounded amount of work.
 _MAX_BATCH = 256
@@ -52,25 +50,14 @@ _MAX_BATCH = 256
 _OUTBOX_PER_WORKER = _MAX_BATCH
 
 
-class Dispatcher:
+class Dispatcher(Part):
     """Gives each message to a worker; holds what no worker has room for.
 
     Lives in the parent, on the pool's loop; not thread-safe.
     """
 
     def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.supervisor: Supervisor = pool._supervisor
-        self.inflight: InFlight = None  # type: ignore[assignment]   # see bind()
-        self.receiver: Receiver = None  # type: ignore[assignment]
-        # Shared with the other parts, never replaced: read (and, for the counters and
-        # the backlog, changed) by each.
-        self._slots: list[_Slot] = pool._slots
-        self._pending: Deque[Entry] = pool._pending
-        self._counts = pool._counts
-        self._share = pool._share
-        self._recycle_after: int | None = pool._recycle_after
-        self.pool_size = pool.pool_size
+        super().__init__(pool)
         # This pool's submit() futures: a class whose _lp_pool is the pool (see _TaskFuture).
         self._task_future: type[_TaskFuture] = type(
             '_TaskFuture', (_TaskFuture,), {'__slots__': (), '_lp_pool': pool,
@@ -89,10 +76,6 @@ class Dispatcher:
         self._plain = False
         self._room_waiters: list[asyncio.Future[None]] = []   # map()s waiting for room
         self._catching_up = False   # reading replies inside submit(): see _catch_up
-
-    def bind(self, inflight: InFlight, receiver: Receiver) -> None:
-        self.inflight = inflight
-        self.receiver = receiver
 
     def submit(self, message: Any, worker_num: int | None,
                timeout: float | None) -> asyncio.Future[Any]:
@@ -325,7 +308,7 @@ class Dispatcher:
                 return
             link = slot.link
             if link is not None and link.used < share and not slot.targeted \
-                    and link.unread < link.window:
+                    and link.unread < link.window and not link.blocked:
                 self._send(link, item)
             else:
                 slot.targeted.append(item)

@@ -26,9 +26,11 @@ class LooppoolError(Exception):
 
 
 class WorkerLost(LooppoolError):
-    """The worker process running this task died (signal, crash, ``os._exit``) or was killed.
+    """The worker process this task was given to died (signal, crash, ``os._exit``) or was
+    killed, and the task may have started there.
 
-    The worker is replaced under the same number; other workers' tasks are not affected.
+    The worker is replaced under the same number; other workers' tasks are not affected. A
+    task it held and had not started runs on another worker instead of failing.
     ``number``, ``pid`` and ``exitcode`` (negative: the signal) describe the lost process.
     """
 

@@ -30,15 +30,13 @@ from typing import TYPE_CHECKING
 
 from . import protocol
 from .link import _MIN_WINDOW, _Link, _kill
-
+from .part import Part
 from .protocol import dumps
 from .supervise import RUNNING, STOPPING
 from .tasks import Entry, _cancel_timer, _entry, _TaskFuture, _weight
 
 if TYPE_CHECKING:
-    from .dispatch import Dispatcher
     from .pool import Pool
-    from .supervise import Supervisor
 
 log = logging.getLogger('looppool')
 
@@ -47,18 +45,12 @@ log = logging.getLogger('looppool')
 _LAG_CHECK = 0.015
 
 
-class InFlight:
+class InFlight(Part):
     """Watches the work the workers hold. Lives in the parent, on the pool's loop; not
     thread-safe."""
 
-    def __init__(self, pool: Pool, dispatcher: Dispatcher) -> None:
-        self.pool = pool
-        self.dispatcher = dispatcher
-        self.supervisor: Supervisor = pool._supervisor
-        self._slots = pool._slots
-        self._pending = pool._pending
-        self._counts = pool._counts
-        self._options = pool._options
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
         self._lag_timer: asyncio.TimerHandle | None = None
 
     def _watch_lag(self) -> None:
@@ -176,10 +168,11 @@ class InFlight:
 
     def _check_cancelled(self, link_ref: weakref.ref[_Link], tid: int, grace: float) -> None:
         link = link_ref()
-        if link is None or link.exited or tid not in link.inflight:
-            return
-        link.kill_reason = (f'task {tid} was cancelled but its handler did not give up '
-                            f'control within cancel_grace={grace} s (CPU-bound code that '
-                            'does not await), so the worker was killed')
+        if link is None or link.exited or tid not in link.inflight or tid in link.held:
+            return   # (held: it never started, and is answered, not run, when its turn comes)
+        link.kill_reason = (f'task {tid} was cancelled but had not ended within '
+                            f'cancel_grace={grace} s: its handler, or one it waited behind, '
+                            'did not give up control (CPU-bound code that does not await), '
+                            'so the worker was killed')
         log.warning('worker %d (pid %d): %s', link.number, link.pid, link.kill_reason)
         _kill(link)

@@ -64,7 +64,7 @@ class _Link:
         self.unread = 0
         self.held: Deque[int] = collections.deque()
         self.window = _FIRST_WINDOW
-        self.overran = False    # it held work since the window last grew
+        self.overran = False    # it held work since its queue last ran empty
         self.reads = 0          # reads of its frames; the lag check compares them
         self.reads_seen = 0
         self.was_queued = False

@@ -184,12 +184,10 @@ class Pool:
         self._pending: Deque[Entry] = collections.deque()   # the backlog, in order
         self._counts = collections.Counter[str]()
         # The parts, along the path of a message (see the module's docstring).
-        self._supervisor = Supervisor(self)
-        self._dispatcher = Dispatcher(self)
-        self._inflight = InFlight(self, self._dispatcher)
-        self._receiver = Receiver(self, self._dispatcher, self._inflight)
-        self._dispatcher.bind(self._inflight, self._receiver)
-        self._supervisor.bind(self._dispatcher, self._inflight, self._receiver)
+        parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self))
+        for part in parts:
+            part.bind(*parts)
+        self._supervisor, self._dispatcher, self._inflight, self._receiver = parts
 
     def start(self) -> None:
         """Start the worker processes. Messages may be sent right away; they wait in the
@@ -361,8 +359,8 @@ class Pool:
 
         ``async for reply in pool.map(urls): ...`` is ``submit()`` for each message, made
         for bulk work: the messages travel in chunks of ``chunksize`` (one pickle, one
-        frame and one future per chunk, not per message), each chunk to the next worker in
-        turn with room for all of it, and a worker starts every handler of a chunk at
+        frame and one future per chunk, not per message), each chunk to the worker with
+        room for all of it and the fewest messages queued, and a worker starts every handler of a chunk at
         once. The iterable (or async iterable) is read as room frees up, so memory stays
         bounded by ``max_tasks`` however long it is; each message counts against
         ``max_tasks`` like a submitted one.
@@ -436,7 +434,9 @@ class Pool:
 
     def _worker_state(self, link: _Link | None) -> str:
         if link is None:
-            return 'stopped' if self._supervisor._state in (STOPPING, STOPPED) else 'restarting'
+            state = self._supervisor._state
+            return ('starting' if state is NEW else 'stopped' if state in (STOPPING, STOPPED)
+                    else 'restarting')
         if link.exited:
             return 'stopped'
         if not link.ready:

@@ -30,15 +30,13 @@ from typing import TYPE_CHECKING, Any
 from . import eager, protocol
 from .errors import PoolClosed, RemoteTraceback
 from .link import _Link
+from .part import Part
 from .protocol import loads
 from .supervise import STOPPING
 from .tasks import _await, _cancel_timer, _ChunkFuture, _TaskFuture
 
 if TYPE_CHECKING:
-    from .dispatch import Dispatcher
-    from .inflight import InFlight
     from .pool import Pool
-    from .supervise import Supervisor
 
 log = logging.getLogger('looppool')
 
@@ -46,19 +44,12 @@ log = logging.getLogger('looppool')
 _EARLY_REFILL = 256
 
 
-class Receiver:
+class Receiver(Part):
     """Takes in the frames of every worker. Lives in the parent, on the pool's loop; not
     thread-safe."""
 
-    def __init__(self, pool: Pool, dispatcher: Dispatcher, inflight: InFlight) -> None:
-        self.pool = pool
-        self.dispatcher = dispatcher
-        self.inflight = inflight
-        self.supervisor: Supervisor = pool._supervisor
-        self._slots = pool._slots
-        self._pending = pool._pending
-        self._counts = pool._counts
-        self._share = pool._share
+    def __init__(self, pool: Pool) -> None:
+        super().__init__(pool)
         self._result_tasks: set[asyncio.Future[Any]] = set()
         self._warned_results = False
         # Results and log records that arrived while the pool read inside a submit() call

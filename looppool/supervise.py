@@ -44,13 +44,11 @@ from .channel import Channel, socketpair
 from .child import worker_main
 from .errors import PoolClosed, WorkerLost, WorkerStartError
 from .link import _Link, _Slot, _kill
-from .tasks import _cancel_timer, _StopFuture, _TaskFuture, _weight
+from .part import Part
+from .tasks import _cancel_timer, _StopFuture, _TaskFuture, _tid_of, _weight
 
 if TYPE_CHECKING:
-    from .dispatch import Dispatcher
-    from .inflight import InFlight
     from .pool import Pool
-    from .receive import Receiver
 
 log = logging.getLogger('looppool')
 
@@ -69,22 +67,14 @@ _live_pools: set[Pool] = set()
 os.register_at_fork(after_in_child=_live_pools.clear)
 
 
-class Supervisor:
+class Supervisor(Part):
     """Starts, watches, replaces and stops the worker processes of one pool.
 
     Lives in the parent, on the pool's loop; not thread-safe.
     """
 
     def __init__(self, pool: Pool) -> None:
-        self.pool = pool
-        self.dispatcher: Dispatcher = None  # type: ignore[assignment]   # see bind()
-        self.inflight: InFlight = None  # type: ignore[assignment]
-        self.receiver: Receiver = None  # type: ignore[assignment]
-        self._slots = pool._slots
-        self._pending = pool._pending
-        self._counts = pool._counts
-        self._options = pool._options
-        self.pool_size = pool.pool_size
+        super().__init__(pool)
         self._state = NEW
         self._ready: asyncio.Future[None] | None = None
         self._stop_future: _StopFuture | None = None
@@ -94,11 +84,6 @@ class Supervisor:
         self._memory_timer: asyncio.TimerHandle | None = None
         self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
         self._sticky_ids = itertools.count()
-
-    def bind(self, dispatcher: Dispatcher, inflight: InFlight, receiver: Receiver) -> None:
-        self.dispatcher = dispatcher
-        self.inflight = inflight
-        self.receiver = receiver
 
     def _remember_sticky(self, sticky: bool | str, payload: bytes) -> None:
         if sticky is True:
@@ -349,11 +334,13 @@ class Supervisor:
                 self._take_over(slot, slot.successor)
         elif link in slot.retiring:
             slot.retiring.remove(link)
-        # What it reported held and never took did not start: it runs elsewhere.
-        given_back = bool(link.held)
+        # What it reported held and never took did not start, nor did what never left
+        # this process: it runs elsewhere.
+        unstarted = [*link.held, *map(_tid_of, link.batch)]
+        given_back = bool(unstarted)
         if given_back:
-            held, link.held = link.held, collections.deque()
-            self.inflight._take_back(link, held)
+            link.held, link.batch = collections.deque(), []
+            self.inflight._take_back(link, unstarted)
         lost = list(link.inflight.values())
         link.inflight.clear()
         link.used = 0

@@ -22,7 +22,7 @@ from balance_workers import Balance, RoundRobin
 from conftest import run, wait_until
 
 NEW_KEYS = ('state', 'queued', 'lag', 'in_flight', 'pid')
-STATES = {'starting', 'running', 'blocked', 'retiring', 'restarting', 'stopped'}
+STATES = {'starting', 'running', 'blocked', 'stopping', 'restarting', 'stopped'}
 
 
 def _worker(stats: dict[str, Any], number: int) -> dict[str, Any]:

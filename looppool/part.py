@@ -1,0 +1,56 @@
+"""What each part of a pool's parent side holds: the pool, the other parts, and the tables
+they share.
+
+A :class:`~looppool.Pool` is made of four parts, one concept each, along the path of a
+message: the :class:`~looppool.dispatch.Dispatcher` (sending), the
+:class:`~looppool.inflight.InFlight` (what workers hold), the
+:class:`~looppool.receive.Receiver` (what they send back) and the
+:class:`~looppool.supervise.Supervisor` (the processes). Each owns its own state and says
+so; what they share the pool makes once and none of them replaces: the worker slots (the
+supervisor's), the backlog (the dispatcher's, which the others give work back to or fail),
+the counters behind ``stats()``, the options.
+
+All of it lives in the parent, on the pool's loop, and is not thread-safe.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Deque
+
+if TYPE_CHECKING:
+    import collections
+
+    from .dispatch import Dispatcher
+    from .inflight import InFlight
+    from .link import _Slot
+    from .pool import Pool
+    from .receive import Receiver
+    from .supervise import Supervisor
+    from .tasks import Entry
+
+
+class Part:
+    """One part of a pool; see the module's docstring."""
+
+    supervisor: Supervisor
+    dispatcher: Dispatcher
+    inflight: InFlight
+    receiver: Receiver
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.pool_size: int = pool.pool_size
+        self._slots: list[_Slot] = pool._slots
+        self._pending: Deque[Entry] = pool._pending
+        self._counts: collections.Counter[str] = pool._counts
+        self._options: dict[str, Any] = pool._options
+        self._share: int = pool._share
+        self._recycle_after: int | None = pool._recycle_after
+
+    def bind(self, supervisor: Supervisor, dispatcher: Dispatcher, inflight: InFlight,
+             receiver: Receiver) -> None:
+        """Know the other parts (they are made one after another)."""
+        self.supervisor = supervisor
+        self.dispatcher = dispatcher
+        self.inflight = inflight
+        self.receiver = receiver
