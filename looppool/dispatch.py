@@ -181,7 +181,7 @@ class Dispatcher(Part):
             if not turn:
                 break
             if len(turn) > 1:
-                turn.sort(key=_queued_first)   # the least queued first (stable: in turn)
+                turn.sort(key=_queued_first)   # the least queued, then the heard from last
             width = len(turn)
             dealt = min(count - start, rounds * width)
             for offset, (_, _, link) in enumerate(turn[:dealt]):
@@ -259,7 +259,9 @@ class Dispatcher(Part):
     def _next_link(self, count: int = 1) -> _Link | None:
         """The worker with room for ``count`` more tasks (a map() chunk counts one in its
         window), nothing waiting for it in particular, and the fewest messages queued:
-        in turn among equals; the turn moves past it. None if there is none."""
+        among equals the one heard from last (a worker whose loop a handler holds is silent
+        before it is found blocked), then in turn; the turn moves past it. None if there
+        is none."""
         limit = self._share - count
         slots = self._slots
         size = len(slots)
@@ -274,7 +276,9 @@ class Dispatcher(Part):
             if link is not None and link.used <= limit and not slot.targeted \
                     and not link.blocked:
                 queued = link.unread
-                if queued < link.window and (best is None or queued < best_queued):
+                if queued < link.window and (
+                        best is None or queued < best_queued
+                        or (queued == best_queued and link.heard_at > best.heard_at)):
                     best, best_queued, after = link, queued, index
                     if not queued:
                         break
@@ -539,5 +543,5 @@ class Dispatcher(Part):
             link.unread += 1
 
 
-def _queued_first(entry: tuple[int, int, _Link]) -> int:
-    return entry[0]
+def _queued_first(entry: tuple[int, int, _Link]) -> tuple[int, float]:
+    return entry[0], -entry[2].heard_at

@@ -96,6 +96,15 @@ class Receiver(Part):
             if kind == protocol.ACK:
                 link.unread -= arg
                 acked = True
+                if link.unread <= link.window >> 1 and not link.overran \
+                        and link.window < self._share and self._pending:
+                    # It started at least half of what it may hold, within the budget of
+                    # its turns, while work waited here: a longer queue keeps it busy
+                    # through the round trip. (Here, before the replies after this ACK
+                    # send it more.)
+                    link.window = min(self._share, link.window * 2)
+                if not link.unread:
+                    link.overran = False
             elif kind == protocol.REPLIES:
                 count = self._on_replies(link, payload)
                 freed += count
@@ -202,12 +211,6 @@ class Receiver(Part):
         slot = self._slots[link.number]
         if slot.link is link and (self._pending or slot.targeted
                                   or self.supervisor._state is STOPPING):
-            if acked and not link.unread:
-                if not link.overran and link.window < self._share:
-                    # It started all it had, in the budget of its turns, while work waited
-                    # here: a longer queue keeps it busy through the round trip.
-                    link.window = min(self._share, link.window * 2)
-                link.overran = False
             self.dispatcher._refill(slot)
         if self.dispatcher._room_waiters:
             self.dispatcher._wake_room()

@@ -473,6 +473,10 @@ def test_recycling_on_memory(caplog) -> None:
                                  memory_check_interval=0.05) as pool:
             pid = await pool.submit(('pid',))
             pids.append(pid)
+            # The pool measures a fresh worker's memory once first (its baseline: above the
+            # limit, recycling would be off for it); the allocation comes after that.
+            link = pool._slots[0].link
+            await wait_until(lambda: link.baseline_rss > 0, what='the first measurement')
             await pool.submit(('allocate', 200))
             await wait_until(lambda: pool.stats()['workers'][0]['pid'] != pid,
                              what='a recycle')
