@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from .tasks import Entry, _TaskFuture
 
 # The messages a worker may hold unstarted (sent and not started): the window starts here,
-# doubles while the worker starts all it gets within its turns' budget and the backlog
-# waits, halves when the worker is found blocked, never past its share of max_tasks.
+# doubles when the worker has started at least half of what it may hold within its
+# turns' budget while the backlog waits, halves when the worker is found blocked, never
+# past its share of max_tasks.
 _FIRST_WINDOW = 4
 _MIN_WINDOW = 2
 
