@@ -86,7 +86,7 @@ def _supervise(report_file: str, command: list[str]) -> int:
             # Read again each time: a helper is forked with the example's command line
             # and then executes its own program.
             cmdline = _cmdline(process)
-            if cmdline is not None:
+            if cmdline:   # (a zombie's reads empty: keep what was read while it lived)
                 seen[process.pid] = cmdline
         try:
             returncode = example.wait(0.05)
