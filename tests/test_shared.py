@@ -157,6 +157,13 @@ def test_shared_over_tls(tmp_path, host_pids) -> None:
         remote.shared(Echo, address, secret=SECRET, certfile=str(cert))
     with pytest.raises(ValueError, match='pass certfile and keyfile'):
         remote.shared(Echo, address, secret=SECRET, ssl_context=object())
+    # Missing files are named here, not by a host that fails to start.
+    missing = str(tmp_path / 'missing.pem')
+    for name, paths in (('certfile', (missing, key, None)), ('keyfile', (cert, missing, None)),
+                        ('cafile', (cert, key, missing))):
+        with pytest.raises(FileNotFoundError, match=f'{name} .*is not a file'):
+            remote.shared(Echo, address, secret=SECRET, certfile=str(paths[0]),
+                          keyfile=str(paths[1]), cafile=paths[2])
     client = remote.shared(Echo, address, secret=SECRET, certfile=str(cert),
                            keyfile=str(key), sync=True, pool_size=1)
     try:
