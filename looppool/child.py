@@ -174,7 +174,8 @@ def worker_main(worker_class: type[Worker], sock: socket.socket,
 
 def _fail_start(channel: Channel, sock: socket.socket, step: str) -> NoReturn:
     """Tell the pool that ``step`` raised the exception being handled, and exit."""
-    channel.send(protocol.START_FAILED, os.getpid(), dumps((step, traceback.format_exc())))
+    channel.send(protocol.START_FAILED, os.getpid(),
+                 dumps((f'{step} raised', traceback.format_exc())))
     _flush_blocking(channel, sock)
     sys.stderr.flush()
     os._exit(3)

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import protocol
-from .link import _MIN_WINDOW, _Link, _kill
+from .link import _MIN_WINDOW, _Link
 from .part import Part
 from .protocol import dumps
 from .supervise import RUNNING, STOPPING
@@ -39,10 +39,6 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 log = logging.getLogger('looppool')
-
-# How often the pool looks for workers that hold work and have said nothing since the last
-# look.
-_LAG_CHECK = 0.015
 
 
 class InFlight(Part):
@@ -56,7 +52,8 @@ class InFlight(Part):
     def _watch_lag(self) -> None:
         """Look for blocked workers in a moment (a worker was sent work)."""
         if self.supervisor._state is RUNNING or self.supervisor._state is STOPPING:
-            self._lag_timer = self.pool._loop.call_later(_LAG_CHECK, self._check_lag)
+            self._lag_timer = self.pool._loop.call_later(self.transport.lag_check,
+                                                         self._check_lag)
 
     def _check_lag(self) -> None:
         """Mark blocked the workers that hold work and have said nothing since the last
@@ -175,4 +172,4 @@ class InFlight(Part):
                             'did not give up control (CPU-bound code that does not await), '
                             'so the worker was killed')
         log.warning('worker %d (pid %d): %s', link.number, link.pid, link.kill_reason)
-        _kill(link)
+        self.transport.kill(link)

@@ -109,10 +109,3 @@ class _Slot:
         self.successor_failures = 0   # replacements in a row that could not start
         self.next_recycle = 0.0       # loop time before which no recycle is tried again
 
-
-def _kill(link: _Link) -> None:
-    if link.process is not None and not link.exited:
-        try:
-            link.process.kill()
-        except (OSError, ValueError):  # pragma: no cover - already reaped
-            pass

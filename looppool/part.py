@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .inflight import InFlight
     from .link import _Slot
     from .pool import Pool
+    from .processes import Processes
     from .receive import Receiver
     from .supervise import Supervisor
     from .tasks import Entry
@@ -36,6 +37,7 @@ class Part:
     dispatcher: Dispatcher
     inflight: InFlight
     receiver: Receiver
+    transport: Processes   # or another transport with its interface (looppool.processes)
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -48,9 +50,18 @@ class Part:
         self._recycle_after: int | None = pool._recycle_after
 
     def bind(self, supervisor: Supervisor, dispatcher: Dispatcher, inflight: InFlight,
-             receiver: Receiver) -> None:
+             receiver: Receiver, transport: Processes) -> None:
         """Know the other parts (they are made one after another)."""
         self.supervisor = supervisor
         self.dispatcher = dispatcher
         self.inflight = inflight
         self.receiver = receiver
+        self.transport = transport
+
+    def resized(self) -> None:
+        """The pool learnt its size after the parts were made (a DaskPool of one actor
+        per Dask worker): take the numbers that follow from it again."""
+        pool = self.pool
+        self.pool_size = pool.pool_size
+        self._share = pool._share
+        self._recycle_after = pool._recycle_after

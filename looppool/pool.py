@@ -45,8 +45,8 @@ from .link import _Link, _Slot
 from .metrics import PoolMetrics
 from .protocol import dumps
 from .receive import Receiver
-from .supervise import (NEW, RUNNING, STOPPED, STOPPING, Supervisor, _live_pools,
-                        _parent_fds)
+from .processes import Processes, _parent_fds
+from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
 from .worker import Worker, worker_arguments
 
@@ -184,10 +184,15 @@ class Pool:
         self._pending: Deque[Entry] = collections.deque()   # the backlog, in order
         self._counts = collections.Counter[str]()
         # The parts, along the path of a message (see the module's docstring).
-        parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self))
+        self._make_parts(Processes)
+
+    def _make_parts(self, transport: type[Processes]) -> None:
+        parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
+                 transport(self))
         for part in parts:
             part.bind(*parts)
-        self._supervisor, self._dispatcher, self._inflight, self._receiver = parts
+        (self._supervisor, self._dispatcher, self._inflight, self._receiver,
+         self._transport) = parts
 
     def start(self) -> None:
         """Start the worker processes. Messages may be sent right away; they wait in the
@@ -201,7 +206,7 @@ class Pool:
                       if isinstance(ioloop, tornado.ioloop.IOLoop) else ioloop)
         self._supervisor._ready = self._loop.create_future()
         self._supervisor._state = RUNNING
-        _live_pools.add(self)
+        self._transport.running()
         if self._statsd is not None:
             self._metrics = PoolMetrics(self._statsd, self._options['statsd_prefix'],
                                         self._options['statsd_interval'], self._loop,

@@ -23,27 +23,16 @@ Lives in the parent, on the pool's loop; not thread-safe.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
-import functools
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.process
-import multiprocessing.util  # noqa: F401 - imported first so its exit hook runs after ours
-import os
-import selectors
-import signal
-import sys
 import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
-from .channel import Channel, socketpair
-from .child import worker_main
 from .errors import PoolClosed, WorkerLost, WorkerStartError
-from .link import _Link, _Slot, _kill
+from .link import _Link, _Slot
 from .part import Part
 from .tasks import _cancel_timer, _StopFuture, _TaskFuture, _tid_of, _weight
 
@@ -56,15 +45,6 @@ NEW, RUNNING, STOPPING, STOPPED = 'new', 'running', 'stopping', 'stopped'
 
 # A worker that dies within this many seconds of starting, twice running, backs off.
 _QUICK_DEATH = 1.0
-
-# Parent-side channel descriptors of every live worker of every pool in this process. A
-# forked worker closes them all: a copy held by a sibling would hide its parent's death.
-_parent_fds: set[int] = set()
-# Pools with running workers, held until stopped so that interpreter exit can end them.
-_live_pools: set[Pool] = set()
-# A process forked from this one (a web server's worker) does not own our pools: at its exit
-# it must not end them. (_parent_fds stays: its copies are still worth closing in workers.)
-os.register_at_fork(after_in_child=_live_pools.clear)
 
 
 class Supervisor(Part):
@@ -144,44 +124,9 @@ class Supervisor(Part):
         return future
 
     def _spawn(self, slot: _Slot, successor: bool = False) -> None:
-        ctx = self.pool._mp_context
-        parent_sock, child_sock = socketpair()
-        start_method = ctx.get_start_method()
-        close_fds = tuple(_parent_fds | {parent_sock.fileno()}) if start_method == 'fork' \
-            else ()
-        config = protocol.WorkerConfig(
-            number=slot.number,
-            pool_size=self.pool_size,
-            result_credit=self.pool._result_share,
-            start_method=start_method,
-            title=self._title(slot.number),
-            close_fds=close_fds,
-            log_level=logging.getLogger().getEffectiveLevel(),
-            forward_logs=bool(self._options['forward_logs']),
-            batch_replies=self.pool._batch_replies,
-            cancel_grace=self._options['cancel_grace'],
-            worker_arguments=self.pool._worker_arguments,
-        )
         link = _Link(slot.number)
-        process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
-                              args=(self.pool._worker_class, child_sock, config, os.getpid()),
-                              name=f'looppool-worker-{slot.number}')
-        try:
-            process.start()
-        finally:
-            child_sock.close()
-        _disown(process)
-        link.process = process
-        link.pid = process.pid or 0
-        link.sentinel = process.sentinel
-        link.started_at = self.pool._loop.time()
-        link.channel = Channel(parent_sock, self.pool._loop,
-                               functools.partial(self.receiver._on_frames, link),
-                               functools.partial(self._on_channel_closed, link),
-                               before_flush=functools.partial(self.dispatcher._before_flush,
-                                                              link))
-        _parent_fds.add(link.channel.fileno())
-        self.pool._loop.add_reader(link.sentinel, self._on_exit, link)
+        self.transport.start(link)
+        assert link.channel is not None
         # A replacement first replays the sticky broadcasts, then takes its share of work.
         for payload in self._sticky.values():
             link.used += 1
@@ -236,22 +181,20 @@ class Supervisor(Part):
         link.kill_reason = 'it was being recycled and its tasks outlived stop_timeout'
         link.terminated = True
         link.channel.send(protocol.TERMINATE, 0)
-        self._timers.append(self.pool._loop.call_later(self._options['kill_grace'], _kill,
-                                                       link))
+        self._timers.append(self.pool._loop.call_later(self._options['kill_grace'],
+                                                       self._kill, weakref.ref(link)))
 
     def _check_memory(self) -> None:
         self._memory_timer = None
         if self._state is not RUNNING:
             return
-        import psutil
         limit = self._options['max_memory_per_worker']
         for slot in self._slots:
             link = slot.link
             if link is None or not link.ready:
                 continue
-            try:
-                rss = psutil.Process(link.pid).memory_info().rss
-            except psutil.Error:
+            rss = self.transport.rss(link)
+            if rss is None:
                 continue
             if not link.baseline_rss:
                 link.baseline_rss = rss
@@ -279,19 +222,6 @@ class Supervisor(Part):
             links.extend(slot.retiring)
         return links
 
-    def _title(self, number: int) -> str | None:
-        title = self._options['title']
-        if not title:
-            return None
-        if isinstance(title, str):
-            return f'{title} {number}'
-        try:
-            import setproctitle
-            parent = setproctitle.getproctitle()
-        except Exception:  # pragma: no cover
-            parent = ' '.join(sys.argv)
-        return f'looppool worker {number} | {parent}'
-
     def _on_ready(self, link: _Link) -> None:
         link.ready = True
         slot = self._slots[link.number]
@@ -303,29 +233,12 @@ class Supervisor(Part):
                 s.link is not None and s.link.ready for s in self._slots):
             self._ready.set_result(None)
 
-    def _on_channel_closed(self, link: _Link) -> None:
-        # End of file: the process is exiting; its sentinel reports the exit itself.
-        pass
-
     def _on_exit(self, link: _Link) -> None:
-        loop = self.pool._loop
-        if not loop.is_closed():
-            loop.remove_reader(link.sentinel)
+        """The transport reports that ``link``'s worker has ended."""
         if link.exited:
             return
         link.exited = True
-        assert link.process is not None and link.channel is not None
-        link.process.join(5)
-        exitcode = link.process.exitcode
-        if exitcode is not None:
-            # Its sentinel and the other end of that pipe are closed now, not when the
-            # process object is collected: until then they would stay open here, and be
-            # inherited by every worker forked meanwhile.
-            link.process.close()
-        if not link.channel.closed:
-            link.channel.drain()   # replies the worker sent before it exited
-            link.channel.close()
-        _parent_fds.discard(link.channel.fileno())
+        exitcode = self.transport.reap(link)
         slot = self._slots[link.number]
         if slot.link is link:
             slot.link = None
@@ -354,7 +267,7 @@ class Supervisor(Part):
             slot.next_recycle = self.pool._loop.time() + delay
             log.error('worker %d: the replacement started to recycle it (pid %d) %s; the '
                       'worker goes on serving, and the recycle is tried again in %.1f s%s',
-                      slot.number, link.pid, _how_it_ended(exitcode), delay,
+                      slot.number, link.pid, self.transport.how_it_ended(link, exitcode), delay,
                       f'\n{link.start_error[1]}' if link.start_error else '')
         elif not link.ready:
             self._start_failed(slot, link, exitcode, lost)
@@ -377,15 +290,16 @@ class Supervisor(Part):
               lost: list[_TaskFuture]) -> None:
         """A ready worker died unasked: what it may have started fails with WorkerLost,
         and it is replaced (with back-off if it keeps dying soon after starting)."""
-        reason = link.kill_reason or _likely_cause(exitcode)
+        how = self.transport.how_it_ended(link, exitcode)
+        reason = link.kill_reason or self.transport.likely_cause(link, exitcode)
         error = WorkerLost(
-            f'worker {link.number} (pid {link.pid}) {_how_it_ended(exitcode)} while '
+            f'worker {link.number} (pid {link.pid}) {how} while '
             f'running this task; {reason}'
             + ('; it was replaced' if self._state is RUNNING else ''),
             link.number, link.pid, exitcode)
         if lost or self._state is RUNNING:
             log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
-                      link.pid, _how_it_ended(exitcode), sum(map(_weight, lost)), reason)
+                      link.pid, how, sum(map(_weight, lost)), reason)
         self._fail(lost, error, 'lost')
         if self._state is not RUNNING or slot.link is not None or link.retiring:
             return
@@ -408,14 +322,16 @@ class Supervisor(Part):
     def _start_failed(self, slot: _Slot, link: _Link, exitcode: int | None,
                       lost: list[_TaskFuture]) -> None:
         step, traceback_text = link.start_error or ('', '')
-        if traceback_text:
-            what = f'could not start: {step} raised\n{traceback_text}'
+        how = self.transport.how_it_ended(link, exitcode)
+        if step:
+            what = f'could not start: {step}' + (f'\n{traceback_text}' if traceback_text
+                                                 else '')
         elif exitcode is not None and exitcode < 0:
             # Killed from outside while it started (in _initialise, or before): not a
             # problem with the program's main module.
-            what = f'{_how_it_ended(exitcode)} before it was ready; {_likely_cause(exitcode)}'
+            what = f'{how} before it was ready; {self.transport.likely_cause(link, exitcode)}'
         else:
-            what = (f'{_how_it_ended(exitcode)} before it was ready, before _initialise ran '
+            what = (f'{how} before it was ready, before _initialise ran '
                     '(likely causes: under spawn or forkserver the main module must be '
                     'importable and its start-up code guarded by if __name__ == '
                     '"__main__"; see the worker\'s stderr)')
@@ -494,7 +410,7 @@ class Supervisor(Part):
         if self.inflight._lag_timer is not None:
             self.inflight._lag_timer.cancel()
             self.inflight._lag_timer = None
-        _live_pools.discard(self.pool)
+        self.transport.finish()
         future = self._stop_future
         if future is not None and not future.done():
             future.set_result(None)
@@ -522,138 +438,29 @@ class Supervisor(Part):
 
     def _kill_all(self) -> None:
         for link in self._links():
-            _kill(link)
+            self.transport.kill(link)
+
+    def _kill(self, link_ref: weakref.ref[_Link]) -> None:
+        link = link_ref()
+        if link is not None and not link.exited:
+            self.transport.kill(link)
 
     def _block_unless_awaited(self) -> None:
         future = self._stop_future
-        if future is None or future.done() or future._lp_awaited:
+        if future is None or future.done() or future._lp_awaited \
+                or not self.transport.blocking:
             return
         self._run_blocking_until_stopped()
 
     def _run_blocking_until_stopped(self) -> None:
-        """Drive the channels and sentinels directly while the loop cannot run."""
-        _drive_until_stopped(self)
-
-    def _abandon_at_exit(self) -> None:
-        """The interpreter is exiting with this pool running: end the workers quickly."""
-        self.dispatcher._plain = False
-        links = self._links()
-        for link in links:
-            if link.channel is not None and not link.channel.closed:
-                _parent_fds.discard(link.channel.fileno())
-                link.channel.close()   # end of file: the worker exits
-        for link in links:
-            assert link.process is not None
-            link.process.join(self._options['kill_grace'])
-            if link.process.is_alive():
-                link.process.kill()
-                link.process.join(5)
-        self._state = STOPPED
-        _live_pools.discard(self.pool)
-
-
-def _disown(process: multiprocessing.process.BaseProcess) -> None:
-    """Take a process we supervise ourselves out of multiprocessing's list of children.
-
-    A process forked from this one later (a web server's workers) inherits that list, and
-    at exit multiprocessing would try to join our workers from there, which fails with an
-    AssertionError ("can only join a child process"). We reap our processes through their
-    sentinels, and end them at exit, so multiprocessing need not know them.
-    """
-    children = getattr(multiprocessing.process, '_children', None)
-    if isinstance(children, set):
-        children.discard(process)
-
-
-def _how_it_ended(exitcode: int | None) -> str:
-    if exitcode is None:
-        return 'vanished'
-    if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f'signal {-exitcode}'
-        return f'died with signal {-exitcode} ({name})'
-    return f'exited with code {exitcode}'
-
-
-def _likely_cause(exitcode: int | None) -> str:
-    if exitcode == -signal.SIGKILL:
-        return ('likely causes: the kernel\'s out-of-memory killer (check dmesg), '
-                'or a kill -9')
-    if exitcode == -signal.SIGSEGV:
-        return 'likely cause: a crash in native code (segmentation fault)'
-    if exitcode == -signal.SIGABRT:
-        return 'likely cause: an abort in native code or a failed assertion in C'
-    if exitcode is not None and exitcode >= 0:
-        return 'likely cause: os._exit() or sys.exit() in a handler, or the worker\'s ' \
-               'parent-death signal'
-    return 'likely cause: a signal sent to the worker'
+        """Drive the workers directly while the loop cannot run."""
+        self.transport.drive_until_stopped()
 
 
 def _current_loop_or_none() -> asyncio.AbstractEventLoop | None:
     return asyncio._get_running_loop()
 
 
-@atexit.register
-def _end_pools_at_exit() -> None:
-    # Registered after multiprocessing's own exit hook (multiprocessing.util is imported
-    # above), so it runs first: that hook joins child processes, which would wait forever
-    # for workers that were never stopped.
-    for pool in list(_live_pools):
-        if pool._supervisor._state in (RUNNING, STOPPING):
-            pool._supervisor._abandon_at_exit()
-
-
 def _back_off(attempt: int) -> float:
     """Seconds before the next start after ``attempt`` failed ones: 0.1, 0.2, 0.4 ... 10."""
     return min(0.1 * 2.0 ** (attempt - 1), 10.0)
-
-
-def _drive_until_stopped(supervisor: Supervisor) -> None:
-    """Run ``supervisor``'s stop to its end without the loop: read the channels and
-    sentinels with a selector of our own, keep the deadlines."""
-    future = supervisor._stop_future
-    assert future is not None
-    loop = supervisor.pool._loop
-    with selectors.DefaultSelector() as selector:
-        while not future.done():
-            now = loop.time()
-            if now >= supervisor._stop_deadline and supervisor._kill_at is None:
-                supervisor._escalate()
-            if supervisor._kill_at is not None and now >= supervisor._kill_at:
-                supervisor._kill_all()
-            wait = (supervisor._kill_at if supervisor._kill_at is not None
-                    else supervisor._stop_deadline)
-            links = supervisor._links()
-            for link in links:
-                assert link.channel is not None
-                if link.channel.wants_write or link.acks or link.batch:
-                    link.channel.flush()
-            keys = []
-            for link in links:
-                assert link.channel is not None
-                if not link.channel.closed:
-                    events = selectors.EVENT_READ
-                    if link.channel.wants_write:
-                        events |= selectors.EVENT_WRITE
-                    keys.append(selector.register(link.channel.fileno(), events,
-                                                  ('channel', link)))
-                keys.append(selector.register(link.sentinel, selectors.EVENT_READ,
-                                              ('exit', link)))
-            if not keys:
-                supervisor._check_stopped()
-                break
-            ready = selector.select(max(0.0, min(wait - now, 0.5)))
-            for key in keys:
-                selector.unregister(key.fileobj)
-            for key, events in ready:
-                what, link = key.data
-                if what == 'exit':
-                    supervisor._on_exit(link)
-                elif not link.exited and link.channel is not None:
-                    if events & selectors.EVENT_READ:
-                        link.channel.read_ready()
-                    if events & selectors.EVENT_WRITE:
-                        link.channel.flush()
-            supervisor._check_stopped()

@@ -15,7 +15,7 @@ from typing import Any
 from .. import protocol
 from ..errors import PoolClosed
 from ..pool import Pool
-from ..supervise import _parent_fds
+from ..processes import _parent_fds
 from ..tasks import _RawFuture
 from ..protocol import dumps
 from ..worker import Worker

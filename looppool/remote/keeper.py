@@ -44,7 +44,8 @@ import traceback
 from typing import Any, NamedTuple
 
 from ..pool import _resolve_context
-from ..supervise import _back_off, _how_it_ended, _likely_cause
+from ..processes import _how_it_ended, _likely_cause
+from ..supervise import _back_off
 from ..worker import Worker
 from .access import Address, _answers
 from .host import _run_host

@@ -28,7 +28,7 @@ import ssl
 from typing import Any
 
 from ..pool import Pool
-from ..supervise import _disown, _how_it_ended
+from ..processes import _disown, _how_it_ended
 from ..worker import Worker
 from .access import (Address, _allowed, _answers, _check_address, _private_directory,
                      _secret_bytes, default_address)
