@@ -44,6 +44,7 @@ setup(
             'pytest-timeout',
             'hypothesis',
             'sphinx',
+            'furo',          # the manual's theme
             'gunicorn',
             'mypy',
             # the server recipes examples/server_flask.py and server_uwsgi.py, run by
