@@ -77,6 +77,10 @@ class Dispatcher(Part):
         self._room_waiters: list[asyncio.Future[None]] = []   # map()s waiting for room
         self._catching_up = False   # reading replies inside submit(): see _catch_up
 
+    def resized(self) -> None:
+        super().resized()
+        self._outbox_limit = _OUTBOX_PER_WORKER * min(self.pool_size, 4)
+
     def submit(self, message: Any, worker_num: int | None,
                timeout: float | None) -> asyncio.Future[Any]:
         """:meth:`Pool.submit`."""
@@ -301,7 +305,7 @@ class Dispatcher(Part):
                     self._send(link, item)
                     return
                 slots = self._slots
-                if all(slot.start_error is not None for slot in slots):
+                if slots and all(slot.start_error is not None for slot in slots):
                     self._fail_item(item, slots[0].start_error)
                     return
             self._pending.append(item)

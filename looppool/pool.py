@@ -132,6 +132,11 @@ class Pool:
         pool.stop()
     """
 
+    # How workers are started and reached (looppool.processes; a DaskPool's are actors),
+    # and how worker_args and worker_kwargs are pickled for them.
+    _transport_class: type[Processes] = Processes
+    _pickle_arguments: Callable[[Any], bytes] = staticmethod(dumps)
+
     def __init__(self, ioloop: Any = None, pool_size: int | None = None,
                  worker_class: type[Worker] = Worker, max_tasks: int = 4096,
                  max_results: int = 4096, *, statsd: Any = None, **options: Any) -> None:
@@ -161,7 +166,8 @@ class Pool:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
         self._mp_context = _resolve_context(self._options['mp_context'])
         self._worker_arguments = worker_arguments(worker_class, self._options['worker_args'],
-                                                  self._options['worker_kwargs'])
+                                                  self._options['worker_kwargs'],
+                                                  self._pickle_arguments)
 
         self.pool_size: int = pool_size
         self._ioloop_arg = ioloop
@@ -184,7 +190,7 @@ class Pool:
         self._pending: Deque[Entry] = collections.deque()   # the backlog, in order
         self._counts = collections.Counter[str]()
         # The parts, along the path of a message (see the module's docstring).
-        self._make_parts(Processes)
+        self._make_parts(self._transport_class)
 
     def _make_parts(self, transport: type[Processes]) -> None:
         parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
@@ -194,19 +200,31 @@ class Pool:
         (self._supervisor, self._dispatcher, self._inflight, self._receiver,
          self._transport) = parts
 
-    def start(self) -> None:
+    def start(self) -> asyncio.Future[None]:
         """Start the worker processes. Messages may be sent right away; they wait in the
-        channel until the worker has run ``_initialise()``."""
+        pool until the worker has run ``_initialise()``. Returns a future that resolves
+        once every worker has (``async with`` awaits it), or raises the first
+        :class:`~looppool.WorkerStartError`."""
         if self._supervisor._state != NEW:
             raise RuntimeError(f'the pool was already started (it is {self.state})')
         ioloop = self._ioloop_arg
         if ioloop is None:
             ioloop = tornado.ioloop.IOLoop.current()
-        self._loop = (ioloop.asyncio_loop  # type: ignore[attr-defined]
-                      if isinstance(ioloop, tornado.ioloop.IOLoop) else ioloop)
+        self._begin(ioloop.asyncio_loop  # type: ignore[attr-defined]
+                    if isinstance(ioloop, tornado.ioloop.IOLoop) else ioloop)
+        self._spawn_all()
+        assert self._supervisor._ready is not None
+        return self._supervisor._ready
+
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Running from now on, on ``loop``: messages are taken."""
+        self._loop = loop
         self._supervisor._ready = self._loop.create_future()
         self._supervisor._state = RUNNING
         self._transport.running()
+
+    def _spawn_all(self) -> None:
+        """Start every worker (the pool knows its size)."""
         if self._statsd is not None:
             self._metrics = PoolMetrics(self._statsd, self._options['statsd_prefix'],
                                         self._options['statsd_interval'], self._loop,
@@ -319,6 +337,8 @@ class Pool:
             raise self._not_running()
         if self._dispatcher._outbox:
             self._dispatcher._flush_outbox()   # the submit()s before it go first
+        if not self._slots:
+            raise queue.Full('the pool is still finding out its size')
         if worker_num is None:
             slot = self._slots[self._dispatcher._note_turn]
         else:

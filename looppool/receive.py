@@ -97,7 +97,8 @@ class Receiver(Part):
                 link.unread -= arg
                 acked = True
                 if link.unread <= link.window >> 1 and not link.overran \
-                        and link.window < self._share and self._pending:
+                        and link.window < self._share \
+                        and (self._pending or self._slots[link.number].targeted):
                     # It started at least half of what it may hold, within the budget of
                     # its turns, while work waited here: a longer queue keeps it busy
                     # through the round trip. (Here, before the replies after this ACK

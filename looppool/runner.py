@@ -78,7 +78,7 @@ class _Runner:
     Lives in the worker process, on its loop thread; not thread-safe.
     """
 
-    def __init__(self, worker_class: type[Worker], sock: socket.socket,
+    def __init__(self, worker_class: type[Worker], sock: socket.socket | None,
                  loop: asyncio.AbstractEventLoop, config: protocol.WorkerConfig) -> None:
         # The runner (its channel) comes first, so that whatever the worker's code does,
         # from its constructor on, can be logged and reported: see attach().
@@ -104,9 +104,14 @@ class _Runner:
         self.batch_replies = config.batch_replies and not self.looppool_style
         self.read = 0              # messages started since the last ACK
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
-        self.channel = Channel(sock, loop, self.on_frames, self.on_parent_lost,
-                               before_flush=self.before_flush)
+        self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
+
+    def make_channel(self, sock: Any) -> Channel:
+        """The channel to the parent (a subclass may bring another end with the same
+        interface: a Dask actor's, see looppool.dask.actor)."""
+        return Channel(sock, self.loop, self.on_frames, self.on_parent_lost,
+                       before_flush=self.before_flush)
 
     def attach(self, worker: Worker) -> None:
         """Run ``worker``'s handlers from now on (it was made after this runner)."""

@@ -466,6 +466,31 @@ def test_a_worker_killed_mid_load(fresh_backend: Any) -> None:
     run(main())
 
 
+def test_a_held_loop_gets_no_new_work_and_map_runs(backend: Any) -> None:
+    """The balancing of a local pool holds for actors too: while a CPU-bound handler
+    holds worker 0's loop, it is found blocked and the messages sent meanwhile are all
+    answered by worker 1; map() yields in order through every backend."""
+    async def main() -> None:
+        async with backend.pool(Echo) as pool:
+            pids = await pool.broadcast(('pid',))
+            if pids[0] == pids[1]:   # pragma: no cover - placement spreads two actors
+                pytest.skip('both actors share a Dask worker')
+            spinning = pool.submit(('spin', 1.5), worker_num=0)
+            await wait_until(lambda: pool.stats()['workers'][0]['state'] == 'blocked', 10,
+                             'worker 0 to be found blocked')
+            sent = []
+            for _ in range(10):
+                sent.append((pool.submit(('pid',)), not spinning.done()))
+                await asyncio.sleep(0.01)   # pacing: one message every 10 ms
+            replies = await asyncio.wait_for(asyncio.gather(*(f for f, _ in sent)), 30)
+            during = [reply for reply, (_, held) in zip(replies, sent) if held]
+            assert during and set(during) == {pids[1]}, replies
+            assert await asyncio.wait_for(spinning, 30) == 'spun'
+            replies = [reply async for reply in pool.map(range(3000))]
+            assert replies == list(range(3000))
+    run(main())
+
+
 # -- Dask only -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module', params=['dask-local', 'dask-cli'])
