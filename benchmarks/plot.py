@@ -1,8 +1,14 @@
-"""Draw the results as one figure, one panel per workload, titled with the machine and date.
+"""Draw the benchmark's results, from a saved JSON file; nothing is measured again.
 
     python benchmarks/plot.py [results.json [out.png]]
+    python benchmarks/plot.py --figures [DIRECTORY] [results.json]
 
-run.py calls :func:`render` after a run; this command redraws a saved JSON file.
+The first form draws one overview image, one panel per workload, titled with the machine
+and date; run.py calls :func:`render` for it after a run. The second draws one figure per
+question the manual's Performance page asks (how many messages a second, how long a round
+trip, ...), each sized to be read in the manual's text column, into DIRECTORY
+(``manual/_static`` by default) from ``benchmarks/results/latest.json`` by default:
+:func:`render_figures`.
 """
 
 import json
@@ -231,6 +237,8 @@ def info_panel(ax, results, names):
 
 
 def number(value):
+    if value >= 1_000_000:
+        return f'{value / 1_000_000:.2f} M'
     if value >= 10_000:
         return f'{value / 1000:,.0f}k'
     if value >= 100:
@@ -240,10 +248,177 @@ def number(value):
     return f'{value:.2f}'
 
 
+# -- One figure per question, for the manual ------------------------------------------------
+
+# The order of the peers in every figure, top to bottom: looppool's ways first.
+ORDER = ['looppool_submit', 'looppool_map', 'looppool_put_nowait', 'looppool_remote',
+         'process_pool_executor', 'process_pool_executor_map', 'aiomultiprocess_pool',
+         'aiomultiprocess_fork', 'ceiling']
+# The names a reader meets on the Performance page.
+READER = {
+    'looppool_submit': 'looppool submit()',
+    'looppool_map': 'looppool map()',
+    'looppool_put_nowait': 'looppool put_nowait() (0.3 style)',
+    'looppool_remote': 'looppool through a host',
+    'process_pool_executor': 'ProcessPoolExecutor, per call',
+    'process_pool_executor_map': 'ProcessPoolExecutor.map()',
+    'aiomultiprocess_pool': 'aiomultiprocess (spawn)',
+    'aiomultiprocess_fork': 'aiomultiprocess (fork)',
+    'ceiling': 'hand-written ceiling',
+}
+
+# (file name, workload, [(field, label)], title, axis label, log scale, better)
+FIGURES = [
+    ('bench-throughput.png', 'W1', [('msg_per_s', None)],
+     'Tiny messages sent at once: messages per second',
+     'messages per second (log scale)', True, 'more'),
+    ('bench-latency.png', 'W2', [('p50_us', 'median'), ('p99_us', '99th percentile')],
+     'One message at a time: round trip',
+     'microseconds (log scale)', True, 'less'),
+    ('bench-io.png', 'W3', [('seconds', None)],
+     '2,000 tasks that each wait 50 ms: time to finish all',
+     'seconds (log scale)', True, 'less'),
+    ('bench-payload.png', 'W4', [('mib_per_s', None)],
+     'Round trips of 1 MiB: MiB per second each way',
+     'MiB per second', False, 'more'),
+    ('bench-startup.png', 'W5', [('start_ms', 'start to first reply'), ('stop_ms', 'stop')],
+     'Starting a pool of two and stopping it',
+     'milliseconds (log scale)', True, 'less'),
+    ('bench-cpu.png', 'W6', [('speedup_2', None)],
+     'CPU-bound work on two workers: speed-up over one process',
+     'times as fast as one process', False, 'more'),
+    ('bench-uneven.png', 'W7', [('seconds', None)],
+     '200 uneven CPU-bound tasks: time to finish all',
+     'seconds', False, 'less'),
+    ('bench-blocked.png', 'W8',
+     [('io_p50_ms', 'median'), ('io_p90_ms', '90th percentile'),
+      ('io_p99_ms', '99th percentile')],
+     'IO tasks while one worker is busy for 0.6 s: latency',
+     'milliseconds (log scale)', True, 'less'),
+    ('bench-memory.png', 'MEM', [('worker_uss_mib', 'its own (USS)'),
+                                 ('worker_rss_mib', 'resident (RSS)')],
+     'Memory of one idle worker', 'MiB', False, 'less'),
+]
+
+# Drawn at 7.2 x (0.5 + 0.42 per bar) inches and 200 dots an inch, the figures show at
+# about half their pixel width in a text column of 720 px or so: the 10-point lettering
+# then reads as 14 px.
+WIDTH_IN, DPI = 7.2, 200
+
+
+def render_figures(results, directory):
+    """Write one PNG per question into ``directory``; return their paths."""
+    summary = results['summary']
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for name, workload, fields, title, axis, log, better in FIGURES:
+        peers = [peer for peer in ORDER + sorted(set(summary) - set(ORDER))
+                 if workload in summary.get(peer, {})
+                 and summary[peer][workload]['median']]
+        if not peers:
+            continue
+        path = os.path.join(directory, name)
+        figure_for(results, workload, peers, fields, title, axis, log, better, path)
+        written.append(path)
+    return written
+
+
+def figure_for(results, workload, peers, fields, title, axis, log, better, path):
+    """Horizontal bars, one group per peer, labelled with their values."""
+    summary = results['summary']
+    rows = len(peers) * len(fields)
+    height = 1.3 + 0.26 * rows + 0.22 * len(peers)
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, height))
+    bar = 0.8 / len(fields)
+    top = 0
+    for index, (field, label) in enumerate(fields):
+        alpha, hatch = STYLES[index]
+        ys, values, colours = [], [], []
+        for position, peer in enumerate(peers):
+            value = summary[peer][workload]['median'].get(field)
+            if value is None:
+                continue
+            ys.append(position + (index - (len(fields) - 1) / 2) * bar)
+            values.append(value)
+            colours.append(COLOURS.get(peer, '#333333'))
+        bars = ax.barh(ys, values, height=bar * 0.9, color=colours, alpha=alpha,
+                       hatch=hatch, edgecolor='white' if hatch is None else '#444444',
+                       linewidth=0.4, label=label if label else '_nolegend_')
+        for rect, value in zip(bars, values):
+            ax.annotate(f' {number(value)}', (value, rect.get_y() + rect.get_height() / 2),
+                        va='center', ha='left', fontsize=9)
+        top = max([top] + values)
+    ax.set_yticks(range(len(peers)))
+    ax.set_yticklabels([READER.get(peer, peer) for peer in peers], fontsize=10)
+    ax.invert_yaxis()   # the first peer at the top
+    ax.set_xlabel(f'{axis}; {better} is better', fontsize=10)
+    ax.tick_params(axis='x', labelsize=9)
+    if log:
+        ax.set_xscale('log')
+        low = min(summary[peer][workload]['median'].get(field) or top
+                  for peer in peers for field, _ in fields)
+        ax.set_xlim(low / 2, top * 6)   # room for the value after the longest bar
+    else:
+        ax.set_xlim(0, top * 1.25)
+    reference_line(ax, results, workload, peers)
+    ax.grid(axis='x', alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ('top', 'right'):
+        ax.spines[side].set_visible(False)
+    entries = len(ax.get_legend_handles_labels()[0])
+    if entries:
+        # Above the bars, under the title, where it can hide none of them.
+        ax.legend(fontsize=9, loc='lower left', bbox_to_anchor=(0, 1.0),
+                  ncol=min(entries, 2), frameon=False, borderaxespad=0.2)
+    rows_of_legend = -(-entries // 2)
+    ax.set_title(title, fontsize=11, loc='left', pad=6 + 17 * rows_of_legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def reference_line(ax, results, workload, peers):
+    """The line some figures are read against: an ideal, or what the machine gives."""
+    summary = results['summary']
+    medians = [summary[peer][workload]['median'] for peer in peers]
+    line = None
+    if workload == 'W3':
+        line = (0.05, 'ideal: 0.05 s')
+    elif workload == 'W6':
+        values = sorted(m['machine_speedup_2'] for m in medians if 'machine_speedup_2' in m)
+        if values:
+            value = values[len(values) // 2]
+            line = (value, f'two bare processes: {value:.2f}')
+    elif workload == 'W7':
+        value = ideal(summary, peers)
+        if value:
+            line = (value, f'ideal: {value:.2f} s')
+    elif workload == 'W8':
+        values = [m['io_ms'] for m in medians if m.get('io_ms')]
+        if values:
+            line = (values[0], f'one IO task alone: {values[0]:.0f} ms')
+    elif workload == 'MEM':
+        values = sorted(m['bare_uss_mib'] for m in medians if 'bare_uss_mib' in m)
+        if values:
+            value = values[len(values) // 2]
+            line = (value, f'bare Python with Tornado, USS: {value:.1f}')
+    if line:
+        ax.axvline(line[0], color='black', linewidth=0.9, linestyle=':', label=line[1])
+
+
 def main():
-    source = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, 'results',
-                                                                  'latest.json')
-    target = sys.argv[2] if len(sys.argv) > 2 else os.path.splitext(source)[0] + '.png'
+    arguments = sys.argv[1:]
+    default = os.path.join(HERE, 'results', 'latest.json')
+    if arguments and arguments[0] == '--figures':
+        directory = (arguments[1] if len(arguments) > 1
+                     else os.path.join(HERE, '..', 'manual', '_static'))
+        source = arguments[2] if len(arguments) > 2 else default
+        with open(source) as results:
+            for path in render_figures(json.load(results), directory):
+                print(os.path.relpath(path))
+        return
+    source = arguments[0] if arguments else default
+    target = arguments[1] if len(arguments) > 1 else os.path.splitext(source)[0] + '.png'
     with open(source) as results:
         render(json.load(results), target)
     print(target)

@@ -44,9 +44,9 @@ root_doc = 'index'
 exclude_patterns = ['_build', '_intersphinx']
 templates_path = []
 
-# A bare ``::`` block is shown as plain text (output, a shell line); Python code is
-# marked ``.. code-block:: python``, and tests/test_manual.py runs it.
-highlight_language = 'none'
+# The pages mark every block with its language (tests/test_manual.py runs the Python
+# ones); a bare ``::`` block, as in docstrings, is taken for Python where it parses.
+highlight_language = 'default'
 pygments_style = 'sphinx'
 pygments_dark_style = 'monokai'
 

@@ -1,5 +1,8 @@
 """The manual builds with Sphinx, warnings as errors, and its pages show their pictures (the
-message path, the shared pool, Dask, the benchmark plot); the README's example runs."""
+message path, the shared pool, Dask, the benchmark's figures); the README's example runs;
+every code block of the manual, the README and the changelog fits the text column, and
+each block of Python either runs as printed or says it is a fragment (see
+:func:`test_code_block_runs` for the convention)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import html.parser
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import urllib.parse
 
+import psutil
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -89,7 +94,16 @@ def _shown_pictures(built: pathlib.Path, page: str) -> dict[str, pathlib.Path]:
     ('design', 'message-path.svg'),      # the path of a message
     ('sharing', 'sharing.svg'),          # one pool for a pre-forked web server
     ('dask', 'dask.svg'),                # the same workers on a Dask cluster
-    ('performance', 'benchmark.png'),    # the benchmark's plot
+    # the benchmark: one figure per question (benchmarks/plot.py --figures)
+    ('performance', 'bench-throughput.png'),
+    ('performance', 'bench-latency.png'),
+    ('performance', 'bench-io.png'),
+    ('performance', 'bench-payload.png'),
+    ('performance', 'bench-startup.png'),
+    ('performance', 'bench-cpu.png'),
+    ('performance', 'bench-uneven.png'),
+    ('performance', 'bench-blocked.png'),
+    ('performance', 'bench-memory.png'),
 ])
 def test_pages_show_their_pictures(built_manual: pathlib.Path, page: str,
                                    picture: str) -> None:
@@ -105,7 +119,12 @@ def test_api_page_documents_the_public_names(built_manual: pathlib.Path) -> None
     for name in ('looppool.Pool', 'looppool.Pool.submit', 'looppool.Pool.map',
                  'looppool.Worker', 'looppool.task_done',
                  'looppool.WorkerLost', 'looppool.PoolClosed',
-                 'looppool.utility.ResourceReporter'):
+                 'looppool.utility.ResourceReporter', 'looppool.__version__',
+                 'module-looppool.remote', 'looppool.remote.serve',
+                 'looppool.remote.SyncClient', 'module-looppool.dask',
+                 'looppool.dask.DaskPool', 'module-looppool.utility',
+                 'looppool.utility.loop_readings', 'module-looppool.metrics',
+                 'looppool.metrics.PoolMetrics'):
         assert f'id="{name}"' in api, f'the API page has no entry for {name}'
 
 
@@ -125,3 +144,157 @@ def test_the_readme_example_runs(tmp_path: pathlib.Path) -> None:
         r"([0-9a-f]{64}) (\[.*\]) (\[.*\]) (\d+)\n", outcome.stdout).groups()
     assert len(ast.literal_eval(many)) == 3, outcome
     assert ast.literal_eval(sizes) == [64] * 4 and completed == '8', outcome
+
+
+# -- The code blocks of the manual and the README ------------------------------------------
+
+CODE_DOCS = sorted(MANUAL.glob('*.rst')) + [ROOT / 'README.rst', ROOT / 'CHANGES.rst']
+FRAGMENT = '# fragment:'
+LINE_LIMIT = 72
+BLOCK_TIMEOUT = 60
+# Languages whose blocks are not Python programs: shell commands and sessions, what a
+# program prints, configuration, queries. Nothing runs them; a block of Python is run.
+OTHER_LANGUAGES = {'console', 'shell', 'bash', 'text', 'none', 'yaml', 'ini', 'pycon',
+                   'promql', 'json', 'pytb'}
+
+
+class _Block:
+    """A literal block of a page: where it starts, its language (``None`` for a bare
+    ``::`` block, which the manual shows as plain text) and its text, dedented."""
+
+    def __init__(self, path: pathlib.Path, line: int, language: str | None,
+                 text: str) -> None:
+        self.path, self.line, self.language, self.text = path, line, language, text
+
+    @property
+    def where(self) -> str:
+        return f'{self.path.relative_to(ROOT)}:{self.line}'
+
+    @property
+    def is_fragment(self) -> bool:
+        return self.text.lstrip().lower().startswith(FRAGMENT)
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _blocks(path: pathlib.Path) -> list[_Block]:
+    """Every ``.. code-block::`` and every ``::`` literal block of the page ``path``."""
+    lines = path.read_text(encoding='utf-8').split('\n')
+    found, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        directive = re.match(r'\s*\.\. (?:code-block|code|sourcecode)::\s*(\S*)', line)
+        bare = (not directive and line.rstrip().endswith('::')
+                and not line.lstrip().startswith('..'))
+        if not (directive or bare):
+            i += 1
+            continue
+        indent = _indent(line)
+        j = i + 1
+        if directive:   # skip the directive's options
+            while j < len(lines) and lines[j].strip().startswith(':'):
+                j += 1
+        k = j
+        while k < len(lines) and (not lines[k].strip() or _indent(lines[k]) > indent):
+            k += 1
+        body = textwrap.dedent('\n'.join(lines[j:k])).strip('\n')
+        if body:
+            language = (directive.group(1) or 'python') if directive else None
+            found.append(_Block(path, i + 1, language, body + '\n'))
+        i = max(k, i + 1)
+    return found
+
+
+ALL_BLOCKS = [block for path in CODE_DOCS for block in _blocks(path)]
+PYTHON_BLOCKS = [block for block in ALL_BLOCKS if block.language in ('python', 'python3')]
+PROGRAMS = [block for block in PYTHON_BLOCKS if not block.is_fragment]
+
+
+def test_the_code_blocks_are_found() -> None:
+    """The extraction sees the blocks (a change of markup must not empty the list)."""
+    assert len(PROGRAMS) >= 5, [block.where for block in PROGRAMS]
+    assert any(block.path.name == 'README.rst' for block in PROGRAMS)
+
+
+@pytest.mark.parametrize('block', ALL_BLOCKS, ids=lambda block: block.where)
+def test_code_lines_fit_the_column(block: _Block) -> None:
+    """No line of a code block is cut off in the manual's text column."""
+    long = [line for line in block.text.splitlines() if len(line) > LINE_LIMIT]
+    assert not long, f'{block.where}: lines over {LINE_LIMIT} characters: {long}'
+
+
+@pytest.mark.parametrize('block', ALL_BLOCKS, ids=lambda block: block.where)
+def test_code_blocks_say_their_language(block: _Block) -> None:
+    """A block is Python (and so is run, or says it is a fragment) or names another
+    language; a bare ``::`` block is plain text, never Python."""
+    assert block.language is None or block.language in OTHER_LANGUAGES | {
+        'python', 'python3'}, f'{block.where}: unexpected language {block.language!r}'
+    if block.language is None:
+        try:
+            ast.parse(block.text)
+        except SyntaxError:
+            return
+        assert not re.search(r'^\s*(import|from|def|class|async def) ', block.text,
+                             re.M), (
+            f'{block.where}: Python in a bare :: block; mark it '
+            f'".. code-block:: python" (and "{FRAGMENT}" if it is not a whole program)')
+
+
+@pytest.mark.parametrize('block', [block for block in PYTHON_BLOCKS if block.is_fragment],
+                         ids=lambda block: block.where)
+def test_fragments_are_valid_python(block: _Block) -> None:
+    """A fragment is not run, but it is Python: it compiles (``await`` allowed)."""
+    compile(block.text, block.where, 'exec', flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+            dont_inherit=True)
+
+
+def _left_behind(marker: str) -> list[psutil.Process]:
+    """The processes whose environment carries ``marker``: those a block started."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get('LOOPPOOL_MANUAL_BLOCK') == marker:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.mark.timeout(BLOCK_TIMEOUT + 30)
+@pytest.mark.parametrize('block', PROGRAMS, ids=lambda block: block.where)
+def test_code_block_runs(block: _Block, tmp_path: pathlib.Path) -> None:
+    """Every Python block that is not marked as a fragment is a program: it runs as
+    printed, with warnings as errors, exits 0 within the time limit and leaves no
+    process behind.
+
+    The convention, for whoever writes the manual: a block of Python that is only part
+    of a program starts with a comment line ``# fragment: <what it needs>``, which the
+    reader sees too, and is only compiled. Any other ``.. code-block:: python`` is run.
+    Shell commands, output and configuration are blocks of another language
+    (``shell``, ``console``, ``text``, ``yaml``...), which are not run; a bare ``::``
+    block must not hold Python (see :func:`test_code_blocks_say_their_language`).
+    """
+    program = tmp_path / 'example.py'
+    program.write_text(block.text, encoding='utf-8')
+    marker = f'{os.getpid()}-{block.where}'
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), LOOPPOOL_MANUAL_BLOCK=marker)
+    process = subprocess.Popen(
+        [sys.executable, '-W', 'error', str(program)], cwd=tmp_path, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=BLOCK_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f'{block.where} did not end within {BLOCK_TIMEOUT} s\n{out}\n{err}')
+    finally:
+        left = _left_behind(marker)
+        for child in left:
+            child.kill()
+        psutil.wait_procs(left, timeout=5)
+    assert process.returncode == 0, f'{block.where} failed:\n{out}\n{err}'
+    assert not left, f'{block.where} left processes behind: {left}'
+    if 'print(' in block.text:
+        assert out.strip(), f'{block.where} printed nothing'
