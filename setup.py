@@ -51,7 +51,10 @@ setup(
             # tests/test_servers.py; uWSGI builds from source with a C compiler
             'flask',
             'uwsgi',
+            # the extra below, for tests/test_prometheus.py
+            'prometheus_client',
         ],
+        'prometheus': ['prometheus_client'],
         'dask': ['distributed'],
         'bench': ['aiomultiprocess', 'matplotlib'],
     },
