@@ -364,12 +364,15 @@ TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_
 # Run for real, against real servers, by tests/test_servers.py.
 TESTED_IN_TEST_SERVERS = {'server_tornado.py', 'server_gunicorn.py', 'gunicorn_conf.py',
                           'server_uwsgi.py', 'server_flask.py', 'shared_workers.py'}
+# Run for real, scraped over HTTP, by tests/test_prometheus.py.
+TESTED_IN_TEST_PROMETHEUS = {'prometheus_metrics.py'}
 
 
 def test_every_example_is_tested() -> None:
     found = {path.name for path in EXAMPLES.glob('*.py')}
-    assert found == TESTED | TESTED_IN_TEST_SERVERS, \
-        'every program in examples/ needs a test (here or in test_servers.py)'
+    assert found == TESTED | TESTED_IN_TEST_SERVERS | TESTED_IN_TEST_PROMETHEUS, \
+        'every program in examples/ needs a test (here, in test_servers.py or ' \
+        'test_prometheus.py)'
 
 
 def test_looppool_fetch(tmp_path: Path, http_server: int) -> None:
