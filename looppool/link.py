@@ -35,7 +35,8 @@ class _Link:
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
                  'started_at', 'sent', 'retiring', 'batch', 'baseline_rss', 'terminated',
                  'batch_gave_up', 'unread', 'held', 'window', 'reads', 'reads_seen',
-                 'was_queued', 'blocked', 'recalling', 'heard_at', 'overran', '__weakref__')
+                 'was_queued', 'blocked', 'recalling', 'heard_at', 'overran', 'paused',
+                 'pause_state', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -72,6 +73,8 @@ class _Link:
         self.blocked = False    # held work and said nothing for a lag check or more
         self.recalling = False  # a RECALL is on its way, not yet answered
         self.heard_at = 0.0     # loop time of its last frames
+        self.paused = False     # the pool is paused: it gets no work (see looppool.lifecycle)
+        self.pause_state: str | None = None   # pausing, paused, resuming (told to)
 
     def result_done(self) -> None:
         """Acknowledge one result; the credit goes back to the worker with the next flush."""

@@ -199,6 +199,10 @@ class Receiver(Part):
                 self._on_log(link, payload)
         elif kind == protocol.READY:
             self.supervisor._on_ready(link)
+        elif kind == protocol.PAUSED:
+            self.lifecycle.on_paused(link)
+        elif kind == protocol.RESUMED:
+            self.lifecycle.on_resumed(link)
         elif kind == protocol.START_FAILED:
             try:
                 link.start_error = loads(payload)
@@ -215,6 +219,8 @@ class Receiver(Part):
             self.dispatcher._refill(slot)
         if self.dispatcher._room_waiters:
             self.dispatcher._wake_room()
+        if self.lifecycle.phase is not None:
+            self.lifecycle.check()   # a pause waits for what runs to finish
 
     def _on_replies(self, link: _Link, payload: Any) -> int:
         tids, values_pickle = protocol.unpack_ids(payload)

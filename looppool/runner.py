@@ -103,6 +103,7 @@ class _Runner:
         self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
         self.read = 0              # messages started since the last ACK
+        self.hook: asyncio.Future[Any] | None = None   # the last _pause() or _resume()
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
         self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
@@ -152,6 +153,8 @@ class _Runner:
             elif kind == protocol.STOP:
                 self.stopping = True
                 self.maybe_stop()
+            elif kind == protocol.PAUSE or kind == protocol.RESUME:
+                self.run_hook(kind)
             elif kind == protocol.TERMINATE:
                 self.terminate()
         # What these frames produced (replies of handlers that did not suspend, freed
@@ -510,6 +513,28 @@ class _Runner:
             self.channel.schedule_flush()
         if self.stopping:
             self.maybe_stop()
+
+    # -- pause and resume ------------------------------------------------------------------
+
+    def run_hook(self, kind: int) -> None:
+        """Run ``_pause()`` (PAUSE) or ``_resume()`` (RESUME) after the hooks before it,
+        then answer PAUSED or RESUMED."""
+        previous = self.hook
+        self.hook = eager.start(self.loop, self.hook_then_answer(previous, kind))
+
+    async def hook_then_answer(self, previous: asyncio.Future[Any] | None, kind: int) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+        worker = self.worker
+        assert worker is not None
+        name = '_pause' if kind == protocol.PAUSE else '_resume'
+        try:
+            result = getattr(worker, name)()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception('worker %d: %s() raised', self.number, name)
+        self.channel.send(protocol.PAUSED if kind == protocol.PAUSE else protocol.RESUMED, 0)
 
     # -- stopping --------------------------------------------------------------------------
 
