@@ -94,7 +94,7 @@ class _Slot:
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
                  'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'successor',
-                 'successor_failures', 'next_recycle')
+                 'successor_failures', 'next_recycle', 'done')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -111,4 +111,5 @@ class _Slot:
         self.successor: _Link | None = None
         self.successor_failures = 0   # replacements in a row that could not start
         self.next_recycle = 0.0       # loop time before which no recycle is tried again
+        self.done = 0                 # tasks answered (replies and errors), all processes
 

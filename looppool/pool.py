@@ -444,6 +444,7 @@ class Pool:
                 'lag': (round(max(0.0, now - link.heard_at), 4)
                         if link is not None and link.blocked else 0.0),
                 'waiting': len(slot.targeted),
+                'done': slot.done,
                 'restarts': slot.restarts,
             })
         return {

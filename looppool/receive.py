@@ -71,6 +71,7 @@ class Receiver(Part):
         if not isinstance(future, _ChunkFuture) or future.done():
             return frees
         self._counts['completed'] += count
+        self._slots[link.number].done += count
         errors: dict[int, BaseException] = {}
         for index, blob in blobs.items():
             error = blob if isinstance(blob, BaseException) else self._decode_error(link, blob)
@@ -88,6 +89,7 @@ class Receiver(Part):
         """The frames of one read from ``link``, in order."""
         freed = 0
         completed = 0
+        errors = 0
         acked = False
         link.reads += 1   # heard from: its loop runs
         link.heard_at = self.pool._loop.time()
@@ -123,6 +125,7 @@ class Receiver(Part):
                 self._on_reply(link, arg, payload)
             elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
                 freed += kind == protocol.ERROR
+                errors += 1
                 self._on_error(link, arg, payload)
             elif kind == protocol.MAPPED:
                 freed += self._on_mapped(link, arg, payload)
@@ -130,8 +133,9 @@ class Receiver(Part):
                 freed += arg
             else:
                 acked = self._on_other(link, kind, arg, payload) or acked
-        if completed:
+        if completed or errors:
             self._counts['completed'] += completed
+            self._slots[link.number].done += completed + errors
         if freed or acked:
             self._room_made(link, freed, acked)
 

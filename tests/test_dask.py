@@ -491,6 +491,29 @@ def test_a_held_loop_gets_no_new_work_and_map_runs(backend: Any) -> None:
     run(main())
 
 
+def test_pause_resume_and_a_rolling_restart(backend: Any) -> None:
+    """The lifecycle is the same for actors: paused, messages wait; resumed, they run;
+    a rolling restart replaces every worker (for actors: new actors) and loses nothing."""
+    async def main() -> None:
+        async with backend.pool(Echo) as pool:
+            await asyncio.wait_for(pool.broadcast(('record', 'table')), 30)
+            await asyncio.wait_for(pool.pause(), 30)
+            assert pool.state == 'paused'
+            assert [w['state'] for w in pool.stats()['workers']] == ['paused', 'paused']
+            waiting = [pool.submit(index) for index in range(20)]
+            await asyncio.sleep(0.2)   # time enough to answer, were they sent
+            assert not any(future.done() for future in waiting)
+            await asyncio.wait_for(pool.resume(), 30)
+            assert await asyncio.wait_for(asyncio.gather(*waiting), 30) == list(range(20))
+            load = [pool.submit(('sleep', 0.01, index)) for index in range(200)]
+            await asyncio.wait_for(pool.restart(), 60)
+            assert await asyncio.wait_for(asyncio.gather(*load), 30) == list(range(200))
+            assert pool.stats()['recycles'] == 2 and pool.stats()['failed'] == 0
+            # new workers: the table recorded before the restart is not there
+            assert await pool.broadcast(('seen',)) == [[], []]
+    run(main())
+
+
 # -- Dask only -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module', params=['dask-local', 'dask-cli'])

@@ -27,7 +27,10 @@ log = logging.getLogger('looppool.remote')
 # 2: WELCOME carries its share as an integer, not a pickle; H_NOTICE.
 VERSION = 2
 # client -> host
-AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
+AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS, C_CONTROL = range(40, 48)
+# What a C_CONTROL frame asks of the host's pool (its payload, ASCII); the answer is the
+# pool's state once the change is complete.
+CONTROLS = frozenset((b'pause', b'resume', b'restart'))
 # host -> client
 HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTICE = \
     range(60, 69)
