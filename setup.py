@@ -53,8 +53,12 @@ setup(
             'uwsgi',
             # the extra below, for tests/test_prometheus.py
             'prometheus_client',
+            # the reload extra, for tests/test_reload.py
+            'watchfiles',
         ],
         'prometheus': ['prometheus_client'],
+        # Pool(reload=True): inotify (kernel notifications) rather than polling, maintained
+        'reload': ['watchfiles'],
         'dask': ['distributed'],
         'bench': ['aiomultiprocess', 'matplotlib'],
     },

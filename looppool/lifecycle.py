@@ -42,6 +42,7 @@ from . import protocol
 from .errors import WorkerStartError
 from .link import _Link
 from .part import Part
+from .reload import Reloader
 from .supervise import NEW, RUNNING
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Lifecycle(Part):
         self._changed: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
         self._shown = NEW
+        self.reloader: Reloader | None = None
 
     # -- the state -------------------------------------------------------------------------
 
@@ -210,8 +212,15 @@ class Lifecycle(Part):
             self.note()
             self.dispatcher._refill_all()
 
+    def watch(self) -> None:
+        """Restart the workers when the application's code changes (``reload=True``)."""
+        self.reloader = Reloader(self.pool)
+        self.reloader.start()
+
     def finish(self) -> None:
         """The pool stopped: whatever waits on a pause, resume or restart ends."""
+        if self.reloader is not None:
+            self.reloader.stop()
         self.phase = None
         _resolve(self._pausing)
         _resolve(self._resuming)

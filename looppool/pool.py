@@ -46,6 +46,7 @@ from .link import _Slot
 from .metrics import PoolMetrics
 from .protocol import dumps
 from .receive import Receiver
+from .reload import reload_context
 from .processes import Processes, _parent_fds
 from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
@@ -72,6 +73,7 @@ _OPTIONS = {
     'statsd_interval': 10.0,
     'worker_args': (),
     'worker_kwargs': None,
+    'reload': False,
 }
 
 
@@ -112,6 +114,9 @@ class Pool:
         exceeds this, checked every ``memory_check_interval`` seconds (default 1).
     :param forward_logs: ``True`` (default) sends every log record made in a worker to
         this process's handlers, with ``worker_number`` and ``worker_pid`` on the record.
+    :param reload: ``True`` (for development) restarts the workers on the new code when a
+        source file of the application changes, rolling, without a failed request; see
+        :mod:`looppool.reload` (needs ``pip install "looppool[reload]"``).
     :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
         (``ps``, ``htop``); ``False`` leaves titles alone.
 
@@ -165,7 +170,9 @@ class Pool:
             value = self._options[name]
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
-        self._mp_context = _resolve_context(self._options['mp_context'])
+        self._mp_context = (reload_context(self._options['mp_context'])
+                            if self._options['reload']
+                            else _resolve_context(self._options['mp_context']))
         self._worker_arguments = worker_arguments(worker_class, self._options['worker_args'],
                                                   self._options['worker_kwargs'],
                                                   self._pickle_arguments)
@@ -243,6 +250,8 @@ class Pool:
         self._dispatcher._plain = self._metrics is None and self._recycle_after is None
         for slot in self._slots:
             self._supervisor._spawn(slot)
+        if self._options['reload']:
+            self._lifecycle.watch()
         if self._options['max_memory_per_worker'] is not None:
             self._supervisor._memory_timer = self._loop.call_later(
                 self._options['memory_check_interval'], self._supervisor._check_memory)
