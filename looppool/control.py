@@ -71,8 +71,8 @@ def format_status(stats: dict[str, Any]) -> str:
     lines = [f"pool: {stats['state']}, {stats['pool_size']} workers, "
              f"{stats.get('clients', 0)} clients, host pid {stats.get('host_pid', '?')}",
              f"tasks: {stats['in_flight']} in flight, {stats['waiting']} waiting, "
-             f"{stats['completed']} completed, {stats['failed']} failed, "
-             f"{stats['lost']} lost; {stats['restarts']} restarts",
+             f"{stats['completed']} completed, {stats['failed']} failed,",
+             f"       {stats['lost']} lost; {stats['restarts']} worker restarts",
              '']
     header = ('worker', 'pid', 'state', 'in flight', 'done', 'RSS', 'loop lag')
     rows = [header]

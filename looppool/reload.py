@@ -149,7 +149,7 @@ class Reloader:
                       'code', path, error.lineno, error.msg)
         if broken:
             return True
-        log.info('reload: %s changed; restarting the workers on the new code',
+        log.info('reload: %s changed; restarting the workers',
                  ', '.join(os.path.basename(path) for path in changed))
         _forget_bytecode(changed)
         try:
