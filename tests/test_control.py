@@ -42,8 +42,8 @@ def test_the_command_reads_and_changes_a_served_pool(sock_path: str) -> None:
             assert status.returncode == 0, status.stderr
             lines = status.stdout.splitlines()
             assert lines[0].startswith('pool: running, 2 workers')
-            top = next(index for index, line in enumerate(lines) if 'worker' in line
-                       and 'pid' in line)
+            top = next(index for index, line in enumerate(lines)
+                       if line.split()[:2] == ['worker', 'pid'])
             assert lines[top].split()[:3] == ['worker', 'pid', 'state']
             rows = [line.split() for line in lines[top + 1:]]
             assert [row[:3] for row in rows] == [['0', str(before[0]), 'running'],
