@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import protocol, tracing
 from .errors import PoolClosed
 from .link import _Link, _Slot
 from .part import Part
 from .protocol import dumps, loads
 from .supervise import RUNNING, STOPPING
+from .tracing import ENABLED as TRACING
 from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
                     _tid_of, _wake)
 
@@ -84,6 +85,8 @@ class Dispatcher(Part):
     def submit(self, message: Any, worker_num: int | None,
                timeout: float | None) -> asyncio.Future[Any]:
         """:meth:`Pool.submit`."""
+        if TRACING:
+            message = tracing.outgoing(message)
         tid = self._next_tid
         self._next_tid = tid + 1
         if worker_num is None and timeout is None and self._plain:   # _plain: running

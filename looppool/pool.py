@@ -36,7 +36,7 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import mapping, protocol
+from . import mapping, protocol, tracing
 from .channel import check_size
 from .dispatch import Dispatcher
 from .errors import PoolClosed
@@ -50,6 +50,7 @@ from .reload import reload_context
 from .processes import Processes, _parent_fds
 from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
+from .tracing import ENABLED as TRACING
 from .worker import Worker, worker_arguments
 
 __all__ = ['Pool']
@@ -369,7 +370,7 @@ class Pool:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
-        payload = dumps(message)
+        payload = dumps(tracing.outgoing(message) if TRACING else message)
         check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
             self._dispatcher._note_turn = (self._dispatcher._note_turn + 1) % self.pool_size
@@ -389,7 +390,7 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps(message)
+        payload = dumps(tracing.outgoing(message) if TRACING else message)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
         if self._dispatcher._outbox:

@@ -44,7 +44,7 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import eager, protocol
+from . import eager, protocol, tracing
 from .channel import Channel, _ignore, check_size
 from . import chunk
 from .inbox import _BUDGET, _REST, Inbox, _monotonic
@@ -119,6 +119,8 @@ class _Runner:
         worker._runner = self
         self.worker = worker
         self.call = worker._process_message if self.looppool_style else worker.handle
+        if tracing.ENABLED:   # a message may carry its caller's trace context
+            self.call = tracing.wrap_handler(self.call)
 
     # -- frames from the parent ------------------------------------------------------------
 

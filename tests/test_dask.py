@@ -40,7 +40,7 @@ import looppool  # noqa: E402
 from conftest import run, wait_for, wait_until  # noqa: E402
 from looppool.dask import DaskPool  # noqa: E402
 from looppool.errors import RemoteTraceback  # noqa: E402
-from workers import Classic, Configured, Echo, FailingStart  # noqa: E402
+from workers import Classic, Configured, Echo, FailingStart, Spanning  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -511,6 +511,26 @@ def test_pause_resume_and_a_rolling_restart(backend: Any) -> None:
             assert pool.stats()['recycles'] == 2 and pool.stats()['failed'] == 0
             # new workers: the table recorded before the restart is not there
             assert await pool.broadcast(('seen',)) == [[], []]
+    run(main())
+
+
+def test_the_callers_trace_context_reaches_the_handlers(backend: Any) -> None:
+    """OpenTelemetry: a span made in handle() is a child of the caller's span."""
+    pytest.importorskip('opentelemetry.sdk', reason='needs opentelemetry-sdk')
+    from opentelemetry.sdk.trace import TracerProvider
+    tracer = TracerProvider().get_tracer('looppool-test-caller')
+
+    async def main() -> None:
+        async with backend.pool(Spanning) as pool:
+            with tracer.start_as_current_span('caller') as span:
+                context = span.get_span_context()
+                assert await pool.submit('a') == 'a'
+                assert await pool.broadcast('b') == ['b', 'b']
+            recorded = await pool.broadcast('spans')
+            spans = {name: (trace, parent) for found in recorded
+                     for name, trace, parent in found}
+            for name in ('handle a', 'handle b'):
+                assert spans[name] == (context.trace_id, context.span_id), spans
     run(main())
 
 
