@@ -22,13 +22,17 @@ A :class:`Channel` lives in one process, on one asyncio loop, and is not thread-
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import os
 import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Any, Union
+
+from . import shm
 
 __all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'check_size', 'encode',
            'socketpair']
@@ -54,8 +58,29 @@ _IOV_MAX = 512
 # moves in few system calls. The kernel caps the value at net.core.wmem_max/rmem_max.
 _SOCKET_BUFFER = 4 << 20
 
+_SHM_KIND = shm.BIG
+# Room for the descriptors of one sendmsg() (see looppool.shm: at most MAX_BUFFERS).
+_ANCILLARY = socket.CMSG_SPACE(shm.MAX_BUFFERS * 4) if shm.AVAILABLE else 0
+
 Buffer = Union[bytes, bytearray, memoryview]
 Frame = tuple[int, int, Buffer]
+
+
+class _Fds:
+    """In a channel's write queue: the descriptors that go with the bytes after it (the
+    next sendmsg() carries them); those given away are closed here once it has, the
+    others are the channel's segments (see looppool.shm.Segments)."""
+
+    __slots__ = ('fds', 'given')
+
+    def __init__(self, fds: list[int], given: list[int]) -> None:
+        self.fds = fds
+        self.given = given
+
+    def close(self) -> None:
+        given, self.given = self.given, []
+        for fd in given:
+            os.close(fd)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -106,7 +131,7 @@ class Parser:
     """
 
     __slots__ = ('max_frame', '_leftover', '_big_view', '_big_fill', '_big_head', '_spare',
-                 'delivered_big', '_grow', '_growing', '_grow_size')
+                 'delivered_big', '_grow', '_growing', '_grow_size', 'saw_shm')
 
     def __init__(self, max_frame: int = _MAX_PAYLOAD, grow: bool = False) -> None:
         self.max_frame = max_frame
@@ -119,6 +144,7 @@ class Parser:
         self._big_head = (0, 0)
         self._spare: bytearray | None = None   # a large frame's buffer, to use again
         self.delivered_big = False   # a large frame was handed out: see reclaim()
+        self.saw_shm = False   # a frame flagged shm.BIG was handed out: see Channel
 
     @property
     def collecting(self) -> memoryview | None:
@@ -137,6 +163,8 @@ class Parser:
         payload = self._big_view
         self._big_view = None
         self.delivered_big = True
+        if kind & shm.BIG:
+            self.saw_shm = True
         return [(kind, arg, payload)]
 
     def reclaim(self) -> None:
@@ -193,6 +221,8 @@ class Parser:
                                     f'{self.max_frame} are accepted here')
             start = pos + _HEADER_SIZE
             end = start + size
+            if kind & _SHM_KIND:
+                self.saw_shm = True
             if end > total:
                 if size >= _LARGE and self._grow:
                     self._growing = bytearray(whole[start:])
@@ -223,13 +253,30 @@ class Channel:
     ``on_close()`` is called once when the peer closes its end or the socket breaks.
     ``before_flush`` (optional) is called right before queued frames are written, so the
     owner can append frames that summarise the iteration (credits, counts).
+
+    With ``shared_memory`` (both ends must agree, and the peer must be trusted: our own
+    parent or child), a payload may be a :class:`looppool.shm.Big`: its buffers go in
+    memfds whose descriptors travel with the frame, and a frame flagged so reaches
+    ``on_frames`` as a received ``Big``.
     """
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop,
                  on_frames: Callable[[list[Frame]], None], on_close: Callable[[], None],
-                 before_flush: Callable[[], None] | None = None) -> None:
+                 before_flush: Callable[[], None] | None = None,
+                 shared_memory: bool = False) -> None:
         sock.setblocking(False)
         self._sock = sock
+        # Descriptors received and not yet taken by their frame, in the order sent, and
+        # how many _Fds wait in the write queue.
+        self._fds: collections.deque[int] = collections.deque()
+        self._markers = 0
+        self._segments = shm.Segments()
+        self._released: list[int] = []   # the peer's segments read here, to tell it
+        self._recv_into: Callable[[Buffer], int] = sock.recv_into
+        self._recv: Callable[[int], bytes] = sock.recv
+        if shared_memory and shm.AVAILABLE:
+            self._recv_into = self._recv_into_fds
+            self._recv = self._recv_fds
         self._fd = sock.fileno()
         self._loop = loop
         self._on_frames = on_frames
@@ -239,7 +286,7 @@ class Channel:
         # owner that must not go on before the peer can read what it sent (see _Runner).
         self.on_drained: Callable[[], None] | None = None
         self._wbuf = bytearray()
-        self._queue: collections.deque[Buffer] = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()   # Buffer or _Fds
         self._flush_scheduled = False
         self._writer_registered = False
         self._parser = Parser()
@@ -269,9 +316,13 @@ class Channel:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def send(self, kind: int, arg: int, payload: Buffer = b'', now: bool = False) -> None:
+    def send(self, kind: int, arg: int, payload: Buffer | shm.Big = b'', now: bool = False
+             ) -> None:
         """Queue one frame; it is written when the loop next flushes this channel, or at
         once with ``now``."""
+        if isinstance(payload, shm.Big):
+            self._send_shm(kind, arg, [], payload, now)
+            return
         size = len(payload) if type(payload) is bytes else memoryview(payload).nbytes
         if size > _MAX_PAYLOAD:
             raise _too_large(size)   # nothing of it is sent
@@ -289,10 +340,23 @@ class Channel:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
-    def send_parts(self, kind: int, arg: int, parts: Sequence[Buffer], now: bool = False
-                   ) -> None:
+    def send_parts(self, kind: int, arg: int, parts: Sequence[Buffer | shm.Big],
+                   now: bool = False) -> None:
         """Queue one frame whose payload is ``parts`` joined, without joining them; with
-        ``now``, write it (and what waits before it) at once instead of at the flush."""
+        ``now``, write it (and what waits before it) at once instead of at the flush. The
+        last part may be a :class:`looppool.shm.Big`."""
+        last = parts[-1] if parts else b''
+        if type(last) is shm.Big:
+            self._send_shm(kind, arg, parts[:-1], last, now)  # type: ignore[arg-type]
+            return
+        self._queue_parts(kind, arg, parts)  # type: ignore[arg-type]
+        if now:
+            self.flush()
+        elif not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def _queue_parts(self, kind: int, arg: int, parts: Sequence[Buffer]) -> None:
         size = sum(len(part) if type(part) is bytes else memoryview(part).nbytes
                    for part in parts)
         if size > _MAX_PAYLOAD:
@@ -306,6 +370,26 @@ class Channel:
                 self._queue.append(wbuf)
                 self._queue.append(part)
                 wbuf = self._wbuf = bytearray()
+
+    def _send_shm(self, kind: int, arg: int, parts: Sequence[Buffer], big: shm.Big,
+                  now: bool) -> None:
+        """Queue a frame whose payload is ``parts`` and ``big``: its buffers are written to
+        memfds now, and their descriptors go with the frame's first bytes. On the wire the
+        payload is ``big``'s head, ``parts``, then ``big``'s pickle; the receiver's
+        ``Big.data`` is ``parts`` and the pickle."""
+        parts = [b'', *parts, big.data]   # the head first: see below
+        size = sum(memoryview(part).nbytes for part in parts) + big.head_size
+        if size > _MAX_PAYLOAD:
+            raise _too_large(size)   # nothing of it is sent
+        fds, ids, given = self._segments.write(big)
+        parts[0] = big.head(ids)
+        marker = _Fds(fds, given)
+        if self._wbuf:
+            self._queue.append(self._wbuf)
+            self._wbuf = bytearray()
+        self._queue.append(marker)
+        self._markers += 1
+        self._queue_parts(kind | _SHM_KIND, arg, parts)
         if now:
             self.flush()
         elif not self._flush_scheduled and not self.closed:
@@ -333,6 +417,9 @@ class Channel:
                 self._flush_scheduled = False
         else:
             self._flush_scheduled = False
+        if self._released:
+            released, self._released = self._released, []
+            self._queue_parts(shm.RELEASE, len(released), [shm.release_payload(released)])
         queue = self._queue
         if self._wbuf:
             queue.append(self._wbuf)
@@ -340,7 +427,9 @@ class Channel:
         sock = self._sock
         while queue:
             try:
-                if len(queue) == 1:
+                if self._markers:
+                    sent = self._send_with_fds()
+                elif len(queue) == 1:
                     sent = sock.send(queue[0])
                 else:
                     sent = sock.sendmsg([queue[i] for i in range(min(len(queue), _IOV_MAX))])
@@ -348,7 +437,7 @@ class Channel:
                 break
             except OSError:
                 # The peer is gone; its exit is reported by its owner (sentinel or EOF).
-                queue.clear()
+                self._drop_queue()
                 self._lost()
                 return
             while sent:
@@ -370,7 +459,86 @@ class Channel:
             drained, self.on_drained = self.on_drained, None
             self._loop.call_soon(drained)
 
+    def _send_with_fds(self) -> int:
+        """One sendmsg() of what waits before the next descriptors, or of the descriptors
+        at the head of the queue and what follows them up to the next."""
+        queue = self._queue
+        first = queue[0]
+        start = 1 if type(first) is _Fds else 0
+        end = min(len(queue), start + _IOV_MAX)
+        for index in range(start, end):
+            if type(queue[index]) is _Fds:
+                end = index
+                break
+        buffers = [queue[index] for index in range(start, end)]
+        if not start:
+            return self._sock.sendmsg(buffers)
+        assert isinstance(first, _Fds)
+        sent = self._sock.sendmsg(buffers, [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array('i', first.fds))])
+        # Carried (with the first byte): the peer holds them now, and so we need not.
+        queue.popleft()
+        self._markers -= 1
+        first.close()
+        return sent
+
+    def _drop_queue(self) -> None:
+        """Forget what waits to be written, closing the descriptors among it."""
+        for item in self._queue:
+            if type(item) is _Fds:
+                item.close()
+        self._queue.clear()
+        self._markers = 0
+
     # -- reading ---------------------------------------------------------------------------
+
+    def _recv_into_fds(self, buffer: Buffer) -> int:
+        count, ancillary, _, _ = self._sock.recvmsg_into([buffer], _ANCILLARY)
+        if ancillary:
+            self._keep_fds(ancillary)
+        return count
+
+    def _recv_fds(self, size: int) -> bytes:
+        data, ancillary, _, _ = self._sock.recvmsg(size, _ANCILLARY)
+        if ancillary:
+            self._keep_fds(ancillary)
+        return data
+
+    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array('i')
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                self._fds.extend(fds)
+
+    def _take_fds(self, count: int) -> list[int]:
+        fds = self._fds
+        if len(fds) < count:
+            raise ConnectionError(f'a frame needs {count} shared-memory descriptors and '
+                                  f'{len(fds)} arrived')
+        return [fds.popleft() for _ in range(count)]
+
+    def _shared(self, frames: list[Frame]) -> list[Frame]:
+        """The frames with each payload flagged shm.BIG read from its descriptors; the
+        peer's RELEASE frames are taken out here."""
+        self._parser.saw_shm = False
+        found: list[Frame] = []
+        for kind, arg, payload in frames:
+            if kind == shm.RELEASE:
+                for segment in shm.released_ids(payload):
+                    self._segments.released(segment)
+            elif kind & _SHM_KIND:
+                found.append((kind ^ _SHM_KIND, arg, shm.receive(  # type: ignore[arg-type]
+                    payload, self._take_fds, self._release)))
+            else:
+                found.append((kind, arg, payload))
+        return found
+
+    def _release(self, segment: int) -> None:
+        """The peer's ``segment`` is read: tell it at the next flush."""
+        self._released.append(segment)
+        self.schedule_flush()
+
 
     def read_ready(self) -> None:
         """Read what the socket holds and hand complete frames to ``on_frames``."""
@@ -387,16 +555,16 @@ class Channel:
         data: Buffer
         try:
             if target is not None:
-                count = self._sock.recv_into(target)
+                count = self._recv_into(target)
                 data = b''
             elif not reading:
-                count = self._sock.recv_into(self._rbuf)
+                count = self._recv_into(self._rbuf)
                 data = self._rview[:count]
             else:
                 # A read while this channel's frames are being handled (an owner that
                 # drains it from inside on_frames; the pool does not): _rbuf still holds
                 # them, so a buffer of its own.
-                data = self._sock.recv(_READ_SIZE)
+                data = self._recv(_READ_SIZE)
                 count = len(data)
         except (BlockingIOError, InterruptedError):
             return False
@@ -407,6 +575,8 @@ class Channel:
             return False
         del target
         frames = parser.collected(count) if target_set else parser.feed(data)
+        if parser.saw_shm:
+            frames = self._shared(frames)
         if frames:
             self._reading = True
             try:
@@ -454,8 +624,11 @@ class Channel:
             if self._writer_registered:
                 self._loop.remove_writer(self._fd)
         self._writer_registered = False
-        self._queue.clear()
+        self._drop_queue()
         self._wbuf = bytearray()
+        while self._fds:   # arrived for frames that will not be read
+            os.close(self._fds.popleft())
+        self._segments.close()
         self._sock.close()
         # The callbacks refer to the owner (the pool's, to the link of a worker process,
         # which refers to this channel): dropping them ends that reference cycle, so a dead

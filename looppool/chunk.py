@@ -18,7 +18,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from . import eager, protocol
-from .protocol import dumps, loads
+from .protocol import dumps, dumps_shared, loads
 
 if TYPE_CHECKING:
     from .runner import _Runner
@@ -119,7 +119,7 @@ def answer(runner: _Runner, tid: int, replies: list[Any] | None,
         frees = 0
         runner.deferred += count
     try:
-        data = dumps((replies, errors))
+        data = dumps_shared((replies, errors), runner.shared_memory)
     except Exception:
         assert replies is not None
         for index, value in enumerate(replies):
@@ -128,7 +128,7 @@ def answer(runner: _Runner, tid: int, replies: list[Any] | None,
             except Exception as exc:
                 replies[index] = None
                 errors[index] = runner.unpicklable(value, exc)
-        data = dumps((replies, errors))
+        data = dumps_shared((replies, errors), runner.shared_memory)
     try:
         runner.channel.send_parts(protocol.MAPPED, tid, protocol.pack([frees], data))
     except ValueError as exc:   # over the 4 GiB frame limit: every reply fails with it

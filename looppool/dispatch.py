@@ -34,7 +34,7 @@ from . import protocol, tracing
 from .errors import PoolClosed
 from .link import _Link, _Slot
 from .part import Part
-from .protocol import dumps, loads
+from .protocol import dumps, dumps_shared, loads
 from .supervise import RUNNING, STOPPING
 from .tracing import ENABLED as TRACING
 from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
@@ -474,18 +474,19 @@ class Dispatcher(Part):
                 if future.done():
                     self._unsend(link, future)
             batch = [future for future in batch if not future.done()]
+        shared_memory = self.pool._shared_memory
         try:
-            data = _pickle_batch(batch)
+            data = _pickle_batch(batch, shared_memory)
         except Exception:
             for future in batch:
                 try:
-                    dumps(future._lp_message)
+                    dumps_shared(future._lp_message, shared_memory)
                 except Exception as exc:
                     future.set_exception(exc)
                     self._counts['failed'] += 1
                     self._unsend(link, future)
             batch = [future for future in batch if not future.done()]
-            data = _pickle_batch(batch)
+            data = _pickle_batch(batch, shared_memory)
         assert link.channel is not None
         if len(batch) == 1:
             # One task (a round trip at a time): a TASK frame, without the ids' pickle.

@@ -18,7 +18,7 @@ import collections
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import chunk, protocol
+from . import chunk, protocol, shm
 from .protocol import dumps, loads
 
 if TYPE_CHECKING:
@@ -95,7 +95,9 @@ class Inbox:
             self.entries.append((_REST, tids, messages))
             self.new_held.extend(tids)
             return
-        self.entries.append((kind, arg, bytes(payload)))
+        if type(payload) is not shm.Big:   # (a received Big owns what it holds)
+            payload = bytes(payload)
+        self.entries.append((kind, arg, payload))
         if kind == protocol.TASK or kind == protocol.MAP:
             self.new_held.append(arg)
 

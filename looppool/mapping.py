@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from . import protocol, tracing
 from .errors import PoolClosed
 from .link import _Link
-from .protocol import dumps
+from .protocol import dumps, dumps_shared
 from .supervise import RUNNING
 from .tasks import _ChunkFuture, _wake
 from .worker import Worker
@@ -147,7 +147,7 @@ def _send_chunk(pool: Pool, link: _Link, chunk: list[Any]) -> _ChunkFuture:
     if tracing.ENABLED:
         chunk = tracing.outgoing_all(chunk)
     try:
-        payload = dumps(chunk)
+        payload = dumps_shared(chunk, pool._shared_memory)
     except Exception as chunk_error:
         # Find the message at fault: those before it go, it fails in its place.
         index, fault = 0, chunk_error   # if each pickles alone, the chunk fails at once
@@ -162,7 +162,7 @@ def _send_chunk(pool: Pool, link: _Link, chunk: list[Any]) -> _ChunkFuture:
             return future
         future._lp_count = index
         future._lp_after = {index: fault}
-        payload = dumps(chunk[:index])
+        payload = dumps_shared(chunk[:index], pool._shared_memory)
     future._lp_message = payload   # kept: a chunk given back unstarted goes again
     pool._counts['submitted'] += future._lp_count
     dispatcher._send(link, (protocol.MAP, tid, payload, future))

@@ -36,7 +36,7 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import mapping, protocol, tracing
+from . import mapping, protocol, shm, tracing
 from .channel import check_size
 from .dispatch import Dispatcher
 from .errors import PoolClosed
@@ -44,7 +44,7 @@ from .inflight import InFlight
 from .lifecycle import Lifecycle
 from .link import _Slot
 from .metrics import PoolMetrics
-from .protocol import dumps
+from .protocol import dumps, dumps_shared
 from .receive import Receiver
 from .reload import reload_context
 from .processes import Processes, _parent_fds
@@ -193,6 +193,10 @@ class Pool:
         self._batch_replies = True
         # A pool host routes results to its clients as bytes: (origin, payload, result_done).
         self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
+        # Buffers at least this large go through shared memory, both ways (0: never): local
+        # processes only; a pool host forwards bytes, and sets it to 0 (see looppool.shm).
+        self._shared_memory = shm.THRESHOLD if shm.AVAILABLE \
+            and getattr(self._transport_class, 'shared_memory', False) else 0
         self._metrics: PoolMetrics | None = None
         # Shared by the parts below, each of which says what it changes in them.
         self._slots = [_Slot(number) for number in range(pool_size)]
@@ -370,7 +374,8 @@ class Pool:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
-        payload = dumps(tracing.outgoing(message) if TRACING else message)
+        payload = dumps_shared(tracing.outgoing(message) if TRACING else message,
+                               self._shared_memory)
         check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
             self._dispatcher._note_turn = (self._dispatcher._note_turn + 1) % self.pool_size
@@ -390,7 +395,8 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps(tracing.outgoing(message) if TRACING else message)
+        payload = dumps_shared(tracing.outgoing(message) if TRACING else message,
+                               self._shared_memory)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
         if self._dispatcher._outbox:

@@ -68,6 +68,7 @@ class Processes(Part):
 
     blocking = True
     lag_check = _LAG_CHECK
+    shared_memory = True   # big buffers may go through shared memory (looppool.shm)
 
     def start(self, link: _Link) -> None:
         """Start the process of worker ``link.number``, with its channel."""
@@ -89,6 +90,7 @@ class Processes(Part):
             batch_replies=pool._batch_replies,
             cancel_grace=self._options['cancel_grace'],
             worker_arguments=pool._worker_arguments,
+            shared_memory=pool._shared_memory,
         )
         process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
                               args=(pool._worker_class, child_sock, config, os.getpid()),
@@ -106,7 +108,8 @@ class Processes(Part):
                                functools.partial(self.receiver._on_frames, link),
                                _ignore_close,
                                before_flush=functools.partial(self.dispatcher._before_flush,
-                                                              link))
+                                                              link),
+                               shared_memory=bool(pool._shared_memory))
         _parent_fds.add(link.channel.fileno())
         pool._loop.add_reader(link.sentinel, self.supervisor._on_exit, link)
 

@@ -63,6 +63,11 @@ RESUMED      0            --; ``_resume()`` returned (or raised: logged here)
 Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
 even when the messages or replies cannot be unpickled: see :func:`pack`, :func:`unpack_ids`.
 
+Any payload that carries a message, a reply or a result may instead be a
+:class:`looppool.shm.Big` (its kind flagged ``shm.BIG`` on the wire): a small pickle whose
+large buffers travel through shared memory. :func:`loads` and :func:`unpack_ids` take
+either.
+
 The ``*_KEEP`` kinds exist for Looppool-style workers, where a task's slot is freed by
 ``_task_done()`` rather than by the end of ``_process_message``.
 """
@@ -72,6 +77,8 @@ from __future__ import annotations
 import pickle
 import struct
 from typing import Any, NamedTuple
+
+from . import shm
 
 TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP, RECALL = range(1, 11)
 PAUSE, RESUME = range(11, 13)
@@ -89,12 +96,28 @@ def dumps(obj: Any) -> bytes:
     return pickle.dumps(obj, PROTOCOL)
 
 
-loads = pickle.loads
+_loads = pickle.loads
+_Big = shm.Big
+
+
+def loads(data: Any) -> Any:
+    """What a payload holds: a pickle, or a :class:`looppool.shm.Big`."""
+    if type(data) is _Big:
+        return shm.loads(data)
+    return _loads(data)
+
+
+def dumps_shared(obj: Any, threshold: int) -> Any:
+    """``obj`` pickled: bytes, or a :class:`looppool.shm.Big` when it holds buffers of
+    ``threshold`` bytes or more (0: never), for a channel that takes them."""
+    if threshold:
+        return shm.dumps(obj, threshold)
+    return pickle.dumps(obj, PROTOCOL)
 
 _IDS_SIZE = struct.Struct('<I')
 
 
-def pack(ids: list[int], items_pickle: bytes) -> list[bytes]:
+def pack(ids: list[int], items_pickle: Any) -> list[Any]:
     """The parts of a batch payload: size of the ids' pickle, the ids, the items."""
     head = dumps(ids)
     return [_IDS_SIZE.pack(len(head)), head, items_pickle]
@@ -102,10 +125,14 @@ def pack(ids: list[int], items_pickle: bytes) -> list[bytes]:
 
 def unpack_ids(payload: Any) -> tuple[list[int], Any]:
     """The ids of a batch and the (still pickled) items."""
+    if type(payload) is _Big:   # the buffers belong to the items
+        ids, _ = unpack_ids(payload.data)
+        size, = _IDS_SIZE.unpack_from(payload.data)
+        return ids, payload.split(_IDS_SIZE.size + size)
     size, = _IDS_SIZE.unpack_from(payload)
     start = _IDS_SIZE.size
     view = memoryview(payload)
-    return loads(view[start:start + size]), view[start + size:]
+    return _loads(view[start:start + size]), view[start + size:]
 
 
 class WorkerConfig(NamedTuple):
@@ -122,3 +149,5 @@ class WorkerConfig(NamedTuple):
     cancel_grace: float
     batch_replies: bool
     worker_arguments: bytes   # pickled (worker_args, worker_kwargs): see worker_arguments()
+    # Buffers at least this large go through shared memory (0: never): see looppool.shm.
+    shared_memory: int = 0

@@ -27,7 +27,7 @@ import types
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import eager, protocol
+from . import eager, protocol, shm
 from .errors import PoolClosed, RemoteTraceback
 from .link import _Link
 from .part import Part
@@ -54,7 +54,7 @@ class Receiver(Part):
         self._warned_results = False
         # Results and log records that arrived while the pool read inside a submit() call
         # (see Dispatcher._catch_up), held for the next loop iteration: see _hold.
-        self._held: list[tuple[_Link, int, int, bytes]] | None = None
+        self._held: list[tuple[_Link, int, int, Any]] | None = None
 
     def _on_mapped(self, link: _Link, tid: int, payload: Any) -> int:
         """A chunk's answer: resolve its future; returns the slots it frees."""
@@ -277,7 +277,9 @@ class Receiver(Part):
         if self._held is None:
             self._held = []
             self.pool._loop.call_soon(self._release_held)
-        self._held.append((link, kind, arg, bytes(payload)))   # the view is only lent
+        if type(payload) is not shm.Big:   # (a received Big owns what it holds)
+            payload = bytes(payload)       # the view is only lent
+        self._held.append((link, kind, arg, payload))
 
     def _release_held(self) -> None:
         held, self._held = self._held, None

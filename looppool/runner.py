@@ -48,7 +48,7 @@ from . import eager, protocol, tracing
 from .channel import Channel, _ignore, check_size
 from . import chunk
 from .inbox import _BUDGET, _REST, Inbox, _monotonic
-from .protocol import dumps, loads
+from .protocol import dumps, dumps_shared, loads
 from .worker import Worker
 
 log = logging.getLogger('looppool.worker')
@@ -92,7 +92,7 @@ class _Runner:
         self.running: dict[int, asyncio.Future[Any]] = {}
         self.open_slots = 0       # Looppool-style tasks whose _task_done() is still due
         self.freed = 0            # slots freed since the last flush, sent as one FREED
-        self.held: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.held: collections.deque[tuple[int, Any]] = collections.deque()
         self.reply_tids: list[int] = []
         self.reply_values: list[Any] = []
         self.deferred = 0         # slots whose freeing waits for held results to drain
@@ -105,6 +105,8 @@ class _Runner:
         self.read = 0              # messages started since the last ACK
         self.hook: asyncio.Future[Any] | None = None   # the last _pause() or _resume()
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
+        # Buffers at least this large go to the parent through shared memory (0: never).
+        self.shared_memory = config.shared_memory
         self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
 
@@ -112,7 +114,8 @@ class _Runner:
         """The channel to the parent (a subclass may bring another end with the same
         interface: a Dask actor's, see looppool.dask.actor)."""
         return Channel(sock, self.loop, self.on_frames, self.on_parent_lost,
-                       before_flush=self.before_flush)
+                       before_flush=self.before_flush,
+                       shared_memory=bool(self.config.shared_memory))
 
     def attach(self, worker: Worker) -> None:
         """Run ``worker``'s handlers from now on (it was made after this runner)."""
@@ -382,7 +385,7 @@ class _Runner:
         the frame limit, answers it with the error instead."""
         kind = protocol.REPLY if frees else protocol.REPLY_KEEP
         try:
-            payload = dumps(value)
+            payload = dumps_shared(value, self.shared_memory)
         except BaseException as exc:
             kind = protocol.ERROR if frees else protocol.ERROR_KEEP
             payload = self.unpicklable(value, exc)
@@ -450,7 +453,7 @@ class _Runner:
             self.send_reply(tids[0], values[0], True)
             return
         try:
-            data = dumps(values)
+            data = dumps_shared(values, self.shared_memory)
         except Exception:
             good_tids, good_values = [], []
             for tid, value in zip(tids, values):
@@ -461,7 +464,8 @@ class _Runner:
                 else:
                     good_tids.append(tid)
                     good_values.append(value)
-            tids, values, data = good_tids, good_values, dumps(good_values)
+            tids, values = good_tids, good_values
+            data = dumps_shared(good_values, self.shared_memory)
         if tids:
             try:
                 self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
@@ -471,14 +475,15 @@ class _Runner:
                     self.send_reply(tid, value, True)
 
     def put_result(self, result: Any) -> None:
-        payload = dumps(result)  # a result that cannot be pickled raises to the caller
+        # A result that cannot be pickled raises to the caller.
+        payload = dumps_shared(result, self.shared_memory)
         check_size(len(payload))   # so does one over the frame limit, even if it would wait
         self.hold_or_send(_origin.get(), payload)
 
     def send_result(self, result: Any) -> None:
         """Send a note's return value; one that cannot be pickled is logged."""
         try:
-            payload = dumps(result)
+            payload = dumps_shared(result, self.shared_memory)
             check_size(len(payload))
         except Exception:
             log.exception('worker %d: could not send a result of type %s; it was dropped',
@@ -486,7 +491,7 @@ class _Runner:
             return
         self.hold_or_send(_origin.get(), payload)
 
-    def hold_or_send(self, origin: int, payload: bytes) -> None:
+    def hold_or_send(self, origin: int, payload: Any) -> None:
         """Send a result if the parent has room for it, else hold it here.
 
         At most this worker's share of ``max_results`` results wait for ``result_done()``

@@ -13,7 +13,7 @@ import operator
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
 
 from . import protocol
-from .protocol import dumps
+from .protocol import dumps, dumps_shared
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -108,11 +108,12 @@ def _cancel_timer(future: Any) -> None:
         future._lp_timer = None
 
 
-def _pickle_batch(batch: list[_TaskFuture]) -> bytes:
-    """The payload of a batch's frame: the messages' list, or one message on its own."""
+def _pickle_batch(batch: list[_TaskFuture], shared_memory: int = 0) -> Any:
+    """The payload of a batch's frame: the messages' list, or one message on its own;
+    with ``shared_memory``, a :class:`looppool.shm.Big` if they hold large buffers."""
     if len(batch) == 1:
-        return dumps(batch[0]._lp_message)
-    return dumps(list(map(_message_of, batch)))
+        return dumps_shared(batch[0]._lp_message, shared_memory)
+    return dumps_shared(list(map(_message_of, batch)), shared_memory)
 
 
 def _entry(future: _TaskFuture) -> Entry:

@@ -323,6 +323,9 @@ class _Host:
         self.pool = Pool(loop, worker_class=worker_class, **pool_options)
         self.pool._raw_results = self.route_result
         self.pool._batch_replies = False
+        # It forwards messages and replies as bytes between its clients and its workers:
+        # none of them may refer to a shared-memory buffer (see looppool.shm).
+        self.pool._shared_memory = 0
         self.client_share = self.pool._max_tasks
         self.sessions: dict[int, _Session] = {}
         self.waiting: dict[_Session, None] = {}   # not yet authenticated, oldest first
