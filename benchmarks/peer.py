@@ -31,15 +31,15 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peers  # noqa: E402  (needs the path above for the looppool peers)
 from handlers import burn  # noqa: E402
 
-WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'W9', 'MEM')
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W4L', 'W4XL', 'W5', 'W6', 'W7', 'W8', 'W9', 'MEM')
 
 # Sizes of each workload: the full run is the one the targets are stated for; --quick
 # shrinks the counts so that every peer and workload fits in about a minute in all.
 SIZES = {
-    'full': {'W1': 100_000, 'W2': 2_000, 'W3': 2_000, 'W4': 200, 'W5': 1, 'W6': 100,
-             'W7': 200, 'W8': 100, 'W9': 1, 'MEM': 1.0},
-    'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W5': 1, 'W6': 20, 'W7': 20,
-              'W8': 20, 'W9': 1, 'MEM': 0.3},
+    'full': {'W1': 100_000, 'W2': 2_000, 'W3': 2_000, 'W4': 200, 'W4L': 10, 'W4XL': 3,
+             'W5': 1, 'W6': 100, 'W7': 200, 'W8': 100, 'W9': 1, 'MEM': 1.0},
+    'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W4L': 3, 'W4XL': 1, 'W5': 1,
+              'W6': 20, 'W7': 20, 'W8': 20, 'W9': 1, 'MEM': 0.3},
 }
 # A repetition that takes longer than this has hung (a lost reply): it fails with a message
 # rather than waiting for run.py's watchdog.
@@ -47,6 +47,9 @@ REP_TIMEOUT = {'full': 120.0, 'quick': 10.0}
 POOL_SIZE = 2
 SLEEP = 0.05
 PAYLOAD = 1 << 20
+# W4L and W4XL: the same round trips with 64 MiB and 256 MiB payloads.
+PAYLOAD_L = 64 << 20
+PAYLOAD_XL = 256 << 20
 # W7: every SKEW_EVERY-th task computes for SKEW_LONG seconds, the others SKEW_SHORT.
 SKEW_LONG = 0.1
 SKEW_SHORT = 0.001
@@ -207,6 +210,46 @@ class Runner:
                 return {'mib_per_s': self.size * PAYLOAD / 2 ** 20 / seconds,
                         'check': lambda: check(reply == payload,
                                                'W4 reply differs from the payload')}
+            await self.measure(body)
+        await peer.stop()
+
+    async def W4L(self):
+        """Large payload: `size` sequential round trips of 64 MiB of bytes."""
+        await self.large_payload(PAYLOAD_L)
+
+    async def W4XL(self):
+        """Larger payload: `size` sequential round trips of 256 MiB of bytes."""
+        await self.large_payload(PAYLOAD_XL)
+
+    async def large_payload(self, size):
+        """Round trips of `size` bytes: MiB/s each way, and the parent's peak memory.
+
+        ``peak_x`` is the most the parent's resident memory rose during a repetition, over
+        the payload's size: the payload is made before, and each reply dropped before the
+        next call, so a transport that holds only the reply it hands over scores 1.0, and
+        each further copy of the payload in the parent adds 1.0 (Linux: the peak is reset
+        through /proc/self/clear_refs and read as VmHWM).
+        """
+        peer = await self.started_peer('echo')
+        payload = os.urandom(size)
+        reply = await peer.call(payload)   # warm-up: buffers the peer keeps are made here
+        del reply
+        while self.more():
+            async def body():
+                gc.collect()
+                base = reset_peak_rss()
+                t0 = time.perf_counter()
+                same = True
+                for _ in range(self.size):
+                    reply = await peer.call(payload)
+                    same = same and len(reply) == size and reply[-4096:] == payload[-4096:]
+                    del reply
+                seconds = time.perf_counter() - t0
+                peak = peak_rss()
+                return {'mib_per_s': self.size * size / 2 ** 20 / seconds,
+                        'peak_x': (peak - base) / size if peak and base else None,
+                        'check': lambda: check(same, f'{self.workload}: a reply differs '
+                                                     'from the payload')}
             await self.measure(body)
         await peer.stop()
 
@@ -375,6 +418,29 @@ class Runner:
                         'bare_rss_mib': bare.rss / mib, 'bare_uss_mib': bare.uss / mib}
             await self.measure(body)
         await peer.stop()
+
+
+def reset_peak_rss():
+    """Reset this process's peak resident size to the present one; returns it (bytes), or
+    None where Linux's /proc interface is missing."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as file:
+            file.write('5')
+    except OSError:
+        return None
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss():
+    """This process's peak resident size since the last reset, in bytes (VmHWM)."""
+    try:
+        with open('/proc/self/status') as file:
+            for line in file:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def save_version(path, version):

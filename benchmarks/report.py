@@ -8,6 +8,8 @@ COLUMNS = {
     'W2': [('p50_us', 'W2 p50 us', '{:,.0f}'), ('p99_us', 'W2 p99 us', '{:,.0f}')],
     'W3': [('seconds', 'W3 s', '{:.3f}')],
     'W4': [('mib_per_s', 'W4 MiB/s', '{:,.0f}')],
+    'W4L': [('mib_per_s', 'W4L MiB/s', '{:,.0f}'), ('peak_x', 'W4L peak x', '{:.2f}')],
+    'W4XL': [('mib_per_s', 'W4XL MiB/s', '{:,.0f}'), ('peak_x', 'W4XL peak x', '{:.2f}')],
     'W5': [('start_ms', 'W5 start ms', '{:,.1f}'), ('stop_ms', 'W5 stop ms', '{:,.1f}')],
     'W6': [('speedup_1', 'W6 1w x', '{:.2f}'), ('speedup_2', 'W6 2w x', '{:.2f}')],
     'W7': [('seconds', 'W7 s', '{:.2f}')],
@@ -57,6 +59,17 @@ DISPATCH_TARGETS = [
     ('W7', 'seconds', 'process_pool_executor', 1.1),
     ('W7', 'seconds', 'ideal', 1.15),
     ('W8', 'io_p90_ms', 'io_task', 3.0),
+]
+
+
+# The targets of issue 15 (big payloads through shared memory), for looppool submit():
+# (workload, field, against, relation, factor): against is a peer (a ratio of the two
+# figures) or None (the figure itself). Printed met or not; nothing asserts them.
+PAYLOAD_PEER = 'looppool_submit'
+PAYLOAD_TARGETS = [
+    ('W4', 'mib_per_s', 'ceiling', 'x', 2.0),
+    ('W4XL', 'mib_per_s', None, 'x', 800.0),
+    ('W4XL', 'peak_x', None, 'within', 1.3),
 ]
 
 
@@ -146,6 +159,7 @@ def render(results):
     lines.extend(targets(summary, names))
     lines.extend(bulk(summary, names, labels))
     lines.extend(dispatch(summary, names, labels))
+    lines.extend(payloads(summary, names))
     return '\n'.join(lines) + '\n'
 
 
@@ -162,6 +176,9 @@ def notes(results, summary, names, labels):
                         'seconds (ideal 0.05)',
         'W4': lambda n: f'W4: {n:,} sequential round trips of 1 MiB of bytes; payload MiB '
                         'per second (each way)',
+        'W4L': lambda n: f'W4L: {n:,} sequential round trips of 64 MiB of bytes; MiB/s each '
+                         'way, and the parent\'s peak RSS rise over the payload size',
+        'W4XL': lambda n: f'W4XL: {n:,} sequential round trips of 256 MiB of bytes; as W4L',
         'W5': lambda n: 'W5: pool creation to first reply, then a clean stop (fresh '
                         'interpreter each time)',
         'W6': lambda n: f'W6: {n:,} CPU-bound tasks; speed-up over running them in one '
@@ -304,6 +321,28 @@ def dispatch(summary, names, labels):
                      f'{figure(summary, "looppool_submit", "W9", "all_ms"):,.0f} ms (median '
                      f'of {entry["reps"]}; target <= 1,000 ms) '
                      f'{"met" if reload_ms <= 1000 else "MISSED"}')
+        lines.append('')
+    return lines
+
+
+def payloads(summary, names):
+    """looppool submit() against the targets of issue 15; reported, never asserted."""
+    if PAYLOAD_PEER not in names:
+        return []
+    lines = []
+    for workload, field, against, relation, factor in PAYLOAD_TARGETS:
+        ours = figure(summary, PAYLOAD_PEER, workload, field)
+        theirs = figure(summary, against, workload, field) if against else 1.0
+        if ours is None or not theirs:
+            continue
+        value = ours / theirs
+        met = value >= factor if relation == 'x' else value <= factor
+        shown = f'{value:7.2f}x {against}' if against else f'{value:9,.2f}'
+        wanted = f'>= {factor:g}' if relation == 'x' else f'<= {factor:g}'
+        lines.append(f'{PAYLOAD_PEER:<20} {workload:<4} {field:<10} {shown:<30} '
+                     f'(target {wanted}) {"met" if met else "MISSED"}')
+    if lines:
+        lines.insert(0, 'Targets (issue 15, big payloads), medians of this run:')
         lines.append('')
     return lines
 

@@ -417,9 +417,8 @@ class Channel:
                 self._flush_scheduled = False
         else:
             self._flush_scheduled = False
-        if self._released:
-            released, self._released = self._released, []
-            self._queue_parts(shm.RELEASE, len(released), [shm.release_payload(released)])
+        if self._released and (self._wbuf or self._queue):
+            self._queue_released()   # with what goes anyway: no write of its own
         queue = self._queue
         if self._wbuf:
             queue.append(self._wbuf)
@@ -460,26 +459,35 @@ class Channel:
             self._loop.call_soon(drained)
 
     def _send_with_fds(self) -> int:
-        """One sendmsg() of what waits before the next descriptors, or of the descriptors
-        at the head of the queue and what follows them up to the next."""
+        """One sendmsg() of what waits, with the descriptors of the frames among it.
+
+        They ride on its first byte, so they reach the peer before (or with) the frames
+        they belong to, in order; the peer takes them from its queue as each frame arrives.
+        Descriptors and bytes go out together, in one system call and one wake-up of the
+        peer, rather than each group of frames on its own.
+        """
         queue = self._queue
-        first = queue[0]
-        start = 1 if type(first) is _Fds else 0
-        end = min(len(queue), start + _IOV_MAX)
-        for index in range(start, end):
-            if type(queue[index]) is _Fds:
-                end = index
+        buffers: list[Buffer] = []
+        fds: list[int] = []
+        markers: list[_Fds] = []
+        for item in queue:
+            if type(item) is _Fds:
+                if len(fds) + len(item.fds) > shm.MAX_BUFFERS:
+                    break
+                markers.append(item)
+                fds += item.fds
+            elif len(buffers) < _IOV_MAX:
+                buffers.append(item)
+            else:
                 break
-        buffers = [queue[index] for index in range(start, end)]
-        if not start:
-            return self._sock.sendmsg(buffers)
-        assert isinstance(first, _Fds)
-        sent = self._sock.sendmsg(buffers, [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                             array.array('i', first.fds))])
-        # Carried (with the first byte): the peer holds them now, and so we need not.
-        queue.popleft()
-        self._markers -= 1
-        first.close()
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))] \
+            if fds else []
+        sent = self._sock.sendmsg(buffers, ancillary)
+        # Carried: the peer holds them now, and so we need not.
+        for marker in markers:
+            queue.remove(marker)
+            marker.close()
+        self._markers -= len(markers)
         return sent
 
     def _drop_queue(self) -> None:
@@ -535,9 +543,21 @@ class Channel:
         return found
 
     def _release(self, segment: int) -> None:
-        """The peer's ``segment`` is read: tell it at the next flush."""
+        """The peer's ``segment`` is read: tell it with the next frames written, or on its
+        own two loop iterations later (by then the code that awaited the frame just read
+        has run, and what it sent carried the news: a write and a wake-up fewer)."""
         self._released.append(segment)
-        self.schedule_flush()
+        if len(self._released) == 1:
+            self._loop.call_soon(self._loop.call_soon, self._send_released)
+
+    def _send_released(self) -> None:
+        if self._released and not self.closed:
+            self._queue_released()
+            self.flush()
+
+    def _queue_released(self) -> None:
+        released, self._released = self._released, []
+        self._queue_parts(shm.RELEASE, len(released), [shm.release_payload(released)])
 
 
     def read_ready(self) -> None:

@@ -196,6 +196,8 @@ def dumps(obj: Any, threshold: int) -> Any:
             big = _big(obj, threshold)
             if big is not None:
                 return big
+            if kind is memoryview:
+                return _small(obj, threshold)
         else:
             found: list[pickle.PickleBuffer] = []
 

@@ -1,0 +1,307 @@
+"""Big payloads through shared memory: what arrives, and that nothing is left behind.
+
+Big buffers travel in anonymous memfds (looppool.shm): nothing is ever named in /dev/shm,
+and a segment lives only while a process holds its descriptor or a mapping of it. So the
+checks after each kill look in both places: /dev/shm is as it was, and no process on the
+machine still holds a looppool memfd, open or mapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import numpy
+import psutil
+import pytest
+
+import looppool
+from looppool import remote, shm
+from conftest import run, wait_for, wait_until
+from workers import Echo
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not shm.AVAILABLE, reason='no memfd_create or descriptor passing'),
+]
+
+ROOT = os.path.dirname(looppool.__path__[0])
+TESTS = os.path.dirname(__file__)
+MIB = 1 << 20
+
+
+class Holder(Echo):
+    """Says how a message arrived; keeps one past the handler's return on request."""
+
+    def _initialise(self) -> None:
+        super()._initialise()
+        self.kept: Any = None
+
+    async def do_describe(self, value: Any) -> tuple[str, bool, bool, int]:
+        return (type(value).__name__, _is_shared(value), _writable(value),
+                memoryview(value).nbytes)
+
+    async def do_keep(self, array: numpy.ndarray) -> bool:
+        self.kept = array   # a view of shared memory, kept after this handler returns
+        return _is_shared(array)
+
+    async def do_kept_sum(self) -> float:
+        return float(self.kept.sum())
+
+
+def _is_shared(value: Any) -> bool:
+    """Whether ``value`` is a view of a shared-memory mapping."""
+    base = value
+    while base is not None:
+        if isinstance(base, mmap.mmap):
+            return True
+        base = base.obj if isinstance(base, memoryview) else getattr(base, 'base', None)
+    return False
+
+
+def _writable(value: Any) -> bool:
+    return not memoryview(value).readonly
+
+
+def _segments_written(pool: looppool.Pool, number: int = 0) -> int:
+    """How many buffers the parent has written to shared memory for worker ``number``."""
+    channel = pool._slots[number].link.channel  # type: ignore[union-attr]
+    return channel._segments.next_id - 1  # type: ignore[union-attr]
+
+
+def _memfds(pids: list[int] | None = None) -> list[str]:
+    """Every looppool memfd a process holds, open or mapped: all processes, or ``pids``."""
+    found = []
+    if pids is None:
+        pids = [int(name) for name in os.listdir('/proc') if name.isdigit()]
+    for pid in pids:
+        try:
+            for fd in os.listdir(f'/proc/{pid}/fd'):
+                target = os.readlink(f'/proc/{pid}/fd/{fd}')
+                if target.startswith('/memfd:looppool'):
+                    found.append(f'pid {pid} fd {fd}')
+            with open(f'/proc/{pid}/maps') as maps:
+                found += [f'pid {pid} maps {line.split()[0]}' for line in maps
+                          if '/memfd:looppool' in line]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue   # gone meanwhile, or not ours to read
+    return found
+
+
+def _dev_shm() -> set[str]:
+    return set(os.listdir('/dev/shm')) if os.path.isdir('/dev/shm') else set()
+
+
+@pytest.mark.parametrize('method', ['fork', 'spawn'])
+def test_sizes_around_the_threshold_arrive_whole(method: str) -> None:
+    threshold = shm.THRESHOLD
+    sizes = [0, 1, threshold - 1, threshold, threshold + 1, 3 * MIB]
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder,
+                                 mp_context=method) as pool:
+            for size in sizes:
+                before = _segments_written(pool)
+                payload = os.urandom(size)
+                reply = await pool.submit(payload)
+                assert type(reply) is bytes and reply == payload, size
+                # Shared memory is used from the threshold on, and only then.
+                assert _segments_written(pool) - before == (size >= threshold), size
+                described = await pool.submit(('describe', bytearray(payload)))
+                assert described == ('bytearray', False, True, size)
+                echoed = await pool.submit(bytearray(payload))
+                assert type(echoed) is bytearray and echoed == payload
+
+    run(main())
+
+
+@pytest.mark.timeout(180)
+def test_a_256_mib_payload_goes_both_ways() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            payload = os.urandom(256 * MIB)
+            reply = await pool.submit(payload)
+            assert len(reply) == len(payload) and reply == payload
+
+    run(main())
+
+
+def test_numpy_arrays_arrive_as_views_of_shared_memory() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder) as pool:
+            array = numpy.arange(MIB, dtype=numpy.float64)   # 8 MiB
+            name, shared, writable, size = await pool.submit(('describe', array))
+            assert (name, shared, writable, size) == ('ndarray', True, True, array.nbytes)
+            frozen = array.copy()
+            frozen.flags.writeable = False
+            assert (await pool.submit(('describe', frozen)))[:3] == ('ndarray', True, False)
+            reply = await pool.submit({'array': array, 'label': 'x'})
+            assert reply['label'] == 'x' and _is_shared(reply['array'])
+            assert numpy.array_equal(reply['array'], array)
+            small = numpy.arange(10)   # under the threshold: in the pickle, a copy
+            assert (await pool.submit(('describe', small)))[:2] == ('ndarray', False)
+
+    run(main())
+
+
+def test_memoryviews_of_any_size_arrive_as_memoryviews() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder) as pool:
+            data = os.urandom(2 * MIB)
+            big = await pool.submit(('describe', memoryview(data)))
+            assert big == ('memoryview', True, False, len(data))
+            matrix = memoryview(bytearray(data)).cast('d', (1024, 256))
+            reply = await pool.submit(matrix)
+            assert (reply.format, reply.shape, reply.readonly) == ('d', (1024, 256), False)
+            assert reply.tobytes() == data
+            small = await pool.submit(memoryview(b'tiny'))
+            assert type(small) is memoryview and small.tobytes() == b'tiny'
+
+    run(main())
+
+
+def test_a_handler_may_keep_a_view_past_its_return() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder) as pool:
+            array = numpy.full(MIB, 3.0)
+            assert await pool.submit(('keep', array)) is True
+            # Other big payloads come and go meanwhile: the kept view's segment is its own.
+            for _ in range(5):
+                payload = os.urandom(MIB)
+                assert await pool.submit(payload) == payload
+                assert await pool.submit(numpy.zeros(MIB)) is not None
+            assert await pool.submit(('kept_sum',)) == 3.0 * MIB
+
+    run(main())
+
+
+def test_put_nowait_results_and_map_carry_big_buffers() -> None:
+    async def main() -> None:
+        payload = os.urandom(MIB)
+        results: list[Any] = []
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            def collect(result: Any, done: Any) -> None:
+                results.append(result)
+                done()
+            pool.process_message = collect
+            pool.put_nowait(('put', payload, payload))   # its return value, 2, comes too
+            await wait_until(lambda: len(results) == 3, what='the results')
+            assert results == [payload, payload, 2]
+            replies = [reply async for reply in pool.map([payload] * 6)]
+            assert replies == [payload] * 6
+
+    run(main())
+
+
+def test_a_pool_host_passes_big_payloads_inline(sock_path) -> None:
+    handle = remote.serve(Echo, sock_path, pool_size=1)
+    try:
+        async def main() -> None:
+            async with remote.connect(handle.address) as client:
+                payload = os.urandom(2 * MIB)
+                assert await client.submit(payload) == payload
+                array = numpy.arange(MIB // 8, dtype=numpy.float64)
+                assert numpy.array_equal(await client.submit(array), array)
+
+        run(main())
+    finally:
+        handle.stop()
+
+
+def test_nothing_is_left_after_a_worker_is_killed_with_big_payloads_in_flight() -> None:
+    before = _dev_shm()
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Holder, kill_grace=0.5) as pool:
+            pids = await pool.broadcast(('pid',))
+            payload = os.urandom(MIB)
+            array = numpy.ones(MIB)
+            assert await pool.submit(('keep', array), worker_num=0)
+            sent = [pool.submit(payload, worker_num=0) for _ in range(8)]
+            sent.append(pool.submit(('kill_self',), worker_num=0))
+            sent += [pool.submit(array, worker_num=0) for _ in range(8)]
+            outcomes = await asyncio.gather(*sent, return_exceptions=True)
+            assert all(isinstance(outcome, looppool.WorkerLost) or outcome is not None
+                       for outcome in outcomes)
+            assert any(isinstance(outcome, looppool.WorkerLost) for outcome in outcomes)
+            await wait_until(lambda: pool.stats()['workers'][0]['pid'] not in (None, pids[0]),
+                             what='the replacement of worker 0')
+            assert not psutil.pid_exists(pids[0]) or \
+                psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+            assert await pool.submit(payload, worker_num=0) == payload
+        # Stopped: no process holds a segment, and nothing has a name.
+        assert _memfds([os.getpid(), *pids]) == []
+
+    run(main())
+    wait_for(lambda: not _memfds(), what='every looppool memfd to be gone')
+    assert _dev_shm() <= before
+
+
+def test_nothing_is_left_after_the_parent_is_killed_with_big_payloads_in_flight(
+        tmp_path) -> None:
+    before = _dev_shm()
+    program = tmp_path / 'parent.py'
+    program.write_text(textwrap.dedent('''
+        import asyncio, os, numpy, looppool
+        from workers import Echo
+
+        async def main():
+            async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+                print(*await pool.broadcast(('pid',)), flush=True)
+                payload, array = os.urandom(1 << 20), numpy.ones(1 << 17)
+                while True:   # until killed: big payloads in flight both ways, always
+                    await asyncio.gather(*[pool.submit(payload) for _ in range(6)],
+                                         *[pool.submit(array) for _ in range(6)])
+
+        asyncio.run(main())
+    '''))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, TESTS])}
+    parent = subprocess.Popen([sys.executable, str(program)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2
+        wait_for(lambda: _memfds([parent.pid, *pids]), what='big payloads in flight')
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status()
+                                 != psutil.STATUS_ZOMBIE for pid in pids),
+                 what='the workers to exit after their parent was killed')
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    wait_for(lambda: not _memfds(), what='every looppool memfd to be gone')
+    assert _dev_shm() <= before
+
+
+def test_nothing_is_left_after_stop() -> None:
+    before = _dev_shm()
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            pids = await pool.broadcast(('pid',))
+            payload = os.urandom(MIB)
+            replies = await asyncio.gather(*[pool.submit(payload) for _ in range(20)])
+            assert replies == [payload] * 20
+            assert _memfds([os.getpid()])   # the segments kept for use again
+            unanswered = [pool.submit(payload) for _ in range(20)]
+        assert await asyncio.gather(*unanswered) == [payload] * 20
+        assert _memfds([os.getpid(), *pids]) == []
+
+    run(main())
+    assert _dev_shm() <= before
