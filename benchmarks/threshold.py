@@ -60,16 +60,16 @@ async def measure(threshold, size, count):
     return wall / count * 1e6, used / count * 1e6
 
 
-async def main(rounds):
+async def main(rounds, sizes):
     results = {}
     for _ in range(rounds):
-        for size in SIZES:
+        for size in sizes:
             count = max(50, BYTES_PER_ROUND // size)
             for name, threshold in (('socket', 0), ('shm', 1)):
                 figures = await measure(threshold, size, count)
                 results.setdefault((size, name), []).append(figures)
     print(f'{"size":>8} {"path":>7} {"round trip us":>14} {"CPU us":>8} {"MiB/s":>7}')
-    for size in SIZES:
+    for size in sizes:
         for name in ('socket', 'shm'):
             runs = results[(size, name)]
             wall = statistics.median(run[0] for run in runs)
@@ -81,4 +81,7 @@ async def main(rounds):
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--rounds', type=int, default=3)
-    asyncio.run(main(parser.parse_args().rounds))
+    parser.add_argument('--sizes', default=','.join(str(size >> 10) for size in SIZES),
+                        help='in KiB, comma-separated')
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, [int(size) << 10 for size in args.sizes.split(',')]))

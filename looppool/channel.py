@@ -271,6 +271,7 @@ class Channel:
         self._fds: collections.deque[int] = collections.deque()
         self._markers = 0
         self._segments = shm.Segments()
+        self._mappings = shm.Mappings()
         self._released: list[int] = []   # the peer's segments read here, to tell it
         self._recv_into: Callable[[Buffer], int] = sock.recv_into
         self._recv: Callable[[int], bytes] = sock.recv
@@ -294,6 +295,7 @@ class Channel:
         self._rview = memoryview(self._rbuf)
         self._reading = False   # frames from _rbuf are being handled: see _read_once
         self.closed = False
+        self._write_closed = False   # a write failed: the peer is gone, its data is not
         loop.add_reader(self._fd, self.read_ready)
 
     def fileno(self) -> int:
@@ -404,8 +406,14 @@ class Channel:
 
     def flush(self) -> None:
         """Write as much as the kernel takes now; the rest waits for writability."""
-        if self.closed:
+        if self.closed or self._write_closed:
             self._flush_scheduled = False
+            self._drop_queue()
+            self._wbuf = bytearray()
+            self._released.clear()
+            if self._writer_registered and not self.closed:
+                self._loop.remove_writer(self._fd)
+                self._writer_registered = False
             return
         if self.before_flush is not None:
             # What it queues is written below: no other flush to schedule for it (that
@@ -436,9 +444,12 @@ class Channel:
                 break
             except OSError:
                 # The peer is gone; its exit is reported by its owner (sentinel or EOF).
+                # What it wrote before it went is still to be read, up to the end of file:
+                # only writing ends here (a RELEASE, say, sent as a worker exits must not
+                # lose that worker's last replies).
                 self._drop_queue()
-                self._lost()
-                return
+                self._write_closed = True
+                break
             while sent:
                 first = queue[0]
                 size = len(first) if type(first) is not memoryview else first.nbytes
@@ -454,7 +465,7 @@ class Channel:
         elif not queue and self._writer_registered:
             self._loop.remove_writer(self._fd)
             self._writer_registered = False
-        if not queue and self.on_drained is not None:
+        if not queue and self.on_drained is not None and not self._write_closed:
             drained, self.on_drained = self.on_drained, None
             self._loop.call_soon(drained)
 
@@ -537,7 +548,7 @@ class Channel:
                     self._segments.released(segment)
             elif kind & _SHM_KIND:
                 found.append((kind ^ _SHM_KIND, arg, shm.receive(  # type: ignore[arg-type]
-                    payload, self._take_fds, self._release)))
+                    payload, self._take_fds, self._release, self._mappings)))
             else:
                 found.append((kind, arg, payload))
         return found
@@ -649,6 +660,7 @@ class Channel:
         while self._fds:   # arrived for frames that will not be read
             os.close(self._fds.popleft())
         self._segments.close()
+        self._mappings.close()
         self._sock.close()
         # The callbacks refer to the owner (the pool's, to the link of a worker process,
         # which refers to this channel): dropping them ends that reference cycle, so a dead

@@ -56,7 +56,7 @@ AVAILABLE = hasattr(os, 'memfd_create') and hasattr(socket, 'SCM_RIGHTS') \
 
 # A buffer at least this large travels through shared memory (see the manual's "Big
 # payloads" page for the measurements behind it). Read when a pool is made.
-THRESHOLD = 1 << 18
+THRESHOLD = 1 << 19
 
 # The flag on a frame's kind that says its payload is a Big (see the module's docstring).
 BIG = 0x80
@@ -79,6 +79,11 @@ MAX_BUFFERS = 250
 # (a fresh memfd costs its pages: allocated, zeroed and freed again, three times the copy).
 _KEEP_SEGMENTS = 4
 _KEEP_BYTES = 64 << 20
+# Segments up to this size are mapped by both ends for as long as they are kept (larger
+# ones are written and read with pwrite() and pread(), so that a mapping does not count
+# them in the resident size of both processes a second time); none smaller than _MAP_MIN.
+_MAP_MAX = 4 << 20
+_MAP_MIN = 64 << 10
 # One read or write moves at most this much (Linux stops at 2 GiB less a page).
 _CHUNK = 1 << 30
 
@@ -178,7 +183,7 @@ def _small(obj: Any, threshold: int) -> bytes:
     return file.getvalue()
 
 
-def _view(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> memoryview:
+def _view(data: Any, fmt: str, shape: tuple[int, ...], readonly: bool) -> Any:
     """A memoryview of ``data`` with the format, shape and read-only flag of the one
     pickled."""
     view: Any = memoryview(data)
@@ -243,21 +248,55 @@ def loads(big: Big) -> Any:
 
 # -- the descriptors -----------------------------------------------------------------------
 
+class _Segment:
+    """One memfd a channel's end writes buffers into; mapped here if it is small."""
+
+    __slots__ = ('id', 'fd', 'capacity', 'map')
+
+    def __init__(self, segment: int, size: int) -> None:
+        self.id = segment
+        self.fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
+        self.capacity = size
+        self.map: mmap.mmap | None = None
+        if size <= _MAP_MAX:
+            # Written through a mapping kept for the segment's life: a copy, and no page
+            # faults or page-cache lookups once its pages exist (pwrite() looks up each
+            # 4 KiB page, every time).
+            self.capacity = max(_MAP_MIN, 1 << (size - 1).bit_length())
+            os.ftruncate(self.fd, self.capacity)
+            self.map = mmap.mmap(self.fd, self.capacity)
+
+    def write(self, view: memoryview) -> None:
+        if self.map is not None:
+            with memoryview(self.map) as target:
+                target[:view.nbytes] = view
+        else:
+            _pwrite(self.fd, view)
+            self.capacity = max(self.capacity, view.nbytes)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        os.close(self.fd)
+
+
 class Segments:
     """The memfds one end of a channel writes buffers into.
 
     A buffer the peer reads into an object of its own (bytes, bytearray) goes in a segment
     that is *lent*: this end keeps its descriptor, and writes into it again once the peer
-    has said it read it (``RELEASE``). A buffer the peer maps (a view) goes in a fresh
-    memfd that is given away: the peer's mapping keeps it as long as it needs. At most
-    ``_KEEP_SEGMENTS`` segments of ``_KEEP_BYTES`` in all are kept for use again. Owned by
-    one channel; not thread-safe.
+    has said it read it (``RELEASE``); a segment keeps its id, so that the peer may keep
+    its mapping too. A buffer the peer maps (a view) goes in a fresh memfd that is given
+    away: the peer's mapping keeps it as long as it needs. At most ``_KEEP_SEGMENTS``
+    segments of ``_KEEP_BYTES`` in all are kept for use again. Owned by one channel; not
+    thread-safe.
     """
 
     def __init__(self) -> None:
-        self.free: list[tuple[int, int]] = []       # (fd, bytes written into it at most)
-        self.lent: dict[int, tuple[int, int]] = {}  # id -> (fd, size), being read
+        self.free: list[_Segment] = []
+        self.lent: dict[int, _Segment] = {}   # being read by the peer
         self.next_id = 1
+        self.written = 0   # buffers written, for tests and curiosity
 
     def write(self, big: Big) -> tuple[list[int], list[int], list[int]]:
         """Write ``big``'s buffers: the descriptors to send, the id of each segment (0:
@@ -268,62 +307,95 @@ class Segments:
         try:
             for buffer, mode in zip(big.buffers, big.modes):
                 view = memoryview(buffer).cast('B')
-                size = view.nbytes
+                self.written += 1
                 if mode == _BYTES or mode == _BYTEARRAY:
-                    fd, capacity = self.take(size)
-                    segment = self.next_id
-                    self.next_id = segment + 1 if segment < 0xFFFFFFFF else 1
-                    self.lent[segment] = (fd, max(size, capacity))
+                    segment = self.take(view.nbytes)
+                    self.lent[segment.id] = segment
+                    ids.append(segment.id)
+                    fds.append(segment.fd)
+                    segment.write(view)
                 else:
                     fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
-                    segment = 0
                     given.append(fd)
-                fds.append(fd)
-                ids.append(segment)
-                done = 0
-                while done < size:
-                    done += os.pwrite(fd, view[done:done + _CHUNK], done)
+                    ids.append(0)
+                    fds.append(fd)
+                    _pwrite(fd, view)
         except BaseException:
             for fd in given:
                 os.close(fd)
-            for segment in ids:
-                if segment:
-                    self.released(segment)
+            for segment_id in ids:
+                if segment_id:
+                    self.released(segment_id)
             raise
         return fds, ids, given
 
-    def take(self, size: int) -> tuple[int, int]:
+    def take(self, size: int) -> _Segment:
         """A kept segment large enough for ``size`` bytes (the smallest), or a new one."""
-        best = -1
-        for index, (_, capacity) in enumerate(self.free):
-            if capacity >= size and (best < 0 or capacity < self.free[best][1]):
-                best = index
-        if best >= 0:
-            return self.free.pop(best)
-        return os.memfd_create('looppool', os.MFD_CLOEXEC), 0
+        best: _Segment | None = None
+        for segment in self.free:
+            if segment.capacity >= size and (best is None or segment.capacity < best.capacity):
+                best = segment
+        if best is not None:
+            self.free.remove(best)
+            return best
+        segment = _Segment(self.next_id, size)
+        self.next_id = self.next_id + 1 if self.next_id < 0xFFFFFFFF else 1
+        return segment
 
-    def released(self, segment: int) -> None:
-        """The peer has read ``segment``: keep it for the next buffer, or close it."""
-        found = self.lent.pop(segment, None)
-        if found is None:
+    def released(self, segment_id: int) -> None:
+        """The peer has read segment ``segment_id``: keep it for the next buffer, or close
+        it."""
+        segment = self.lent.pop(segment_id, None)
+        if segment is None:
             return
-        self.free.append(found)
+        self.free.append(segment)
         self.free.sort(key=_capacity, reverse=True)
         while len(self.free) > _KEEP_SEGMENTS or \
-                sum(capacity for _, capacity in self.free) > _KEEP_BYTES:
-            os.close(self.free.pop(0)[0])   # the largest goes first
+                sum(kept.capacity for kept in self.free) > _KEEP_BYTES:
+            self.free.pop(0).close()   # the largest goes first
 
     def close(self) -> None:
-        for fd, _ in self.free:
-            os.close(fd)
-        for fd, _ in self.lent.values():
-            os.close(fd)
+        for segment in [*self.free, *self.lent.values()]:
+            segment.close()
         self.free.clear()
         self.lent.clear()
 
 
-def _capacity(entry: tuple[int, int]) -> int:
-    return entry[1]
+class Mappings:
+    """The peer's lent segments this end has mapped, by id, to read the next buffer lent
+    in the same segment without mapping it again (at most ``_KEEP_SEGMENTS``, the least
+    recently used dropped first). Owned by one channel; not thread-safe."""
+
+    def __init__(self) -> None:
+        self.maps: dict[int, mmap.mmap] = {}
+
+    def read(self, fd: int, segment: int, size: int, mode: int) -> Any:
+        found = self.maps.pop(segment, None)
+        if found is None or len(found) < size:
+            if found is not None:
+                found.close()
+            found = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+        self.maps[segment] = found   # the most recently used last
+        while len(self.maps) > _KEEP_SEGMENTS:
+            self.maps.pop(next(iter(self.maps))).close()
+        with memoryview(found) as view:
+            return bytes(view[:size]) if mode == _BYTES else bytearray(view[:size])
+
+    def close(self) -> None:
+        for found in self.maps.values():
+            found.close()
+        self.maps.clear()
+
+
+def _capacity(segment: _Segment) -> int:
+    return segment.capacity
+
+
+def _pwrite(fd: int, view: memoryview) -> None:
+    done = 0
+    size = view.nbytes
+    while done < size:
+        done += os.pwrite(fd, view[done:done + _CHUNK], done)
 
 
 def release_payload(segments: list[int]) -> bytes:
@@ -337,10 +409,10 @@ def released_ids(payload: Any) -> list[int]:
 
 
 def receive(payload: Any, take: Callable[[int], list[int]],
-            release: Callable[[int], None]) -> Big:
+            release: Callable[[int], None], mappings: Mappings) -> Big:
     """The :class:`Big` a BIG frame's ``payload`` describes; ``take(count)`` gives its
     descriptors, which are closed here, and ``release(id)`` is called for each lent
-    segment read. ``payload`` is only lent."""
+    segment read (through ``mappings`` if it is small). ``payload`` is only lent."""
     view = memoryview(payload)
     count, = _COUNT.unpack_from(view)
     entries = [_ENTRY.unpack_from(view, _COUNT.size + index * _ENTRY.size)
@@ -350,7 +422,10 @@ def receive(payload: Any, take: Callable[[int], list[int]],
     buffers: list[Any] = []
     try:
         for fd, (size, mode, segment) in zip(fds, entries):
-            buffers.append(_read(fd, size, mode))
+            if segment and size <= _MAP_MAX:
+                buffers.append(mappings.read(fd, segment, size, mode))
+            else:
+                buffers.append(_read(fd, size, mode))
             if segment:
                 release(segment)
     finally:
