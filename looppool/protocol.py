@@ -66,7 +66,8 @@ even when the messages or replies cannot be unpickled: see :func:`pack`, :func:`
 Any payload that carries a message, a reply or a result may instead be a
 :class:`looppool.shm.Big` (its kind flagged ``shm.BIG`` on the wire): a small pickle whose
 large buffers travel through shared memory. :func:`loads` and :func:`unpack_ids` take
-either.
+either. The channels also send each other ``shm.RELEASE`` frames (kind 0xFF: these shared
+memory segments may be written again), which they keep to themselves.
 
 The ``*_KEEP`` kinds exist for Looppool-style workers, where a task's slot is freed by
 ``_task_done()`` rather than by the end of ``_process_message``.
