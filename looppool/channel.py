@@ -25,6 +25,7 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import logging
 import os
 import socket
 import struct
@@ -33,6 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 from . import shm
+
+log = logging.getLogger('looppool')
 
 __all__ = ['Channel', 'FrameTooLarge', 'HEADER', 'Parser', 'check_size', 'encode',
            'socketpair']
@@ -111,6 +114,15 @@ def _too_large(size: int) -> ValueError:
 def encode(kind: int, arg: int, payload: Buffer = b'') -> bytes:
     """One frame as bytes (for transports that take whole writes)."""
     return HEADER.pack(len(payload), kind, arg) + payload
+
+
+def _peer_pid(sock: socket.socket) -> int | str:
+    try:
+        pid, _, _ = struct.unpack('3i', sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize('3i')))
+        return int(pid)
+    except (OSError, AttributeError):
+        return '?'
 
 
 def _ignore(*args: object) -> None:
@@ -383,7 +395,17 @@ class Channel:
         size = sum(memoryview(part).nbytes for part in parts) + big.head_size
         if size > _MAX_PAYLOAD:
             raise _too_large(size)   # nothing of it is sent
-        fds, ids, given = self._segments.write(big)
+        try:
+            fds, ids, given = self._segments.write(big)
+        except OSError as exc:   # no memory for it, say: the socket takes it instead
+            log.warning('a payload could not be put in shared memory (%r); it goes '
+                        'through the socket', exc)
+            self._queue_parts(kind, arg, [*parts[1:-1], shm.inline(big)])
+            if now:
+                self.flush()
+            else:
+                self.schedule_flush()
+            return
         parts[0] = big.head(ids)
         marker = _Fds(fds, given)
         if self._wbuf:
@@ -512,23 +534,30 @@ class Channel:
     # -- reading ---------------------------------------------------------------------------
 
     def _recv_into_fds(self, buffer: Buffer) -> int:
-        count, ancillary, _, _ = self._sock.recvmsg_into([buffer], _ANCILLARY)
-        if ancillary:
-            self._keep_fds(ancillary)
+        count, ancillary, flags, _ = self._sock.recvmsg_into([buffer], _ANCILLARY)
+        self._keep_fds(ancillary, flags)
         return count
 
     def _recv_fds(self, size: int) -> bytes:
-        data, ancillary, _, _ = self._sock.recvmsg(size, _ANCILLARY)
-        if ancillary:
-            self._keep_fds(ancillary)
+        data, ancillary, flags, _ = self._sock.recvmsg(size, _ANCILLARY)
+        self._keep_fds(ancillary, flags)
         return data
 
-    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+    def _keep_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
+        fds = array.array('i')
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array('i')
                 fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-                self._fds.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            # Descriptors were dropped (this process is at its limit of open files): the
+            # frames they belong to cannot be read; a ConnectionError reads as the end.
+            for fd in fds:
+                os.close(fd)
+            log.error('pid %d could not take the descriptors of a frame in shared memory '
+                      '(too many open files?); the channel to pid %s is closed',
+                      os.getpid(), _peer_pid(self._sock))
+            raise ConnectionError('shared-memory descriptors were dropped')
+        self._fds.extend(fds)
 
     def _take_fds(self, count: int) -> list[int]:
         fds = self._fds
@@ -607,7 +636,16 @@ class Channel:
         del target
         frames = parser.collected(count) if target_set else parser.feed(data)
         if parser.saw_shm:
-            frames = self._shared(frames)
+            try:
+                frames = self._shared(frames)
+            except (OSError, ValueError) as exc:
+                # Shared memory that cannot be read (no memory to map it, descriptors
+                # refused at this process's limit): the channel cannot go on in order.
+                # Ending it ends the peer, whose tasks fail as lost: none waits forever.
+                log.error('a frame in shared memory could not be read (%r); the channel '
+                          'to pid %s is closed', exc, _peer_pid(self._sock))
+                self._lost()
+                return False
         if frames:
             self._reading = True
             try:

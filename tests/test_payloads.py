@@ -54,6 +54,14 @@ class Holder(Echo):
     async def do_kept_sum(self) -> float:
         return float(self.kept.sum())
 
+    async def do_no_more_files(self, size: int) -> bytes:
+        """Lets this process open no more files, then answers with ``size`` bytes."""
+        import resource
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_now = len(os.listdir('/proc/self/fd')) - 1   # (less the listing's own)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))
+        return b'x' * size
+
 
 def _is_shared(value: Any) -> bool:
     """Whether ``value`` is a view of a shared-memory mapping."""
@@ -195,6 +203,25 @@ def test_put_nowait_results_and_map_carry_big_buffers() -> None:
             assert results == [payload, payload, 2]
             replies = [reply async for reply in pool.map([payload] * 6)]
             assert replies == [payload] * 6
+
+    run(main())
+
+
+def test_a_process_out_of_descriptors_falls_back_to_the_socket_or_ends() -> None:
+    """A worker that can open no more files sends its big reply through the socket; a big
+    message sent to it cannot be received (its descriptor is refused), so the worker's
+    channel ends, the worker exits, and the task fails as lost rather than wait."""
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder) as pool:
+            pid = await pool.submit(('pid',))
+            reply = await pool.submit(('no_more_files', 2 * MIB))
+            assert reply == b'x' * (2 * MIB)
+            with pytest.raises(looppool.WorkerLost):
+                await pool.submit(os.urandom(2 * MIB))
+            await wait_until(lambda: pool.stats()['workers'][0]['pid'] not in (None, pid),
+                             what='the replacement of the worker')
+            payload = os.urandom(2 * MIB)
+            assert await pool.submit(payload) == payload
 
     run(main())
 
