@@ -26,8 +26,8 @@ import looppool  # noqa: E402
 from looppool import shm  # noqa: E402
 
 SIZES = [16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 4 << 20]
-# Round trips per measurement: about 64 MiB each way, at least 50.
-BYTES_PER_ROUND = 64 << 20
+# Round trips per measurement: about 192 MiB each way, at least 200, after 20 unmeasured.
+BYTES_PER_ROUND = 192 << 20
 
 
 class Echo(looppool.Worker):
@@ -50,7 +50,7 @@ async def measure(threshold, size, count):
     me = psutil.Process()
     async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
         payload = os.urandom(size)
-        for _ in range(5):
+        for _ in range(20):
             await pool.submit(payload)
         cpu0, t0 = cpu(me), time.perf_counter()
         for _ in range(count):
@@ -64,7 +64,7 @@ async def main(rounds, sizes):
     results = {}
     for _ in range(rounds):
         for size in sizes:
-            count = max(50, BYTES_PER_ROUND // size)
+            count = max(200, BYTES_PER_ROUND // size)
             for name, threshold in (('socket', 0), ('shm', 1)):
                 figures = await measure(threshold, size, count)
                 results.setdefault((size, name), []).append(figures)

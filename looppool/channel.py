@@ -62,6 +62,9 @@ _IOV_MAX = 512
 _SOCKET_BUFFER = 4 << 20
 
 _SHM_KIND = shm.BIG
+# How long the news that a peer's segment was read may wait for other frames to ride with
+# before it is sent on its own (see Channel._release).
+_RELEASE_DELAY = 0.005
 # Room for the descriptors of one sendmsg() (see looppool.shm: at most MAX_BUFFERS).
 _ANCILLARY = socket.CMSG_SPACE(shm.MAX_BUFFERS * 4) if shm.AVAILABLE else 0
 
@@ -285,6 +288,7 @@ class Channel:
         self._segments = shm.Segments()
         self._mappings = shm.Mappings()
         self._released: list[int] = []   # the peer's segments read here, to tell it
+        self._release_timer: asyncio.TimerHandle | None = None
         self._recv_into: Callable[[Buffer], int] = sock.recv_into
         self._recv: Callable[[int], bytes] = sock.recv
         if shared_memory and shm.AVAILABLE:
@@ -433,6 +437,9 @@ class Channel:
             self._drop_queue()
             self._wbuf = bytearray()
             self._released.clear()
+            if self._release_timer is not None:
+                self._release_timer.cancel()
+                self._release_timer = None
             if self._writer_registered and not self.closed:
                 self._loop.remove_writer(self._fd)
                 self._writer_registered = False
@@ -583,19 +590,23 @@ class Channel:
         return found
 
     def _release(self, segment: int) -> None:
-        """The peer's ``segment`` is read: tell it with the next frames written, or on its
-        own two loop iterations later (by then the code that awaited the frame just read
-        has run, and what it sent carried the news: a write and a wake-up fewer)."""
+        """The peer's ``segment`` is read: tell it with the next frames written (a reply,
+        the next message), or on its own after _RELEASE_DELAY if none go by then: no
+        write, wake-up or loop iteration of its own in a steady exchange."""
         self._released.append(segment)
-        if len(self._released) == 1:
-            self._loop.call_soon(self._loop.call_soon, self._send_released)
+        if self._release_timer is None:
+            self._release_timer = self._loop.call_later(_RELEASE_DELAY, self._send_released)
 
     def _send_released(self) -> None:
+        self._release_timer = None
         if self._released and not self.closed:
             self._queue_released()
             self.flush()
 
     def _queue_released(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         released, self._released = self._released, []
         self._queue_parts(shm.RELEASE, len(released), [shm.release_payload(released)])
 
@@ -699,6 +710,9 @@ class Channel:
             os.close(self._fds.popleft())
         self._segments.close()
         self._mappings.close()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         self._sock.close()
         # The callbacks refer to the owner (the pool's, to the link of a worker process,
         # which refers to this channel): dropping them ends that reference cycle, so a dead

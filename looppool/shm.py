@@ -56,7 +56,7 @@ AVAILABLE = hasattr(os, 'memfd_create') and hasattr(socket, 'SCM_RIGHTS') \
 
 # A buffer at least this large travels through shared memory (see the manual's "Big
 # payloads" page for the measurements behind it). Read when a pool is made.
-THRESHOLD = 1 << 19
+THRESHOLD = 1 << 20
 
 # The flag on a frame's kind that says its payload is a Big (see the module's docstring).
 BIG = 0x80
