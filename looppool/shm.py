@@ -2,22 +2,25 @@
 
 A message or reply that holds a large buffer does not travel through the socket::
 
-    sender                                              receiver
-      dumps(obj, threshold) -> Big: a small pickle,
-        the large buffers kept aside (bytes,
-        bytearray, memoryview by persistent id;
-        NumPy and other PickleBuffers out of band)
-      Channel.send: each buffer written into an
-        anonymous memfd (one copy), the frame's kind
-        flagged BIG, the descriptors attached with
-        SCM_RIGHTS  ----- the socket carries the small pickle and the descriptors ----->
-                                                        Channel: take the frame's
-                                                        descriptors, read or map each
-                                                        one, close it -> Big
-                                                        loads(Big): bytes and bytearray
-                                                        are fresh copies; memoryviews
-                                                        and NumPy arrays are views of
-                                                        the mapping
+    sender                                   receiver
+      dumps(obj, threshold) -> Big: a small
+        pickle, the large buffers kept aside
+        (bytes, bytearray, memoryview by
+        persistent id; NumPy arrays and other
+        PickleBuffers out of band)
+      Channel.send: each buffer copied into
+        a memfd (Segments), the frame's kind
+        flagged BIG, the descriptors riding
+        on the same sendmsg (SCM_RIGHTS)
+                      --- small pickle + descriptors --->
+                                               Channel: take the frame's
+                                               descriptors in order; bytes and
+                                               bytearray copied out (Mappings,
+                                               or pread), views mapped -> Big
+                      <-- RELEASE (segment ids) ---------
+      the segments read may be written again   loads(Big): fresh bytes and
+                                               bytearrays; memoryviews and
+                                               NumPy arrays view the mapping
 
 Nothing has a name: a memfd lives as long as a descriptor or a mapping refers to it, so
 whatever process dies, the kernel frees the memory with the last holder (a descriptor in
@@ -26,13 +29,16 @@ flight in a socket is released with the socket). There is nothing to unlink, in
 
 Frame payload of a BIG frame::
 
-    count: uint32 | count x (size: uint64, mode: uint8) | the pickle
-    (plus ``count`` descriptors, in order, in the ancillary data of the socket)
+    count: uint32 | count x (size: uint64, mode: uint8, segment: uint32) | the pickle
+    (plus ``count`` descriptors, in order, in the ancillary data of the socket; segment
+    0 is a memfd given away, any other a segment the sender lends and keeps)
 
 Who owns what: a :class:`Big` being sent holds references to the sender's buffers until
-the channel writes them (the channel owns the descriptors from then until ``sendmsg``
-has carried them); a received :class:`Big` owns its buffers, and a mapping is unmapped
-when the last object viewing it goes. Used on one loop of one process; not thread-safe.
+the channel writes them; the channel's :class:`Segments` own the memfds it writes into
+(those given away, until ``sendmsg`` has carried them), its :class:`Mappings` the
+peer's segments it keeps mapped; a received :class:`Big` owns its buffers, and a view's
+mapping is unmapped when the last object viewing it goes. Used on one loop of one
+process; not thread-safe.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ['AVAILABLE', 'BIG', 'Big', 'RELEASE', 'Segments', 'THRESHOLD', 'dumps', 'loads',
-           'receive']
+__all__ = ['AVAILABLE', 'BIG', 'Big', 'Mappings', 'RELEASE', 'Segments', 'THRESHOLD', 'dumps',
+           'inline', 'loads', 'receive']
 
 # memfd_create and descriptor passing: Linux (and FreeBSD 13). Elsewhere big buffers stay
 # in the socket.
