@@ -6,6 +6,9 @@ more (each costs a 4 GiB pickle, about ten seconds here, and 4 GiB of memory). T
 lower the limit to 1 MiB, in this process and in the workers, which are forked from it
 and so inherit the lowered module constant: the same code paths, at a size a test can
 afford many times.
+
+Big buffers through shared memory (looppool.shm) are turned off here: a buffer that goes
+that way crosses the socket as a descriptor, and the limit does not apply to it.
 """
 
 from __future__ import annotations
@@ -20,11 +23,19 @@ import pytest
 
 import looppool
 import looppool.channel
+import looppool.shm
 from conftest import run, wait_until
 from looppool.errors import RemoteTraceback
 from looppool.protocol import dumps
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every payload in the socket (the pool reads the setting when it is made, and
+    passes it to its workers)."""
+    monkeypatch.setattr(looppool.shm, 'THRESHOLD', 0)
 
 REAL_LIMIT = 2 ** 32 - 1
 LIMIT = 1 << 20       # the lowered limit
