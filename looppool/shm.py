@@ -49,8 +49,9 @@ import os
 import pickle
 import socket
 import struct
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
 __all__ = ['AVAILABLE', 'BIG', 'Big', 'Mappings', 'RELEASE', 'Segments', 'THRESHOLD', 'dumps',
            'inline', 'loads', 'receive']
@@ -304,6 +305,7 @@ class Segments:
     """
 
     def __init__(self) -> None:
+        _held.add(self)
         self.free: list[_Segment] = []
         self.lent: dict[int, _Segment] = {}   # being read by the peer
         self.next_id = 1
@@ -378,6 +380,7 @@ class Mappings:
     recently used dropped first). Owned by one channel; not thread-safe."""
 
     def __init__(self) -> None:
+        _held.add(self)
         self.maps: dict[int, mmap.mmap] = {}
 
     def read(self, fd: int, segment: int, size: int, mode: int) -> Any:
@@ -396,6 +399,23 @@ class Mappings:
         for found in self.maps.values():
             found.close()
         self.maps.clear()
+
+
+# Every channel's segments and mappings in this process. A process forked from it (a
+# worker, under fork) lets go of its copies at once: they are the parent's, and would keep
+# that memory alive for as long as the child lives.
+_held: weakref.WeakSet[Union[Segments, Mappings]] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for held in list(_held):
+        try:
+            held.close()
+        except Exception:  # pragma: no cover - a view of one still exported: it stays
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _capacity(segment: _Segment) -> int:

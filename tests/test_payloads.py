@@ -316,6 +316,27 @@ def test_nothing_is_left_after_the_parent_is_killed_with_big_payloads_in_flight(
     assert _dev_shm() <= before
 
 
+def test_a_forked_worker_lets_go_of_the_parents_segments() -> None:
+    """A worker forked while the parent keeps segments for another worker holds none of
+    them: it would keep that memory alive for as long as it lives."""
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Holder, mp_context='fork') as pool:
+            payload = os.urandom(2 * MIB)
+            for _ in range(3):
+                assert await pool.submit(payload, worker_num=0) == payload
+            assert _memfds([os.getpid()])   # kept for use again
+            old = await pool.submit(('pid',), worker_num=1)
+            with pytest.raises(looppool.WorkerLost):
+                await pool.submit(('kill_self',), worker_num=1)
+            new = await wait_until(
+                lambda: pool.stats()['workers'][1]['pid'] not in (None, old)
+                and pool.stats()['workers'][1]['pid'], what='the replacement of worker 1')
+            assert await pool.submit(('pid',), worker_num=1) == new
+            assert _memfds([new]) == []
+
+    run(main())
+
+
 def test_nothing_is_left_after_stop() -> None:
     before = _dev_shm()
 
