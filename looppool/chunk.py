@@ -59,6 +59,9 @@ def start(runner: _Runner, tid: int, payload: Any) -> None:
                 if not inspect.isawaitable(result):
                     replies[index] = result
                     continue
+                if isinstance(result, asyncio.Future):   # a place in a batch (looppool.batch)
+                    waiting[index] = result
+                    continue
                 result = _await(result)
             state, value = steps.step(result)
             if state == eager.DONE:
@@ -87,6 +90,8 @@ async def _finish(runner: _Runner, tid: int, replies: list[Any], errors: dict[in
     except asyncio.CancelledError:
         for task in waiting.values():
             task.cancel()
+        if runner.batcher is not None:
+            runner.batcher.dropped()   # a batch none of whose messages is waited for
         await asyncio.wait(waiting.values())
     for index, task in waiting.items():
         if task.cancelled():

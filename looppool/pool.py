@@ -36,7 +36,7 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import mapping, protocol
+from . import batch, mapping, protocol
 from .channel import check_size
 from .dispatch import Dispatcher
 from .errors import PoolClosed
@@ -71,6 +71,8 @@ _OPTIONS = {
     'statsd_interval': 10.0,
     'worker_args': (),
     'worker_kwargs': None,
+    'batch_size': None,
+    'batch_timeout': None,
 }
 
 
@@ -113,6 +115,14 @@ class Pool:
         this process's handlers, with ``worker_number`` and ``worker_pid`` on the record.
     :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
         (``ps``, ``htop``); ``False`` leaves titles alone.
+    :param batch_size: for a ``worker_class`` that overrides
+        :meth:`~looppool.Worker.handle_batch`: the most messages in one batch (default
+        64, or a worker's share of ``max_tasks`` if that is smaller; a larger one is a
+        :class:`ValueError`, as no batch could fill). A class without ``handle_batch``
+        given either option raises :class:`TypeError`.
+    :param batch_timeout: seconds a batch waits for more messages after its first one
+        arrived (default 0.005): it is handed over when full or when this has passed,
+        whichever comes first. See the manual's "Batches" page.
 
     The pool lives in the parent process, on one loop, and is not thread-safe: from another
     thread, reach it with ``IOLoop.add_callback``.
@@ -178,6 +188,15 @@ class Pool:
         self._share = max(1, max_tasks // pool_size)
         self._result_share = max(1, max_results // pool_size)
         self._statsd = statsd
+        # (batch_size or None for the default, batch_timeout), None if it does not batch.
+        self._batching = batch.check_options(worker_class, self._options['batch_size'],
+                                             self._options['batch_timeout'])
+        if self._batching is not None and (self._batching[0] or 0) > self._share:
+            raise ValueError(
+                f'batch_size is {self._batching[0]}, but a worker holds at most its share '
+                f'of max_tasks ({max_tasks} // {pool_size} workers = {self._share} '
+                'messages), so no batch could fill: lower batch_size or raise max_tasks')
+        self._batch_sizes = collections.Counter[int]()   # batch size -> batches handed
 
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
         # A pool host forwards each reply's bytes unpickled, so its workers answer one by one.
@@ -191,6 +210,13 @@ class Pool:
         self._counts = collections.Counter[str]()
         # The parts, along the path of a message (see the module's docstring).
         self._make_parts(self._transport_class)
+
+    def _batch_config(self) -> tuple[int, float]:
+        """A worker's ``(batch_size, batch_timeout)``: ``(0, 0.0)`` if it does not batch."""
+        if self._batching is None:
+            return 0, 0.0
+        size, timeout = self._batching
+        return min(size or batch.DEFAULT_SIZE, self._share), timeout
 
     def _make_parts(self, transport: type[Processes]) -> None:
         parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
@@ -436,7 +462,9 @@ class Pool:
                 'waiting': len(slot.targeted),
                 'restarts': slot.restarts,
             })
-        return {
+            if self._batching is not None:
+                workers[-1]['batches'] = slot.batches
+        stats: dict[str, Any] = {
             'state': self._supervisor._state,
             'pool_size': self.pool_size,
             'submitted': self._counts['submitted'] + self._dispatcher._submits,
@@ -451,6 +479,11 @@ class Pool:
             'waiting': len(self._pending) + sum(w['waiting'] for w in workers),
             'workers': workers,
         }
+        if self._batching is not None:
+            stats['batches'] = {'count': self._counts['batches'],
+                                'messages': self._counts['batched'],
+                                'sizes': dict(sorted(self._batch_sizes.items()))}
+        return stats
 
     @property
     def state(self) -> str:

@@ -77,6 +77,7 @@ class Processes(Part):
         start_method = ctx.get_start_method()
         close_fds = tuple(_parent_fds | {parent_sock.fileno()}) if start_method == 'fork' \
             else ()
+        batch_size, batch_timeout = pool._batch_config()
         config = protocol.WorkerConfig(
             number=link.number,
             pool_size=self.pool_size,
@@ -89,6 +90,8 @@ class Processes(Part):
             batch_replies=pool._batch_replies,
             cancel_grace=self._options['cancel_grace'],
             worker_arguments=pool._worker_arguments,
+            batch_size=batch_size,
+            batch_timeout=batch_timeout,
         )
         process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
                               args=(pool._worker_class, child_sock, config, os.getpid()),

@@ -53,6 +53,8 @@ TAKEN        count        --; the first ``count`` held tasks are about to start.
                           not seen taken never ran, whatever happens to the worker
 RECALLED     count        pickled ids of the held tasks sent back for a RECALL (none
                           of them started); they are no longer held
+BATCHED      size         --; a batch of ``size`` messages was handed to
+                          ``handle_batch`` (for ``stats()``: see looppool.batch)
 ============ ============ =========================================================
 
 Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
@@ -70,7 +72,7 @@ from typing import Any, NamedTuple
 
 TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP, RECALL = range(1, 11)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
-REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED = range(25, 32)
+REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED, BATCHED = range(25, 33)
 
 # The frames that carry work to a worker.
 WORK = frozenset((TASK, NOTE, REPLAY, TASKS, MAP))
@@ -116,3 +118,7 @@ class WorkerConfig(NamedTuple):
     cancel_grace: float
     batch_replies: bool
     worker_arguments: bytes   # pickled (worker_args, worker_kwargs): see worker_arguments()
+    # A handle_batch worker's batches (looppool.batch): the most messages in one, and the
+    # seconds a batch waits after its first message; 0 for a worker that does not batch.
+    batch_size: int = 0
+    batch_timeout: float = 0.0

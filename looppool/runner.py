@@ -5,6 +5,7 @@ Inside one worker process::
     channel (socket to the parent) --frames--> _Runner.on_frames
         TASK / NOTE  -> Worker.handle(message)            (modern)
                         Worker._process_message(message)  (Looppool style)
+                        a batch of Worker.handle_batch    (see looppool.batch)
                         run as a coroutine on this process's loop, started eagerly
                         (see looppool.eager): one that never suspends costs no Task
         CANCEL       -> the task's asyncio.Task is cancelled
@@ -47,6 +48,7 @@ from typing import Any
 from . import eager, protocol
 from .channel import Channel, _ignore, check_size
 from . import chunk
+from .batch import Batcher
 from .inbox import _BUDGET, _REST, Inbox, _monotonic
 from .protocol import dumps, loads
 from .worker import Worker
@@ -106,6 +108,8 @@ class _Runner:
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
         self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
+        self.batcher = Batcher(self, config.batch_size, config.batch_timeout) \
+            if config.batch_size else None
 
     def make_channel(self, sock: Any) -> Channel:
         """The channel to the parent (a subclass may bring another end with the same
@@ -118,6 +122,9 @@ class _Runner:
         worker._runner = self
         self.worker = worker
         self.call = worker._process_message if self.looppool_style else worker.handle
+        if self.batcher is not None:
+            self.batcher.attach(worker)
+            self.call = self.batcher.add   # a future per message, answered by its batch
 
     # -- frames from the parent ------------------------------------------------------------
 
@@ -143,6 +150,8 @@ class _Runner:
                 task = self.running.get(arg)
                 if task is not None:
                     task.cancel()
+                    if self.batcher is not None:
+                        self.batcher.dropped()
                 else:
                     self.inbox.cancel(arg)   # answered when its turn comes, if it waits
             elif kind == protocol.RECALL:
@@ -151,6 +160,8 @@ class _Runner:
                 self.credited(arg)
             elif kind == protocol.STOP:
                 self.stopping = True
+                if self.batcher is not None:
+                    self.batcher.stop()
                 self.maybe_stop()
             elif kind == protocol.TERMINATE:
                 self.terminate()
@@ -177,7 +188,7 @@ class _Runner:
         """Start the tasks of a batch in order until the clock passes ``deadline`` (then
         the turn has overran); return how many were started."""
         count = len(tids)
-        if self.looppool_style or not self.batch_replies:
+        if self.looppool_style or not self.batch_replies or self.batcher is not None:
             run = self.run
             for position in range(count):
                 run(tids[position], messages[position], True)
@@ -316,6 +327,11 @@ class _Runner:
             self.finish(tid, reply, exc, failed=True)
             return
         if type(result) is types.CoroutineType or inspect.isawaitable(result):
+            if isinstance(result, asyncio.Future):   # a place in a batch (see Batcher.add)
+                # (Even if its batch was answered at once: after the others, in order.)
+                self.running[tid if reply else -id(result)] = result
+                result.add_done_callback(functools.partial(self.task_finished, tid, reply))
+                return
             if type(result) is not types.CoroutineType:
                 result = _await(result)
             state, task = eager.step(self.loop, result)
@@ -544,6 +560,8 @@ class _Runner:
                 chunk.refuse(self, arg)
         for task in list(self.running.values()):
             task.cancel()
+        if self.batcher is not None:
+            self.batcher.stop()   # (its messages were cancelled: nothing is handed over)
         self.open_slots = 0
         self.credited(len(self.held))   # past the deadline: send what is held regardless
         self.maybe_stop()
