@@ -59,6 +59,9 @@ class PasswordHasher(looppool.Worker):
     # A plain method: the work is CPU-bound, there is nothing to await.
     def handle(self, message):
         password, salt = message
+        return self.hash(password, salt)
+
+    def hash(self, password, salt):
         digest = hashlib.pbkdf2_hmac('sha256', password.encode(), salt.encode(), ROUNDS)
         self.hashed += 1
         return {
@@ -67,6 +70,30 @@ class PasswordHasher(looppool.Worker):
             'pool_pid': os.getpid(),
             'host_pid': self.host_pid,
         }
+
+
+class BatchHasher(PasswordHasher):
+    """Hashes the passwords a batch at a time, the way a model scores a batch of inputs
+    in one call (``server_fastapi.py``), and says in which batch each one came.
+
+    Each message is ``(password, salt, web_pid)``: the web worker that asked rides along,
+    so that a reply can tell which web workers' requests shared its batch.
+    """
+
+    def _initialise(self):
+        super()._initialise()
+        self.batches = 0
+
+    async def handle_batch(self, messages):
+        self.batches += 1
+        web_pids = sorted({web_pid for _, _, web_pid in messages})
+        replies = []
+        for password, salt, _ in messages:
+            reply = self.hash(password, salt)
+            reply.update(batch=self.batches, batch_size=len(messages),
+                         batch_web_pids=web_pids)
+            replies.append(reply)
+        return replies   # one per message, in order
 
 
 def say(text):
@@ -184,19 +211,21 @@ def fetch(url):
             return error.code, error.read().decode(errors='replace')
 
 
-def fire_requests(urls, web_pids, pool_size, timeout=15.0):
+def fire_requests(urls, web_pids, pool_size, timeout=15.0, until=None):
     """Send bursts of concurrent ``GET /hash`` requests (spread over ``urls``) until each
-    web worker in ``web_pids`` has been answered by ``pool_size`` pool workers; return
-    the replies. Which web worker takes a request is up to the kernel, and which pool
-    worker answers is up to the host's round-robin, hence the bursts."""
+    web worker in ``web_pids`` has been answered by ``pool_size`` pool workers (and
+    ``until(replies)`` is true, if given); return the replies. Which web worker takes a
+    request is up to the kernel, and which pool worker answers is up to the host's
+    round-robin, hence the bursts."""
     answered = {pid: set() for pid in web_pids}
     replies = []
     burst = 2 * len(web_pids) * pool_size
     deadline = time.monotonic() + timeout
     sent = 0
     with concurrent.futures.ThreadPoolExecutor(burst) as executor:
-        while time.monotonic() < deadline and not all(
-                len(pool_pids) >= pool_size for pool_pids in answered.values()):
+        while time.monotonic() < deadline and not (all(
+                len(pool_pids) >= pool_size for pool_pids in answered.values())
+                and (until is None or until(replies))):
             passwords = [f'password {number}' for number in range(sent, sent + burst)]
             futures = [executor.submit(fetch, urls[number % len(urls)] + '/hash?'
                                        + urllib.parse.urlencode({'password': password}))
@@ -268,13 +297,16 @@ def gone(pids, timeout):
     return still
 
 
-def demo(servers, *, web_workers, pool_size, host_timeout=10.0):
+def demo(servers, *, web_workers, pool_size, host_timeout=10.0, until=None, report=None):
     """Run the demo against ``servers`` (:class:`ServerProcess` objects, already started)
     that together run ``web_workers`` web worker processes; return the exit status for
     the example: 0 when every check passed.
 
     ``host_timeout``: how long the pool host may take to exit once the servers stopped
     (a host made by :func:`~looppool.remote.shared` waits for its idle timeout first).
+    ``until``: the requests go on until ``until(replies)`` is true too (or time is up).
+    ``report``: called with the replies before the servers stop; prints what the
+    example shows besides, and returns whether that is as it should be.
     """
     replies = []
     codes = []
@@ -284,8 +316,10 @@ def demo(servers, *, web_workers, pool_size, host_timeout=10.0):
         for index in range(web_workers):
             server = servers[index % len(servers)]
             web_pids.append(int(server.expect(r'web worker pid (\d+) ready').group(1)))
-        replies = fire_requests(urls, web_pids, pool_size)
+        replies = fire_requests(urls, web_pids, pool_size, until=until)
         ok = summarise(replies, web_pids)
+        if report is not None:
+            ok = report(replies) and ok
     except BaseException:
         for server in servers:
             server.kill()

@@ -363,6 +363,7 @@ TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_
           'operating.py', 'dask_cluster.py'}
 # Run for real, against real servers, by tests/test_servers.py.
 TESTED_IN_TEST_SERVERS = {'server_tornado.py', 'server_gunicorn.py', 'gunicorn_conf.py',
+                          'server_fastapi.py', 'gunicorn_fastapi_conf.py',
                           'server_uwsgi.py', 'server_flask.py', 'shared_workers.py'}
 # Run for real, scraped over HTTP, by tests/test_prometheus.py.
 TESTED_IN_TEST_PROMETHEUS = {'prometheus_metrics.py'}
