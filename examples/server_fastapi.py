@@ -28,13 +28,11 @@ Without FastAPI installed it says what to install and exits.
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 
 import looppool
 from looppool import remote
-from shared_workers import BatchHasher, ServerProcess, demo
+from shared_workers import BatchHasher, gunicorn_demo
 
 try:
     import fastapi
@@ -119,23 +117,8 @@ def main():
     if fastapi is None:
         print('this example needs FastAPI: pip install fastapi uvicorn uvicorn-worker')
         return 0
-    here = os.path.dirname(os.path.abspath(__file__))
-    directory = tempfile.mkdtemp(prefix='looppool-fastapi-')   # mode 0700, ours alone
-    address = os.path.join(directory, 'pool.sock')
-    environment = dict(os.environ, POOL_ADDRESS=address, GUNICORN_BIND='127.0.0.1:0')
-    try:
-        server = ServerProcess(
-            'gunicorn', [sys.executable, '-m', 'gunicorn', '--config',
-                         'gunicorn_fastapi_conf.py'],
-            cwd=here, env=environment)
-        status = demo([server], web_workers=2, pool_size=1, until=shared_batch,
-                      report=lambda replies: report_batches(replies, address))
-        if os.path.exists(address):
-            print(f'FAILED: the socket {address} is still there')
-            status = 1
-        return status
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    return gunicorn_demo('gunicorn_fastapi_conf.py', pool_size=1, until=shared_batch,
+                         report=report_batches)
 
 
 if __name__ == '__main__':

@@ -20,15 +20,18 @@ This module is not an example to run; ``python examples/shared_workers.py`` says
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -111,6 +114,19 @@ def hash_query(environ_query):
     if 'password' not in query:
         return None
     return query['password'][0], query.get('salt', ['looppool-demo'])[0]
+
+
+# -- the demo's lines from gunicorn's master -----------------------------------------------
+
+def when_ready(server):
+    """gunicorn's hook once the master listens: says where, for the demo client."""
+    for listener in server.LISTENERS:
+        say(f'listening on {listener}')
+
+
+def post_worker_init(worker):
+    """gunicorn's hook in each web worker: says it is there, for the demo client."""
+    say(f'web worker pid {worker.pid} ready')
 
 
 # -- the demo client -------------------------------------------------------------------------
@@ -338,6 +354,42 @@ def demo(servers, *, web_workers, pool_size, host_timeout=10.0, until=None, repo
     print(f'the pool host (pid {", ".join(map(str, sorted(hosts)))}) and its pool workers '
           f'(pids {", ".join(map(str, sorted(pool_pids)))}) have exited')
     return 0 if ok and not any(codes) else 1
+
+
+
+@contextlib.contextmanager
+def private_socket(prefix):
+    """A path for the pool host's socket, in a fresh directory only this user may enter
+    (mode 0700), removed afterwards."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield os.path.join(directory, 'pool.sock')
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def socket_removed(address):
+    """Whether the stopped host removed its socket (and says so if it did not)."""
+    if os.path.exists(address):
+        print(f'FAILED: the socket {address} is still there')
+        return False
+    return True
+
+
+def gunicorn_demo(config, *, pool_size, until=None, report=None):
+    """Run the demo against gunicorn started with the configuration file ``config`` (in
+    this directory) on a free port, its pool host at a private socket;
+    ``report(replies, address)``, if given, reports besides (see :func:`demo`). Returns
+    the exit status for the example."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with private_socket('looppool-gunicorn-') as address:
+        environment = dict(os.environ, POOL_ADDRESS=address, GUNICORN_BIND='127.0.0.1:0')
+        server = ServerProcess(
+            'gunicorn', [sys.executable, '-m', 'gunicorn', '--config', config],
+            cwd=here, env=environment)
+        status = demo([server], web_workers=2, pool_size=pool_size, until=until,
+                      report=report and (lambda replies: report(replies, address)))
+        return status if socket_removed(address) else 1
 
 
 if __name__ == '__main__':

@@ -29,6 +29,22 @@ pytestmark = pytest.mark.timeout(60)
 NEVER = 30.0
 
 
+def batched(batch_size: int, batch_timeout: float = NEVER, results: list[Any] | None = None,
+            pool_size: int = 1, **options: Any) -> looppool.Pool:
+    """A pool of :class:`Batched` workers; ``results`` collects what reaches
+    ``process_message``."""
+    pool = looppool.Pool(pool_size=pool_size, worker_class=Batched, batch_size=batch_size,
+                         batch_timeout=batch_timeout, **options)
+    if results is not None:
+        pool.process_message = lambda result, done: (results.append(result), done())
+    return pool
+
+
+async def outcomes_of(pool: looppool.Pool, *messages: Any) -> list[Any]:
+    """What each message's submit() ended in: its reply, or its exception."""
+    return await asyncio.gather(*map(pool.submit, messages), return_exceptions=True)
+
+
 def batches_of(replies: list[Any]) -> dict[int, list[Any]]:
     """The messages of each batch, by batch number, in the order of ``replies``."""
     found: dict[int, list[Any]] = {}
@@ -39,16 +55,14 @@ def batches_of(replies: list[Any]) -> dict[int, list[Any]]:
 
 def test_a_full_batch_goes_at_once_and_a_lone_message_after_the_timeout() -> None:
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=4,
-                                 batch_timeout=NEVER) as pool:
+        async with batched(4) as pool:
             # Full: handed over when the fourth message arrives, long before the timeout.
             replies = await asyncio.wait_for(
                 asyncio.gather(*[pool.submit(i) for i in range(4)]), 10)
             assert [(message, size) for message, _, size, _ in replies] == \
                 [(i, 4) for i in range(4)]
             assert len(batches_of(replies)) == 1
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=64,
-                                 batch_timeout=0.2) as pool:
+        async with batched(64, 0.2) as pool:
             # Alone: handed over once batch_timeout passed since it arrived, not before.
             began = time.monotonic()
             assert (await pool.submit('alone'))[:3] == ('alone', 1, 1)
@@ -60,8 +74,7 @@ def test_a_full_batch_goes_at_once_and_a_lone_message_after_the_timeout() -> Non
 
 def test_replies_answer_their_messages_in_order() -> None:
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=8,
-                                 batch_timeout=0.05) as pool:
+        async with batched(8, 0.05) as pool:
             replies = await asyncio.gather(*[pool.submit(i) for i in range(100)])
             assert [reply[0] for reply in replies] == list(range(100))
             for number, messages in batches_of(replies).items():
@@ -85,12 +98,9 @@ def test_replies_answer_their_messages_in_order() -> None:
 
 def test_a_batch_that_raises_fails_each_of_its_messages() -> None:
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=3,
-                                 batch_timeout=NEVER) as pool:
-            outcomes = await asyncio.gather(
-                pool.submit('a'), pool.submit(('raise', KeyError('the model broke'))),
-                pool.submit('c'), return_exceptions=True)
-            for error in outcomes:
+        async with batched(3) as pool:
+            for error in await outcomes_of(pool, 'a', ('raise', KeyError('the model broke')),
+                                           'c'):
                 assert type(error) is KeyError and error.args == ('the model broke',)
                 assert isinstance(error.__cause__, RemoteTraceback)
                 assert 'in handle_batch' in str(error.__cause__)
@@ -104,11 +114,9 @@ def test_a_batch_that_raises_fails_each_of_its_messages() -> None:
 
 def test_one_message_fails_alone_when_its_reply_is_an_exception() -> None:
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=4,
-                                 batch_timeout=NEVER) as pool:
-            outcomes = await asyncio.gather(
-                pool.submit('a'), pool.submit(('fail', ValueError('no such word'))),
-                pool.submit(('lambda',)), pool.submit('d'), return_exceptions=True)
+        async with batched(4) as pool:
+            outcomes = await outcomes_of(pool, 'a', ('fail', ValueError('no such word')),
+                                         ('lambda',), 'd')
             assert outcomes[0][:3] == ('a', 1, 4) and outcomes[3][:3] == ('d', 1, 4)
             assert type(outcomes[1]) is ValueError
             assert outcomes[1].args == ('no such word',)
@@ -127,11 +135,8 @@ def test_one_message_fails_alone_when_its_reply_is_an_exception() -> None:
 def test_a_wrong_return_value_fails_each_message_clearly(command: tuple[str], error: type,
                                                          words: str) -> None:
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=3,
-                                 batch_timeout=NEVER) as pool:
-            outcomes = await asyncio.gather(pool.submit('a'), pool.submit(command),
-                                            pool.submit('c'), return_exceptions=True)
-            for outcome in outcomes:
+        async with batched(3) as pool:
+            for outcome in await outcomes_of(pool, 'a', command, 'c'):
                 assert type(outcome) is error, outcome
                 assert words in str(outcome) and 'Batched.handle_batch()' in str(outcome)
             after = await asyncio.gather(*[pool.submit(('after', i)) for i in range(3)])
@@ -144,9 +149,7 @@ def test_a_cancelled_message_leaves_its_batch() -> None:
     cancelled: list[Any] = []
 
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=3,
-                                 batch_timeout=NEVER) as pool:
-            pool.process_message = lambda result, done: (cancelled.append(result), done())
+        async with batched(3, results=cancelled) as pool:
             # Timed out while its batch forms: answered at once, and left out of it.
             with pytest.raises(TimeoutError):
                 await pool.submit('late', timeout=0.2)
@@ -168,8 +171,7 @@ def test_a_cancelled_message_leaves_its_batch() -> None:
 
 def test_stop_hands_over_a_forming_batch_at_once() -> None:
     async def main() -> None:
-        pool = looppool.Pool(pool_size=1, worker_class=Batched, batch_size=64,
-                             batch_timeout=NEVER)
+        pool = batched(64)
         await pool.start()
         waiting = [pool.submit(i) for i in range(3)]
         await wait_until(lambda: pool.stats()['workers'][0]['queued'] == 0,
@@ -186,8 +188,7 @@ def test_a_message_in_a_forming_batch_has_started_and_is_lost_with_its_worker() 
     """What a worker took into a forming batch counts as started: when the worker dies,
     it fails with WorkerLost and does not run again elsewhere."""
     async def main() -> None:
-        async with looppool.Pool(pool_size=2, worker_class=Batched, batch_size=64,
-                                 batch_timeout=NEVER) as pool:
+        async with batched(64, pool_size=2) as pool:
             doomed = pool.submit('doomed', worker_num=0)
             await wait_until(lambda: pool.stats()['workers'][0]['queued'] == 0 and
                              pool.stats()['workers'][0]['in_flight'] == 1,
@@ -204,9 +205,7 @@ def test_notes_join_batches_and_their_replies_reach_process_message() -> None:
     results: list[Any] = []
 
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=4,
-                                 batch_timeout=NEVER) as pool:
-            pool.process_message = lambda result, done: (results.append(result), done())
+        async with batched(4, results=results) as pool:
             for i in range(4):
                 pool.put_nowait(i)
             await wait_until(lambda: len(results) == 4, what='four results')
@@ -220,9 +219,7 @@ def test_batch_sizes_reach_statsd() -> None:
     client = statsd.StatsClient('127.0.0.1', sink.port, prefix='app')
 
     async def main() -> None:
-        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=5,
-                                 batch_timeout=NEVER, statsd=client,
-                                 statsd_interval=0.2) as pool:
+        async with batched(5, statsd=client, statsd_interval=0.2) as pool:
             await asyncio.gather(*[pool.submit(i) for i in range(10)])
             assert pool.stats()['batches'] == {'count': 2, 'messages': 10,
                                                'sizes': {5: 2}}
