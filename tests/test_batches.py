@@ -244,6 +244,36 @@ def test_batch_sizes_reach_statsd() -> None:
     assert gauges['app.looppool.batches.max_size'] == 5
 
 
+def test_batch_sizes_reach_prometheus() -> None:
+    prometheus_client = pytest.importorskip('prometheus_client')
+    from looppool.metrics import PrometheusCollector
+
+    async def main() -> str:
+        async with batched(4) as pool:
+            await asyncio.gather(*[pool.submit(i) for i in range(8)])
+            await asyncio.gather(*[pool.submit(i) for i in range(3)], pool.submit(
+                ('fail', ValueError('alone'))), return_exceptions=True)
+            registry = prometheus_client.CollectorRegistry()
+            registry.register(PrometheusCollector(pool))
+            return str(prometheus_client.generate_latest(registry).decode())
+
+    text = run(main())
+    samples = {(sample.name, sample.labels.get('le')): sample.value
+               for family in text_families(text) for sample in family.samples
+               if family.name == 'looppool_batch_size'}
+    # Three batches of 4 (one holds the message that failed alone): 12 messages.
+    assert samples[('looppool_batch_size_count', None)] == 3
+    assert samples[('looppool_batch_size_sum', None)] == 12
+    assert samples[('looppool_batch_size_bucket', '2.0')] == 0
+    assert samples[('looppool_batch_size_bucket', '4.0')] == 3
+    assert samples[('looppool_batch_size_bucket', '+Inf')] == 3
+
+
+def text_families(text: str) -> list[Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+    return list(text_string_to_metric_families(text))
+
+
 def test_the_messages_of_several_host_clients_share_a_batch(sock_path: str) -> None:
     """Batches form in the pool worker from whatever reached it: here one batch of six
     holds the messages of two clients, three each."""
