@@ -58,8 +58,17 @@ setup(
             'uvicorn-worker',
             # the extra below, for tests/test_prometheus.py
             'prometheus_client',
+            # the reload extra, for tests/test_reload.py
+            'watchfiles',
+            # the otel extra and the SDK's in-memory exporter, for tests/test_tracing.py
+            'opentelemetry-api',
+            'opentelemetry-sdk',
         ],
+        # the caller's trace context in the worker's handler (looppool.tracing)
+        'otel': ['opentelemetry-api'],
         'prometheus': ['prometheus_client'],
+        # Pool(reload=True): inotify (kernel notifications) rather than polling, maintained
+        'reload': ['watchfiles'],
         'dask': ['distributed'],
         'bench': ['aiomultiprocess', 'matplotlib'],
     },

@@ -31,15 +31,15 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peers  # noqa: E402  (needs the path above for the looppool peers)
 from handlers import burn  # noqa: E402
 
-WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'MEM')
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'W9', 'MEM')
 
 # Sizes of each workload: the full run is the one the targets are stated for; --quick
 # shrinks the counts so that every peer and workload fits in about a minute in all.
 SIZES = {
     'full': {'W1': 100_000, 'W2': 2_000, 'W3': 2_000, 'W4': 200, 'W5': 1, 'W6': 100,
-             'W7': 200, 'W8': 100, 'MEM': 1.0},
+             'W7': 200, 'W8': 100, 'W9': 1, 'MEM': 1.0},
     'quick': {'W1': 20_000, 'W2': 200, 'W3': 100, 'W4': 40, 'W5': 1, 'W6': 20, 'W7': 20,
-              'W8': 20, 'MEM': 0.3},
+              'W8': 20, 'W9': 1, 'MEM': 0.3},
 }
 # A repetition that takes longer than this has hung (a lost reply): it fails with a message
 # rather than waiting for run.py's watchdog.
@@ -321,6 +321,42 @@ class Runner:
             await self.measure(body)
         await peer.stop()
 
+    async def W9(self):
+        """Reload: Pool(reload=True) serving a request every 2 ms; from the moment a
+        changed worker module is saved to the first reply of its new code, and to the end
+        of the rolling restart (every worker on the new code)."""
+        import importlib
+        import tempfile
+
+        import looppool
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, 'w9_worker.py')
+            save_version(path, 0)
+            sys.path.insert(0, directory)
+            module = importlib.import_module('w9_worker')
+            async with looppool.Pool(pool_size=POOL_SIZE, worker_class=module.Versioned,
+                                     reload=True) as pool:
+                reloader = pool._lifecycle.reloader
+                await asyncio.sleep(0.5)   # the watch is set up (not measured)
+                version = 0
+                while self.more():
+                    version += 1
+
+                    async def body():
+                        t0 = time.perf_counter()
+                        save_version(path, version)
+                        while await pool.submit('which') != version:
+                            await asyncio.sleep(0.002)
+                        first = time.perf_counter() - t0
+                        while reloader.reloads < version:
+                            await pool.submit('which')
+                            await asyncio.sleep(0.002)
+                        return {'reload_ms': first * 1e3,
+                                'all_ms': (time.perf_counter() - t0) * 1e3,
+                                'failed': pool.stats()['failed']}
+                    await self.measure(body)
+                check(pool.stats()['failed'] == 0, 'W9: a request failed during a reload')
+
     async def MEM(self):
         """Memory: resident size of an idle worker, against a bare interpreter."""
         peer = await self.started_peer('echo')
@@ -339,6 +375,14 @@ class Runner:
                         'bare_rss_mib': bare.rss / mib, 'bare_uss_mib': bare.uss / mib}
             await self.measure(body)
         await peer.stop()
+
+
+def save_version(path, version):
+    """W9's worker module, answering ``version``, saved as an editor saves it."""
+    with open(path + '.tmp', 'w') as file:
+        file.write('import looppool\n\n\nclass Versioned(looppool.Worker):\n'
+                   f'    async def handle(self, message):\n        return {version}\n')
+    os.replace(path + '.tmp', path)
 
 
 def skewed_tasks(count):

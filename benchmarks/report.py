@@ -13,6 +13,7 @@ COLUMNS = {
     'W7': [('seconds', 'W7 s', '{:.2f}')],
     'W8': [('io_p50_ms', 'W8 p50 ms', '{:,.0f}'), ('io_p90_ms', 'W8 p90 ms', '{:,.0f}'),
            ('io_p99_ms', 'W8 p99 ms', '{:,.0f}')],
+    'W9': [('reload_ms', 'W9 reload ms', '{:,.0f}'), ('all_ms', 'W9 all ms', '{:,.0f}')],
     'MEM': [('worker_rss_mib', 'RSS MiB', '{:.1f}'), ('worker_uss_mib', 'USS MiB', '{:.1f}')],
 }
 
@@ -294,6 +295,15 @@ def dispatch(summary, names, labels):
         lines.append('Targets (issue 13, dealing work to the workers), looppool / other, '
                      'medians of this run:')
         lines.extend(targets)
+        lines.append('')
+    reload_ms = figure(summary, 'looppool_submit', 'W9', 'reload_ms')
+    if reload_ms is not None:
+        entry = summary['looppool_submit']['W9']
+        lines.append(f'W9, reload (issue 14): from saving a worker module to the first reply '
+                     f'of its new code {reload_ms:,.0f} ms, to every worker on it '
+                     f'{figure(summary, "looppool_submit", "W9", "all_ms"):,.0f} ms (median '
+                     f'of {entry["reps"]}; target <= 1,000 ms) '
+                     f'{"met" if reload_ms <= 1000 else "MISSED"}')
         lines.append('')
     return lines
 

@@ -34,7 +34,7 @@ import report  # noqa: E402
 
 PEERS_LIST = list(peers.PEERS)
 
-WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'MEM')
+WORKLOADS = ('W1', 'W2', 'W3', 'W4', 'W5', 'W6', 'W7', 'W8', 'W9', 'MEM')
 
 # Repetitions inside one interpreter, and how many seconds a (peer, workload) may spend
 # repeating before it settles for what it has (at least one repetition always runs). The

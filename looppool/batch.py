@@ -10,7 +10,7 @@ Inside a worker process whose class overrides ``handle_batch``::
     the forming batch                messages in the order they were read, whichever
       |                              frame, and so whichever caller, they came from
       | handed over when it holds batch_size messages, or batch_timeout seconds after
-      | its first message arrived (at once once the worker is told to stop)
+      | its first message arrived (at once when the worker is told to stop or pause)
       v
     handle_batch(messages)           one coroutine per batch, started eagerly; several
                                      may run at once when they await
@@ -21,6 +21,9 @@ acknowledged (ACK) with the others the read started, it cannot be recalled for a
 worker, and if the process dies it fails with WorkerLost. It waits there at most
 ``batch_timeout``. Each batch handed over is reported to the parent (BATCHED, its size)
 for ``stats()``.
+
+A message sent with a trace context (looppool.tracing) joins its batch bare:
+``handle_batch`` runs in none of its callers' contexts.
 
 Cancelling a message (its caller cancelled, or its ``timeout`` passed) answers it at
 once: while its batch forms, it is left out of the batch; once its batch runs, its reply
@@ -41,7 +44,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from . import eager, protocol
+from . import eager, protocol, tracing
 
 if TYPE_CHECKING:
     from .runner import _Runner
@@ -125,6 +128,10 @@ class Batcher:
 
     def add(self, message: Any) -> asyncio.Future[Any]:
         """Take ``message`` into the forming batch; returns the future of its reply."""
+        if tracing.ENABLED and type(message) is tracing.Traced:
+            # A batch has many callers, so it runs in none of their trace contexts (see
+            # the manual): handle_batch gets the bare message.
+            message = message.message
         future = self.loop.create_future()
         self.messages.append(message)
         self.futures.append(future)
@@ -164,10 +171,6 @@ class Batcher:
         self.running[task] = futures
         self.runner.running[-id(task)] = task
         task.add_done_callback(self.ended)
-
-    def stop(self) -> None:
-        """The worker stops: what forms is handed over now, not after the timeout."""
-        self.hand_over()
 
     def dropped(self) -> None:
         """Some message was cancelled: leave it out of the forming batch (where it no

@@ -30,12 +30,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import protocol, tracing
 from .errors import PoolClosed
 from .link import _Link, _Slot
 from .part import Part
 from .protocol import dumps, loads
 from .supervise import RUNNING, STOPPING
+from .tracing import ENABLED as TRACING
 from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
                     _tid_of, _wake)
 
@@ -84,6 +85,8 @@ class Dispatcher(Part):
     def submit(self, message: Any, worker_num: int | None,
                timeout: float | None) -> asyncio.Future[Any]:
         """:meth:`Pool.submit`."""
+        if TRACING:
+            message = tracing.outgoing(message)
         tid = self._next_tid
         self._next_tid = tid + 1
         if worker_num is None and timeout is None and self._plain:   # _plain: running
@@ -278,7 +281,7 @@ class Dispatcher(Part):
             index = index + 1 if index + 1 < size else 0
             link = slot.link
             if link is not None and link.used <= limit and not slot.targeted \
-                    and not link.blocked:
+                    and not link.blocked and not link.paused:
                 queued = link.unread
                 if queued < link.window and (
                         best is None or queued < best_queued
@@ -292,7 +295,7 @@ class Dispatcher(Part):
 
     def _room(self, link: _Link) -> int:
         """How many more messages from the backlog ``link`` may take now."""
-        if link.blocked or link.retiring:
+        if link.blocked or link.retiring or link.paused:
             return 0
         return min(self._share - link.used, link.window - link.unread)
 
@@ -316,7 +319,7 @@ class Dispatcher(Part):
                 return
             link = slot.link
             if link is not None and link.used < share and not slot.targeted \
-                    and link.unread < link.window and not link.blocked:
+                    and link.unread < link.window and not link.blocked and not link.paused:
                 self._send(link, item)
             else:
                 slot.targeted.append(item)
@@ -386,7 +389,7 @@ class Dispatcher(Part):
         targeted = slot.targeted
         pending = self._pending
         metrics = self.pool._metrics
-        if link.blocked:
+        if link.blocked or link.paused:
             pass   # its turn comes when it is heard from again
         elif not targeted and metrics is None and self._recycle_after is None:
             # The common case, kept tight: submit()s move from the queue into the batch.
@@ -420,7 +423,7 @@ class Dispatcher(Part):
                 return
         # slot.link is read again each time: a send may recycle the process.
         while (link := slot.link) is not None and link.used < share and (targeted or pending) \
-                and link.unread < link.window and not link.blocked:
+                and link.unread < link.window and not link.blocked and not link.paused:
             item = targeted.popleft() if targeted else pending.popleft()
             if isinstance(item, tuple):
                 future = item[3]

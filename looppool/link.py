@@ -35,7 +35,8 @@ class _Link:
                  'acks', 'ready', 'start_error', 'stop_sent', 'exited', 'kill_reason',
                  'started_at', 'sent', 'retiring', 'batch', 'baseline_rss', 'terminated',
                  'batch_gave_up', 'unread', 'held', 'window', 'reads', 'reads_seen',
-                 'was_queued', 'blocked', 'recalling', 'heard_at', 'overran', '__weakref__')
+                 'was_queued', 'blocked', 'recalling', 'heard_at', 'overran', 'paused',
+                 'pause_state', '__weakref__')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -72,6 +73,8 @@ class _Link:
         self.blocked = False    # held work and said nothing for a lag check or more
         self.recalling = False  # a RECALL is on its way, not yet answered
         self.heard_at = 0.0     # loop time of its last frames
+        self.paused = False     # the pool is paused: it gets no work (see looppool.lifecycle)
+        self.pause_state: str | None = None   # pausing, paused, resuming (told to)
 
     def result_done(self) -> None:
         """Acknowledge one result; the credit goes back to the worker with the next flush."""
@@ -91,7 +94,7 @@ class _Slot:
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
                  'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'successor',
-                 'successor_failures', 'next_recycle', 'batches')
+                 'successor_failures', 'next_recycle', 'done', 'batches')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -108,5 +111,6 @@ class _Slot:
         self.successor: _Link | None = None
         self.successor_failures = 0   # replacements in a row that could not start
         self.next_recycle = 0.0       # loop time before which no recycle is tried again
+        self.done = 0                 # tasks answered (replies and errors), all processes
         self.batches = 0              # batches its workers handed to handle_batch
 

@@ -18,7 +18,7 @@ import operator
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import protocol
+from . import protocol, tracing
 from .errors import PoolClosed
 from .link import _Link
 from .protocol import dumps
@@ -144,6 +144,8 @@ def _send_chunk(pool: Pool, link: _Link, chunk: list[Any]) -> _ChunkFuture:
     future = dispatcher._new_future(_ChunkFuture, tid, None, None, None)
     future._lp_count = len(chunk)
     future._lp_after = None
+    if tracing.ENABLED:
+        chunk = tracing.outgoing_all(chunk)
     try:
         payload = dumps(chunk)
     except Exception as chunk_error:

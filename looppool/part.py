@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .dispatch import Dispatcher
     from .inflight import InFlight
+    from .lifecycle import Lifecycle
     from .link import _Slot
     from .pool import Pool
     from .processes import Processes
@@ -38,6 +39,7 @@ class Part:
     inflight: InFlight
     receiver: Receiver
     transport: Processes   # or another transport with its interface (looppool.processes)
+    lifecycle: Lifecycle
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -50,13 +52,14 @@ class Part:
         self._recycle_after: int | None = pool._recycle_after
 
     def bind(self, supervisor: Supervisor, dispatcher: Dispatcher, inflight: InFlight,
-             receiver: Receiver, transport: Processes) -> None:
+             receiver: Receiver, transport: Processes, lifecycle: Lifecycle) -> None:
         """Know the other parts (they are made one after another)."""
         self.supervisor = supervisor
         self.dispatcher = dispatcher
         self.inflight = inflight
         self.receiver = receiver
         self.transport = transport
+        self.lifecycle = lifecycle
 
     def resized(self) -> None:
         """The pool learnt its size after the parts were made (a DaskPool of one actor

@@ -36,18 +36,21 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import batch, mapping, protocol
+from . import batch, mapping, protocol, tracing
 from .channel import check_size
 from .dispatch import Dispatcher
 from .errors import PoolClosed
 from .inflight import InFlight
-from .link import _Link, _Slot
+from .lifecycle import Lifecycle
+from .link import _Slot
 from .metrics import PoolMetrics
 from .protocol import dumps
 from .receive import Receiver
+from .reload import reload_context
 from .processes import Processes, _parent_fds
 from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
+from .tracing import ENABLED as TRACING
 from .worker import Worker, worker_arguments
 
 __all__ = ['Pool']
@@ -71,6 +74,7 @@ _OPTIONS = {
     'statsd_interval': 10.0,
     'worker_args': (),
     'worker_kwargs': None,
+    'reload': False,
     'batch_size': None,
     'batch_timeout': None,
 }
@@ -113,6 +117,9 @@ class Pool:
         exceeds this, checked every ``memory_check_interval`` seconds (default 1).
     :param forward_logs: ``True`` (default) sends every log record made in a worker to
         this process's handlers, with ``worker_number`` and ``worker_pid`` on the record.
+    :param reload: ``True`` (for development) restarts the workers on the new code when a
+        source file of the application changes, rolling, without a failed request; see
+        :mod:`looppool.reload` (needs ``pip install "looppool[reload]"``).
     :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
         (``ps``, ``htop``); ``False`` leaves titles alone.
     :param batch_size: for a ``worker_class`` that overrides
@@ -174,7 +181,9 @@ class Pool:
             value = self._options[name]
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f'{name} must be a positive number of seconds, got {value!r}')
-        self._mp_context = _resolve_context(self._options['mp_context'])
+        self._mp_context = (reload_context(self._options['mp_context'])
+                            if self._options['reload']
+                            else _resolve_context(self._options['mp_context']))
         self._worker_arguments = worker_arguments(worker_class, self._options['worker_args'],
                                                   self._options['worker_kwargs'],
                                                   self._pickle_arguments)
@@ -220,19 +229,18 @@ class Pool:
 
     def _make_parts(self, transport: type[Processes]) -> None:
         parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
-                 transport(self))
+                 transport(self), Lifecycle(self))
         for part in parts:
             part.bind(*parts)
         (self._supervisor, self._dispatcher, self._inflight, self._receiver,
-         self._transport) = parts
+         self._transport, self._lifecycle) = parts
 
     def start(self) -> asyncio.Future[None]:
         """Start the worker processes. Messages may be sent right away; they wait in the
         pool until the worker has run ``_initialise()``. Returns a future that resolves
         once every worker has (``async with`` awaits it), or raises the first
         :class:`~looppool.WorkerStartError`."""
-        if self._supervisor._state != NEW:
-            raise RuntimeError(f'the pool was already started (it is {self.state})')
+        self._start_again()
         ioloop = self._ioloop_arg
         if ioloop is None:
             ioloop = tornado.ioloop.IOLoop.current()
@@ -242,12 +250,22 @@ class Pool:
         assert self._supervisor._ready is not None
         return self._supervisor._ready
 
+    def _start_again(self) -> None:
+        """Raise unless the pool is new or stopped; a stopped one starts over."""
+        state = self._supervisor._state
+        if state is STOPPED:
+            self._supervisor.reset()
+            self._dispatcher._rr = self._dispatcher._note_turn = 0
+        elif state is not NEW:
+            raise RuntimeError(f'the pool was already started (it is {self.state})')
+
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
         """Running from now on, on ``loop``: messages are taken."""
         self._loop = loop
         self._supervisor._ready = self._loop.create_future()
         self._supervisor._state = RUNNING
         self._transport.running()
+        self._lifecycle.note()
 
     def _spawn_all(self) -> None:
         """Start every worker (the pool knows its size)."""
@@ -259,12 +277,14 @@ class Pool:
         self._dispatcher._plain = self._metrics is None and self._recycle_after is None
         for slot in self._slots:
             self._supervisor._spawn(slot)
+        if self._options['reload']:
+            self._lifecycle.watch()
         if self._options['max_memory_per_worker'] is not None:
             self._supervisor._memory_timer = self._loop.call_later(
                 self._options['memory_check_interval'], self._supervisor._check_memory)
 
     async def __aenter__(self) -> Pool:
-        if self._supervisor._state == NEW:
+        if self._supervisor._state in (NEW, STOPPED):
             self.start()
         assert self._supervisor._ready is not None
         try:
@@ -376,13 +396,13 @@ class Pool:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
-        payload = dumps(message)
+        payload = dumps(tracing.outgoing(message) if TRACING else message)
         check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
             self._dispatcher._note_turn = (self._dispatcher._note_turn + 1) % self.pool_size
         self._counts['submitted'] += 1
         item = (protocol.NOTE, 0, payload, None)
-        if slot.targeted or link.blocked or link.unread >= link.window:
+        if slot.targeted or link.blocked or link.paused or link.unread >= link.window:
             slot.targeted.append(item)   # its turn comes when the worker has room
         else:
             self._dispatcher._send(link, item)
@@ -396,7 +416,7 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps(message)
+        payload = dumps(tracing.outgoing(message) if TRACING else message)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
         if self._dispatcher._outbox:
@@ -452,7 +472,7 @@ class Pool:
             workers.append({
                 'number': slot.number,
                 'pid': link.pid if link else None,
-                'state': self._worker_state(link),
+                'state': self._worker_state(slot),
                 'alive': link is not None and not link.exited,
                 'ready': link is not None and link.ready,
                 'in_flight': link.used if link else 0,
@@ -460,12 +480,13 @@ class Pool:
                 'lag': (round(max(0.0, now - link.heard_at), 4)
                         if link is not None and link.blocked else 0.0),
                 'waiting': len(slot.targeted),
+                'done': slot.done,
                 'restarts': slot.restarts,
             })
             if self._batching is not None:
                 workers[-1]['batches'] = slot.batches
         stats: dict[str, Any] = {
-            'state': self._supervisor._state,
+            'state': self._lifecycle.state(),
             'pool_size': self.pool_size,
             'submitted': self._counts['submitted'] + self._dispatcher._submits,
             'completed': self._counts['completed'],
@@ -487,20 +508,62 @@ class Pool:
 
     @property
     def state(self) -> str:
-        """The pool's state: ``'new'``, ``'running'``, ``'stopping'`` or ``'stopped'``."""
-        return self._supervisor._state
+        """The pool's state: ``'new'``, ``'starting'`` (workers starting, or resuming after
+        a pause), ``'running'``, ``'pausing'``, ``'paused'``, ``'stopping'`` or
+        ``'stopped'``; see :doc:`lifecycle`. Each worker's own is in
+        ``stats()['workers']``."""
+        return self._lifecycle.state()
 
-    def _worker_state(self, link: _Link | None) -> str:
+    def pause(self) -> asyncio.Future[None]:
+        """Pause the pool: no worker gets a message from now on; await the result to wait
+        until what they had started has finished and each has run its
+        :meth:`~looppool.Worker._pause` hook. The processes and their state stay.
+
+        Meanwhile :meth:`submit`, :meth:`put` and :meth:`map` go on accepting: the messages
+        wait in the pool, in order, bounded as usual (``max_tasks``); :meth:`put_nowait`
+        raises :class:`queue.Full` once a worker's share is used up. Messages a worker was
+        sent and had not started come back to wait with them. Pausing a paused pool does
+        nothing; :meth:`stop` works from any state (a paused pool resumes first, so that
+        what waits runs).
+        """
+        return self._lifecycle.pause()
+
+    def resume(self) -> asyncio.Future[None]:
+        """Resume a paused (or pausing) pool: each worker runs its
+        :meth:`~looppool.Worker._resume` hook, then takes the messages that waited, in
+        order. Await the result to wait until every worker has resumed. Resuming a running
+        pool does nothing."""
+        return self._lifecycle.resume()
+
+    def restart(self) -> asyncio.Future[None]:
+        """Restart the workers on fresh processes, one at a time, without a dip: each
+        replacement starts while the old process serves, takes over once ready (sticky
+        broadcasts replayed first), and the old one finishes what it has and exits before
+        the next. No task fails or is lost. Await the result; it raises
+        :class:`~looppool.WorkerStartError` if a replacement cannot start (that worker and
+        those after it go on serving). A paused pool stays paused (the new workers too).
+        """
+        return self._lifecycle.restart()
+
+    def _worker_state(self, slot: _Slot) -> str:
+        link = slot.link
         if link is None:
             state = self._supervisor._state
-            return ('starting' if state is NEW else 'stopped' if state in (STOPPING, STOPPED)
-                    else 'restarting')
+            if state is NEW:
+                return 'starting'
+            if state in (STOPPING, STOPPED):
+                return 'stopped'
+            return 'backing_off' if slot.restart_timer is not None else 'restarting'
         if link.exited:
             return 'stopped'
         if not link.ready:
             return 'starting'
         if link.stop_sent:
             return 'stopping'
+        if link.pause_state is not None:
+            return link.pause_state   # pausing, paused or resuming
+        if slot.successor is not None:
+            return 'recycling'   # its replacement is starting; it serves meanwhile
         return 'blocked' if link.blocked else 'running'
 
     def _not_running(self) -> Exception:

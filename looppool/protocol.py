@@ -19,6 +19,9 @@ TASKS      count        a batch of TASKs sent in one loop iteration: see ``pack`
 MAP        task id      pickled list of messages (a chunk of ``Pool.map``): each is
                         handled as a TASK; the worker answers with one MAPPED
 RECALL     count        pickled ids of tasks: send back those you hold, not started
+PAUSE      0            --; run ``Worker._pause()``, answer PAUSED (no work comes
+                        until a RESUME)
+RESUME     0            --; run ``Worker._resume()``, answer RESUMED
 ========== ============ ===========================================================
 
 Worker to parent:
@@ -53,6 +56,8 @@ TAKEN        count        --; the first ``count`` held tasks are about to start.
                           not seen taken never ran, whatever happens to the worker
 RECALLED     count        pickled ids of the held tasks sent back for a RECALL (none
                           of them started); they are no longer held
+PAUSED       0            --; ``_pause()`` returned (or raised: logged here)
+RESUMED      0            --; ``_resume()`` returned (or raised: logged here)
 BATCHED      size         --; a batch of ``size`` messages was handed to
                           ``handle_batch`` (for ``stats()``: see looppool.batch)
 ============ ============ =========================================================
@@ -71,8 +76,10 @@ import struct
 from typing import Any, NamedTuple
 
 TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP, RECALL = range(1, 11)
+PAUSE, RESUME = range(11, 13)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
-REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED, BATCHED = range(25, 33)
+REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED, PAUSED, RESUMED, BATCHED = \
+    range(25, 35)
 
 # The frames that carry work to a worker.
 WORK = frozenset((TASK, NOTE, REPLAY, TASKS, MAP))

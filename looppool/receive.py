@@ -73,6 +73,7 @@ class Receiver(Part):
         if not isinstance(future, _ChunkFuture) or future.done():
             return frees
         self._counts['completed'] += count
+        self._slots[link.number].done += count
         errors: dict[int, BaseException] = {}
         for index, blob in blobs.items():
             error = blob if isinstance(blob, BaseException) else self._decode_error(link, blob)
@@ -90,6 +91,7 @@ class Receiver(Part):
         """The frames of one read from ``link``, in order."""
         freed = 0
         completed = 0
+        errors = 0
         acked = False
         link.reads += 1   # heard from: its loop runs
         link.heard_at = self.pool._loop.time()
@@ -125,6 +127,7 @@ class Receiver(Part):
                 self._on_reply(link, arg, payload)
             elif kind == protocol.ERROR or kind == protocol.ERROR_KEEP:
                 freed += kind == protocol.ERROR
+                errors += 1
                 self._on_error(link, arg, payload)
             elif kind == protocol.MAPPED:
                 freed += self._on_mapped(link, arg, payload)
@@ -132,8 +135,9 @@ class Receiver(Part):
                 freed += arg
             else:
                 acked = self._on_other(link, kind, arg, payload) or acked
-        if completed:
+        if completed or errors:
             self._counts['completed'] += completed
+            self._slots[link.number].done += completed + errors
         if freed or acked:
             self._room_made(link, freed, acked)
 
@@ -206,6 +210,10 @@ class Receiver(Part):
                 self._on_log(link, payload)
         elif kind == protocol.READY:
             self.supervisor._on_ready(link)
+        elif kind == protocol.PAUSED:
+            self.lifecycle.on_paused(link)
+        elif kind == protocol.RESUMED:
+            self.lifecycle.on_resumed(link)
         elif kind == protocol.START_FAILED:
             try:
                 link.start_error = loads(payload)
@@ -222,6 +230,8 @@ class Receiver(Part):
             self.dispatcher._refill(slot)
         if self.dispatcher._room_waiters:
             self.dispatcher._wake_room()
+        if self.lifecycle.phase is not None:
+            self.lifecycle.check()   # a pause waits for what runs to finish
 
     def _on_replies(self, link: _Link, payload: Any) -> int:
         tids, values_pickle = protocol.unpack_ids(payload)

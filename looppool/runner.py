@@ -45,7 +45,7 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import eager, protocol
+from . import eager, protocol, tracing
 from .channel import Channel, _ignore, check_size
 from . import chunk
 from .batch import Batcher
@@ -105,6 +105,7 @@ class _Runner:
         self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
         self.read = 0              # messages started since the last ACK
+        self.hook: asyncio.Future[Any] | None = None   # the last _pause() or _resume()
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
         self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
@@ -125,6 +126,8 @@ class _Runner:
         if self.batcher is not None:
             self.batcher.attach(worker)
             self.call = self.batcher.add   # a future per message, answered by its batch
+        elif tracing.ENABLED:   # a message may carry its caller's trace context
+            self.call = tracing.wrap_handler(self.call)
 
     # -- frames from the parent ------------------------------------------------------------
 
@@ -161,8 +164,12 @@ class _Runner:
             elif kind == protocol.STOP:
                 self.stopping = True
                 if self.batcher is not None:
-                    self.batcher.stop()
+                    self.batcher.hand_over()   # what it started finishes now
                 self.maybe_stop()
+            elif kind == protocol.PAUSE or kind == protocol.RESUME:
+                if kind == protocol.PAUSE and self.batcher is not None:
+                    self.batcher.hand_over()   # a pause waits for what it started
+                self.run_hook(kind)
             elif kind == protocol.TERMINATE:
                 self.terminate()
         # What these frames produced (replies of handlers that did not suspend, freed
@@ -527,6 +534,28 @@ class _Runner:
         if self.stopping:
             self.maybe_stop()
 
+    # -- pause and resume ------------------------------------------------------------------
+
+    def run_hook(self, kind: int) -> None:
+        """Run ``_pause()`` (PAUSE) or ``_resume()`` (RESUME) after the hooks before it,
+        then answer PAUSED or RESUMED."""
+        previous = self.hook
+        self.hook = eager.start(self.loop, self.hook_then_answer(previous, kind))
+
+    async def hook_then_answer(self, previous: asyncio.Future[Any] | None, kind: int) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+        worker = self.worker
+        assert worker is not None
+        name = '_pause' if kind == protocol.PAUSE else '_resume'
+        try:
+            result = getattr(worker, name)()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception('worker %d: %s() raised', self.number, name)
+        self.channel.send(protocol.PAUSED if kind == protocol.PAUSE else protocol.RESUMED, 0)
+
     # -- stopping --------------------------------------------------------------------------
 
     def maybe_stop(self) -> None:
@@ -561,7 +590,7 @@ class _Runner:
         for task in list(self.running.values()):
             task.cancel()
         if self.batcher is not None:
-            self.batcher.stop()   # (its messages were cancelled: nothing is handed over)
+            self.batcher.hand_over()   # (its messages were cancelled: nothing to hand over)
         self.open_slots = 0
         self.credited(len(self.held))   # past the deadline: send what is held regardless
         self.maybe_stop()

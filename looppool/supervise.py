@@ -65,6 +65,16 @@ class Supervisor(Part):
         self._sticky: dict[Any, bytes] = {}   # replayed to replacements, in this order
         self._sticky_ids = itertools.count()
 
+    def reset(self) -> None:
+        """A stopped pool starts again: new worker slots, no stop under way (the sticky
+        broadcasts stay, and are replayed to the new workers)."""
+        self._stop_future = None
+        self._kill_at = None
+        self._timers.clear()
+        self._memory_timer = None
+        self._slots[:] = [_Slot(number) for number in range(self.pool_size)]
+        self._state = NEW
+
     def _remember_sticky(self, sticky: bool | str, payload: bytes) -> None:
         if sticky is True:
             key: Any = next(self._sticky_ids)
@@ -91,12 +101,14 @@ class Supervisor(Part):
             future.set_result(None)
             self._stop_future = future
             return future
+        self.lifecycle.resume_for_stop()   # paused: what waits is accepted, so it runs
         self.dispatcher._flush_outbox()   # accepted: they are sent before the stop
         self.dispatcher._plain = False
         loop = self.pool._loop
         future = self._stop_future = _StopFuture(loop=loop)
         future._lp_awaited = False
         self._state = STOPPING
+        self.lifecycle.note()
         self.dispatcher._wake_room()
         self._stop_deadline = loop.time() + timeout
         self._timers.append(loop.call_later(timeout, self._escalate))
@@ -125,6 +137,7 @@ class Supervisor(Part):
 
     def _spawn(self, slot: _Slot, successor: bool = False) -> None:
         link = _Link(slot.number)
+        link.paused = self.lifecycle.phase in ('pausing', 'paused')   # work waits for it
         self.transport.start(link)
         assert link.channel is not None
         # A replacement first replays the sticky broadcasts, then takes its share of work.
@@ -138,13 +151,15 @@ class Supervisor(Part):
         slot.link = link
         self.dispatcher._refill(slot)
 
-    def _recycle(self, link: _Link, reason: str) -> None:
+    def _recycle(self, link: _Link, reason: str, force: bool = False) -> None:
         """Replace a healthy worker without a dip in capacity: the replacement starts
         while the old process goes on taking work; once the replacement is ready it takes
-        over, and the old process finishes what it was sent and exits."""
+        over, and the old process finishes what it was sent and exits. (``force``: now,
+        even within the back-off after a replacement that could not start.)"""
         slot = self._slots[link.number]
         if link.retiring or slot.link is not link or slot.successor is not None \
-                or self._state is not RUNNING or self.pool._loop.time() < slot.next_recycle:
+                or self._state is not RUNNING \
+                or (self.pool._loop.time() < slot.next_recycle and not force):
             return
         log.info('worker %d (pid %d) is being recycled (planned, not a crash): %s; its '
                  'replacement starts now and takes over once ready', link.number, link.pid,
@@ -163,6 +178,7 @@ class Supervisor(Part):
         if old is not None and not old.exited:
             self._retire(old)
         self.dispatcher._refill(slot)
+        self.lifecycle.changed()
 
     def _retire(self, link: _Link) -> None:
         """``link`` takes no new work: it finishes what it was sent, then exits."""
@@ -229,9 +245,11 @@ class Supervisor(Part):
         slot.start_error = None
         if slot.successor is link:
             self._take_over(slot, link)
+        self.lifecycle.on_ready(link)
         if self._ready is not None and not self._ready.done() and all(
                 s.link is not None and s.link.ready for s in self._slots):
             self._ready.set_result(None)
+            self.lifecycle.note()
 
     def _on_exit(self, link: _Link) -> None:
         """The transport reports that ``link``'s worker has ended."""
@@ -265,10 +283,12 @@ class Supervisor(Part):
             slot.successor_failures += 1
             delay = _back_off(slot.successor_failures)
             slot.next_recycle = self.pool._loop.time() + delay
+            how = self.transport.how_it_ended(link, exitcode)
+            text = f'\n{link.start_error[1]}' if link.start_error else ''
             log.error('worker %d: the replacement started to recycle it (pid %d) %s; the '
-                      'worker goes on serving, and the recycle is tried again in %.1f s%s',
-                      slot.number, link.pid, self.transport.how_it_ended(link, exitcode), delay,
-                      f'\n{link.start_error[1]}' if link.start_error else '')
+                      'worker goes on serving, and is not recycled again for %.1f s%s',
+                      slot.number, link.pid, how, delay, text)
+            self.lifecycle.changed(RuntimeError(f'the replacement {how}{text}'))
         elif not link.ready:
             self._start_failed(slot, link, exitcode, lost)
         elif not (link.stop_sent and exitcode == 0):
@@ -285,6 +305,8 @@ class Supervisor(Part):
         if self.dispatcher._room_waiters:
             # A replacement has room; or map() must see the pool stop.
             self.dispatcher._wake_room()
+        self.lifecycle.changed()
+        self.lifecycle.check()
 
     def _lost(self, slot: _Slot, link: _Link, exitcode: int | None,
               lost: list[_TaskFuture]) -> None:
@@ -411,6 +433,8 @@ class Supervisor(Part):
             self.inflight._lag_timer.cancel()
             self.inflight._lag_timer = None
         self.transport.finish()
+        self.lifecycle.finish()
+        self.lifecycle.note()
         future = self._stop_future
         if future is not None and not future.done():
             future.set_result(None)

@@ -118,6 +118,21 @@ class Worker:
         Runs on the loop after the last accepted task finished. May return an awaitable.
         """
 
+    def _pause(self) -> Any:
+        """Called when the pool is paused (:meth:`Pool.pause <looppool.Pool.pause>`):
+        e.g. stop consuming a queue, release a connection. No message comes until
+        :meth:`_resume`; what was started before goes on. The process and its state stay.
+
+        May return an awaitable, which is awaited; an exception is logged, and the worker
+        counts as paused all the same.
+        """
+
+    def _resume(self) -> Any:
+        """Called when the pool resumes after a pause, before any message that waited
+        is handed over. May return an awaitable; an exception is logged, and the worker
+        takes work all the same.
+        """
+
     async def handle(self, message: Any) -> Any:
         """Handle one message; the return value (or exception) answers ``submit()``.
 

@@ -184,6 +184,22 @@ def test_stop_hands_over_a_forming_batch_at_once() -> None:
     run(main())
 
 
+def test_pause_hands_over_a_forming_batch_and_waits_for_it() -> None:
+    async def main() -> None:
+        async with batched(64) as pool:
+            waiting = pool.submit('before the pause')
+            await wait_until(lambda: pool.stats()['workers'][0]['queued'] == 0,
+                             what='the worker to take the message into its batch')
+            await asyncio.wait_for(pool.pause(), 10)
+            assert waiting.done() and waiting.result()[:3] == ('before the pause', 1, 1)
+            later = pool.submit('while paused')
+            await pool.resume()
+            await asyncio.wait_for(pool.stop(), 10)   # hands over the forming batch
+            assert later.result()[:3] == ('while paused', 2, 1)
+
+    run(main())
+
+
 def test_a_message_in_a_forming_batch_has_started_and_is_lost_with_its_worker() -> None:
     """What a worker took into a forming batch counts as started: when the worker dies,
     it fails with WorkerLost and does not run again elsewhere."""

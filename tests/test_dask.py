@@ -40,7 +40,7 @@ import looppool  # noqa: E402
 from conftest import run, wait_for, wait_until  # noqa: E402
 from looppool.dask import DaskPool  # noqa: E402
 from looppool.errors import RemoteTraceback  # noqa: E402
-from workers import Batched, Classic, Configured, Echo, FailingStart  # noqa: E402
+from workers import Batched, Classic, Configured, Echo, FailingStart, Spanning  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -508,6 +508,49 @@ def test_a_held_loop_gets_no_new_work_and_map_runs(backend: Any) -> None:
             assert await asyncio.wait_for(spinning, 30) == 'spun'
             replies = [reply async for reply in pool.map(range(3000))]
             assert replies == list(range(3000))
+    run(main())
+
+
+def test_pause_resume_and_a_rolling_restart(backend: Any) -> None:
+    """The lifecycle is the same for actors: paused, messages wait; resumed, they run;
+    a rolling restart replaces every worker (for actors: new actors) and loses nothing."""
+    async def main() -> None:
+        async with backend.pool(Echo) as pool:
+            await asyncio.wait_for(pool.broadcast(('record', 'table')), 30)
+            await asyncio.wait_for(pool.pause(), 30)
+            assert pool.state == 'paused'
+            assert [w['state'] for w in pool.stats()['workers']] == ['paused', 'paused']
+            waiting = [pool.submit(index) for index in range(20)]
+            await asyncio.sleep(0.2)   # time enough to answer, were they sent
+            assert not any(future.done() for future in waiting)
+            await asyncio.wait_for(pool.resume(), 30)
+            assert await asyncio.wait_for(asyncio.gather(*waiting), 30) == list(range(20))
+            load = [pool.submit(('sleep', 0.01, index)) for index in range(200)]
+            await asyncio.wait_for(pool.restart(), 60)
+            assert await asyncio.wait_for(asyncio.gather(*load), 30) == list(range(200))
+            assert pool.stats()['recycles'] == 2 and pool.stats()['failed'] == 0
+            # new workers: the table recorded before the restart is not there
+            assert await pool.broadcast(('seen',)) == [[], []]
+    run(main())
+
+
+def test_the_callers_trace_context_reaches_the_handlers(backend: Any) -> None:
+    """OpenTelemetry: a span made in handle() is a child of the caller's span."""
+    pytest.importorskip('opentelemetry.sdk', reason='needs opentelemetry-sdk')
+    from opentelemetry.sdk.trace import TracerProvider
+    tracer = TracerProvider().get_tracer('looppool-test-caller')
+
+    async def main() -> None:
+        async with backend.pool(Spanning) as pool:
+            with tracer.start_as_current_span('caller') as span:
+                context = span.get_span_context()
+                assert await pool.submit('a') == 'a'
+                assert await pool.broadcast('b') == ['b', 'b']
+            recorded = await pool.broadcast('spans')
+            spans = {name: (trace, parent) for found in recorded
+                     for name, trace, parent in found}
+            for name in ('handle a', 'handle b'):
+                assert spans[name] == (context.trace_id, context.span_id), spans
     run(main())
 
 

@@ -298,3 +298,12 @@ def test_code_block_runs(block: _Block, tmp_path: pathlib.Path) -> None:
     assert not left, f'{block.where} left processes behind: {left}'
     if 'print(' in block.text:
         assert out.strip(), f'{block.where} printed nothing'
+
+
+def test_the_readme_keeps_its_two_commands() -> None:
+    """From a fresh clone, one command sets up and runs the demo, one the whole suite."""
+    shell = [block.text for block in _blocks(ROOT / 'README.rst')
+             if block.language == 'shell']
+    assert any('pip install' in text and 'examples/webapp.py' in text
+               for text in shell), shell
+    assert any(re.search(r'^bash scripts/test\.sh\b', text, re.M) for text in shell), shell

@@ -312,3 +312,29 @@ class Batched(looppool.Worker):
 
 def _command(message: Any) -> bool:
     return isinstance(message, tuple) and bool(message) and isinstance(message[0], str)
+
+
+class Spanning(looppool.Worker):
+    """Makes a span around each message (with the OpenTelemetry SDK, kept in memory), and
+    answers 'spans' with what it recorded: (name, trace id, parent span id)."""
+
+    def _initialise(self) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+            InMemorySpanExporter)
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = provider.get_tracer('looppool-test-worker')
+
+    async def handle(self, message: Any) -> Any:
+        if message == 'spans':
+            return [(span.name, span.context.trace_id,
+                     span.parent.span_id if span.parent else None)
+                    for span in self.exporter.get_finished_spans()]
+        with self.tracer.start_as_current_span(f'handle {message}'):
+            await asyncio.sleep(0.001)   # the context holds across a suspension
+            with self.tracer.start_as_current_span(f'inner {message}'):
+                pass
+        return message

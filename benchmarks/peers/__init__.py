@@ -49,6 +49,8 @@ PEERS_OF = {
     'W7': ('looppool_submit', 'looppool_map', 'process_pool_executor',
            'process_pool_executor_map', 'aiomultiprocess_pool'),
     'W8': ('looppool_submit', 'looppool_remote', 'aiomultiprocess_pool'),
+    # W9: reloading on a code change, which only looppool does (Pool(reload=True)).
+    'W9': ('looppool_submit',),
 }
 
 

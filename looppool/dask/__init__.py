@@ -46,7 +46,7 @@ except ImportError as _import_error:  # pragma: no cover - exercised without the
 from .. import protocol
 from ..link import _Slot
 from ..pool import Pool
-from ..supervise import NEW
+from ..supervise import RUNNING
 from ..worker import Worker
 from .actors import Actors, _pipe
 
@@ -161,8 +161,7 @@ class DaskPool(Pool):
 
         Messages may be sent right away: they wait until their actor is ready.
         """
-        if self._supervisor._state != NEW:
-            raise RuntimeError(f'the pool was already started (it is {self.state})')
+        self._start_again()
         loop = asyncio.get_running_loop()
         client = self._client
         if not getattr(client, 'asynchronous', False):
@@ -189,7 +188,7 @@ class DaskPool(Pool):
         transport = self._transport
         try:
             workers = await transport._live_workers()
-            while not workers and self.state == 'running':
+            while not workers and self._supervisor._state is RUNNING:
                 await transport._wait_for_a_worker()
                 workers = await transport._live_workers()
         except Exception as exc:
@@ -198,7 +197,7 @@ class DaskPool(Pool):
                 ready.set_exception(exc)
                 ready.exception()
             return
-        if self.state != 'running':
+        if self._supervisor._state is not RUNNING:
             return
         size = len(workers)
         self.pool_size = size
@@ -248,7 +247,7 @@ class DaskPool(Pool):
                   sticky: bool | str = False) -> asyncio.Future[list[Any]]:
         """As :meth:`looppool.Pool.broadcast`: to every actor, replayed to re-created ones
         with ``sticky``."""
-        if not self._sized and self.state == 'running':
+        if not self._sized and self._supervisor._state is RUNNING:
             raise RuntimeError('the pool does not know its size yet; await pool.start() '
                                '(or use async with) before broadcasting')
         return super().broadcast(message, timeout=timeout, sticky=sticky)

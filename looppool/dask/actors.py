@@ -378,7 +378,7 @@ class _EventRouter:
             message = None
         for ref in list(self.pools):
             pool = ref()
-            if pool is not None and pool.state in ('running', 'stopping'):
+            if pool is not None and pool._supervisor._state in ('running', 'stopping'):
                 try:
                     pool._transport.on_cluster_event(message)
                 except Exception:

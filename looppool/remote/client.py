@@ -15,13 +15,16 @@ from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClo
 from ..protocol import loads
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
-from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE, C_STATS,
+from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS,
                    C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
                    _broadcast_payload, _drop_result, _Framed,
                    _resolve, _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
+
+# Calls that take none of the client's share of unacknowledged messages.
+_UNCOUNTED = frozenset((C_STATS, C_CONTROL))
 
 class _ClientFuture(asyncio.Future[Any]):
     __slots__ = ('_lp_client', '_lp_tid', '_lp_timer')
@@ -199,6 +202,26 @@ class Client:
         stats: dict[str, Any] = await future
         return stats
 
+    async def pause(self) -> str:
+        """Pause the host's pool (:meth:`Pool.pause <looppool.Pool.pause>`); returns its
+        state once the pause is complete."""
+        return await self._control(b'pause')
+
+    async def resume(self) -> str:
+        """Resume the host's pool; returns its state once every worker has resumed."""
+        return await self._control(b'resume')
+
+    async def restart(self) -> str:
+        """Restart the host's workers, rolling (:meth:`Pool.restart
+        <looppool.Pool.restart>`); returns the pool's state once done."""
+        return await self._control(b'restart')
+
+    async def _control(self, command: bytes) -> str:
+        future = self._new_future(None)
+        self._queue(C_CONTROL, future._lp_tid, command, future, counted=False)
+        state: str = await future
+        return state
+
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result; assign your own. This default drops it."""
         _drop_result(self, result_done)
@@ -277,11 +300,11 @@ class Client:
         if connection is None or connection.closed:
             return
         outbox = self._outbox
-        while outbox and (self._unacked < self._share or outbox[0][0] == C_STATS):
+        while outbox and (self._unacked < self._share or outbox[0][0] in _UNCOUNTED):
             kind, tid, payload, future = outbox.popleft()
             if future is not None and future.done():
                 continue
-            if kind != C_STATS:
+            if kind not in _UNCOUNTED:
                 self._unacked += 1
             if kind == C_NOTE:
                 self._notes_unacked += 1

@@ -21,7 +21,8 @@ from ..protocol import dumps
 from ..worker import Worker
 from .access import Address, _host_proof, _peer_uid, _private_directory, _still_private
 from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME, AUTH, C_BROADCAST,
-                   C_CANCEL, C_CREDIT, C_NOTE, C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR,
+                   C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, CONTROLS, H_ACK,
+                   H_BROADCAST, H_ERROR,
                    H_NOTICE, H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
                    _encode_error, _Framed)
 
@@ -35,7 +36,7 @@ _FIRST_CLIENT_GRACE = 10.0
 _AUTH_TIMEOUT = 5.0
 _MAX_WAITING = 64
 # The frames that carry a client's task id.
-_WITH_TID = frozenset((C_TASK, C_BROADCAST, C_CANCEL, C_STATS))
+_WITH_TID = frozenset((C_TASK, C_BROADCAST, C_CANCEL, C_STATS, C_CONTROL))
 
 
 def _parse_broadcast(payload: Any) -> tuple[bytes, bool | str]:
@@ -180,9 +181,37 @@ class _Session(_Framed):
             stats = self.host.pool.stats()
             stats['clients'] = len(self.host.sessions)
             stats['host_pid'] = os.getpid()
+            for worker in stats['workers']:
+                worker['rss'] = _rss(worker['pid'])
             self.send(H_REPLY, arg, dumps(stats))
+        elif kind == C_CONTROL:
+            self.control(arg, bytes(payload))
         else:
             raise _Malformed(f'unknown frame kind {kind}')
+
+    def control(self, tid: int, command: bytes) -> None:
+        """Pause, resume or restart the host's pool; answer with its state once done (or
+        with the error that stopped it)."""
+        if command not in CONTROLS:
+            raise _Malformed(f'unknown control command {command[:32]!r}')
+        pool = self.host.pool
+        log.info('a client asked the pool host to %s its pool', command.decode())
+        try:
+            change = getattr(pool, command.decode())()
+        except Exception as exc:
+            self.send(H_ERROR, tid, _encode_error(exc))
+            return
+
+        def done(future: asyncio.Future[None]) -> None:
+            if self.closed:
+                return
+            error = None if future.cancelled() else future.exception()
+            if future.cancelled() or error is not None:
+                self.send(H_ERROR, tid, _encode_error(error or RuntimeError('cancelled')))
+            else:
+                self.send(H_REPLY, tid, dumps(pool.state))
+
+        change.add_done_callback(done)
 
     def malformed(self, kind: int, arg: int, reason: str) -> None:
         """Answer a frame that does not parse, so that nothing waits for it."""
@@ -337,7 +366,7 @@ class _Host:
         self.arm_idle_timer(max(self.idle_timeout or 0.0, _FIRST_CLIENT_GRACE))
 
     def accepting(self, session: _Session, tid: int) -> bool:
-        if self.pool.state == 'running':
+        if self.pool.state not in ('stopping', 'stopped'):   # paused: it waits
             return True
         if tid:
             session.send(H_ERROR, tid, _encode_error(PoolClosed('the pool host is stopping')))
@@ -428,3 +457,14 @@ def _run_host(worker_class: type[Worker], address: Address, secret: bytes | None
     finally:
         loop.close()
 
+
+def _rss(pid: int | None) -> int | None:
+    """A worker's resident memory in bytes, for ``stats()`` through a host (``None`` if
+    it cannot be read)."""
+    if not pid:
+        return None
+    import psutil
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None

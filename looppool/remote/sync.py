@@ -17,7 +17,8 @@ from ..errors import ConnectionLost, LooppoolError, PoolClosed
 from ..protocol import loads
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
-from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CREDIT, C_NOTE,
+from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT,
+                   C_NOTE,
                    C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
                    _broadcast_payload, _drop_result, _resolve,
                    _task_payload)
@@ -83,6 +84,22 @@ class SyncClient:
         """The host pool's stats, plus ``clients`` and ``host_pid``."""
         stats: dict[str, Any] = self._call(C_STATS, b'', None, counted=False)
         return stats
+
+    def pause(self, timeout: float | None = None) -> str:
+        """Pause the host's pool; returns its state once the pause is complete (raises
+        :class:`TimeoutError` after ``timeout`` seconds, the pause going on)."""
+        state: str = self._call(C_CONTROL, b'pause', timeout, counted=False)
+        return state
+
+    def resume(self, timeout: float | None = None) -> str:
+        """Resume the host's pool; returns its state once every worker has resumed."""
+        state: str = self._call(C_CONTROL, b'resume', timeout, counted=False)
+        return state
+
+    def restart(self, timeout: float | None = None) -> str:
+        """Restart the host's workers, rolling; returns the pool's state once done."""
+        state: str = self._call(C_CONTROL, b'restart', timeout, counted=False)
+        return state
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one ``_put_nowait`` result (on the reader thread); assign your own."""

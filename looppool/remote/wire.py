@@ -19,6 +19,7 @@ from typing import Any
 
 from ..channel import HEADER, FrameTooLarge, Parser
 from ..errors import RemoteTraceback
+from .. import tracing
 from ..protocol import dumps, loads
 
 log = logging.getLogger('looppool.remote')
@@ -27,7 +28,10 @@ log = logging.getLogger('looppool.remote')
 # 2: WELCOME carries its share as an integer, not a pickle; H_NOTICE.
 VERSION = 2
 # client -> host
-AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS = range(40, 47)
+AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS, C_CONTROL = range(40, 48)
+# What a C_CONTROL frame asks of the host's pool (its payload, ASCII); the answer is the
+# pool's state once the change is complete.
+CONTROLS = frozenset((b'pause', b'resume', b'restart'))
 # host -> client
 HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTICE = \
     range(60, 69)
@@ -56,17 +60,25 @@ def _checked_size(payload: bytes) -> bytes:
 def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
     if isinstance(sticky, str):
         key = sticky.encode()
-        return _checked_size(_OPTS.pack(2) + _KEY.pack(len(key)) + key + dumps(message))
+        return _checked_size(_OPTS.pack(2) + _KEY.pack(len(key)) + key
+                             + dumps(_traced(message)))
     if not isinstance(sticky, bool):
         raise TypeError(f'sticky must be a bool or a str name, got {sticky!r}')
-    return _checked_size(_OPTS.pack(1 if sticky else 0) + _KEY.pack(0) + dumps(message))
+    return _checked_size(_OPTS.pack(1 if sticky else 0) + _KEY.pack(0)
+                         + dumps(_traced(message)))
 
 
 def _task_payload(message: Any, worker_num: int | None) -> bytes:
     """A C_TASK or C_NOTE payload: the target worker (-1: any) and the pickled message."""
     if worker_num is not None and (type(worker_num) is not int or worker_num < 0):
         raise ValueError(f'worker_num must be a worker number, got {worker_num!r}')
-    return _checked_size(_OPTS.pack(-1 if worker_num is None else worker_num) + dumps(message))
+    return _checked_size(_OPTS.pack(-1 if worker_num is None else worker_num)
+                         + dumps(_traced(message)))
+
+
+def _traced(message: Any) -> Any:
+    """``message``, with the caller's trace context when OpenTelemetry is on."""
+    return tracing.outgoing(message) if tracing.ENABLED else message
 
 
 def _resolve_broadcast(future: Any, payload: Any) -> None:
