@@ -72,7 +72,11 @@ COUNTERS = {
     'restarts': 'workers.restarts',
     'recycles': 'workers.recycles',
 }
+"""The ``stats()`` counters the pool reports, and the statsd name of each (after the
+prefix): sent as counters, the increase since the last report."""
+
 SAMPLES = 200
+"""The most task durations (and waits) kept for one report; past it, a random sample."""
 
 
 class _Reservoir:
@@ -116,6 +120,7 @@ class PoolMetrics:
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
+        """Report every ``interval`` seconds from now on."""
         self.timer = self.loop.call_later(self.interval, self.tick)
 
     def stop(self) -> None:
@@ -126,10 +131,13 @@ class PoolMetrics:
         self.report()
 
     def tick(self) -> None:
+        """One interval passed: schedule the next, and report."""
         self.timer = self.loop.call_later(self.interval, self.tick)
         self.report()
 
     def report(self) -> None:
+        """Send one report: the counters' increase since the last, the gauges, and the
+        durations sampled meanwhile."""
         try:
             stats = self.stats()
             pipe = self.client.pipeline()

@@ -11,7 +11,7 @@ same for every transport. Its interface::
     reap(link) -> exitcode     the worker has ended: release what it held
     kill(link)                 end it now (its exit is reported as always)
     rss(link) -> bytes | None  its resident memory, for max_memory_per_worker
-    how_it_ended(link, code), likely_cause(link, code)
+    name(link), how_it_ended(link, code), likely_cause(link, code)
                                words for the errors and logs
     blocking                   whether stop() may drive the workers without the loop
     lag_check                  seconds between the looks for blocked workers
@@ -145,6 +145,10 @@ class Processes(Part):
             return int(psutil.Process(link.pid).memory_info().rss)
         except psutil.Error:
             return None
+
+    def name(self, link: _Link) -> str:
+        """The worker, as errors and logs name it."""
+        return f'worker {link.number} (pid {link.pid})'
 
     def how_it_ended(self, link: _Link, exitcode: int | None) -> str:
         return _how_it_ended(exitcode)

@@ -630,5 +630,6 @@ def test_dask_cluster(tmp_path: Path) -> None:
     # The pool logs the loss once, naming the worker; Dask's nanny may warn as it restarts.
     errors = [line for line in outcome.stderr.splitlines() if line.startswith('ERROR')]
     assert len(errors) == 1 and re.match(
-        r'ERROR looppool: worker 0 \(pid \d+\) was lost with its Dask worker tcp://',
+        r'ERROR looppool: worker 0 \(an actor on Dask worker tcp://[\d.:]+, pid \d+\) was '
+        r'lost ',
         errors[0]), outcome

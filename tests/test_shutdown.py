@@ -284,8 +284,14 @@ def test_stop_before_start_and_twice() -> None:
         async with pool:
             pass
         await pool.stop()
+        await pool.stop()   # a second stop is the same, finished, stop
+        # A stopped pool starts again, with new workers; a running one refuses.
+        ready = pool.start()
         with pytest.raises(RuntimeError, match='already started'):
             pool.start()
+        await ready
+        assert await pool.submit('again') == 'again'
+        await pool.stop()
 
     run(main())
 
