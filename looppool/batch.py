@@ -65,16 +65,17 @@ def batches(worker_class: type[Worker]) -> bool:
     return worker_class.handle_batch is not Worker.handle_batch
 
 
-def check_options(worker_class: type[Worker], size: Any, timeout: Any
-                  ) -> tuple[int | None, float] | None:
-    """Check the pool's ``batch_size`` and ``batch_timeout`` against ``worker_class``;
-    return ``(size or None for the default, timeout)``, or ``None`` for a class that does
-    not batch.
+def check_options(worker_class: type[Worker], size: Any, timeout: Any, max_tasks: int,
+                  pool_size: int) -> tuple[int | None, float] | None:
+    """Check the pool's ``batch_size`` and ``batch_timeout`` against ``worker_class`` and
+    the pool's bounds; return ``(size or None for the default, timeout)``, or ``None``
+    for a class that does not batch.
 
     :raises TypeError: the options given for a class without ``handle_batch``, a class
         with both ``handle_batch`` and ``_process_message``, or an option of the wrong
         type.
-    :raises ValueError: ``batch_size`` under 1, ``batch_timeout`` negative or not finite.
+    :raises ValueError: ``batch_size`` under 1 or over a worker's share of
+        ``max_tasks``, ``batch_timeout`` negative or not finite.
     """
     from .worker import Worker
     name = worker_class.__qualname__
@@ -93,6 +94,12 @@ def check_options(worker_class: type[Worker], size: Any, timeout: Any
             raise TypeError(f'batch_size must be an int, got {size!r}')
         if size < 1:
             raise ValueError(f'batch_size must be at least 1, got {size}')
+        share = max(1, max_tasks // pool_size)
+        if size > share:
+            raise ValueError(
+                f'batch_size is {size}, but a worker holds at most its share of max_tasks '
+                f'({max_tasks} // {pool_size} workers = {share} messages), so no batch '
+                'could fill: lower batch_size or raise max_tasks')
     if timeout is None:
         timeout = DEFAULT_TIMEOUT
     elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
@@ -101,6 +108,16 @@ def check_options(worker_class: type[Worker], size: Any, timeout: Any
         raise ValueError(f'batch_timeout must be a finite number of seconds, 0 or more, '
                          f'got {timeout!r}')
     return size, float(timeout)
+
+
+def config(options: tuple[int | None, float] | None, share: int) -> tuple[int, float]:
+    """A worker's ``(batch_size, batch_timeout)`` from what :func:`check_options`
+    returned, for a worker's ``share`` of ``max_tasks``; ``(0, 0.0)`` if it does not
+    batch."""
+    if options is None:
+        return 0, 0.0
+    size, timeout = options
+    return min(size or DEFAULT_SIZE, share), timeout
 
 
 class Batcher:

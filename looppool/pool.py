@@ -199,12 +199,8 @@ class Pool:
         self._statsd = statsd
         # (batch_size or None for the default, batch_timeout), None if it does not batch.
         self._batching = batch.check_options(worker_class, self._options['batch_size'],
-                                             self._options['batch_timeout'])
-        if self._batching is not None and (self._batching[0] or 0) > self._share:
-            raise ValueError(
-                f'batch_size is {self._batching[0]}, but a worker holds at most its share '
-                f'of max_tasks ({max_tasks} // {pool_size} workers = {self._share} '
-                'messages), so no batch could fill: lower batch_size or raise max_tasks')
+                                             self._options['batch_timeout'], max_tasks,
+                                             pool_size)
         self._batch_sizes = collections.Counter[int]()   # batch size -> batches handed
 
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
@@ -222,10 +218,7 @@ class Pool:
 
     def _batch_config(self) -> tuple[int, float]:
         """A worker's ``(batch_size, batch_timeout)``: ``(0, 0.0)`` if it does not batch."""
-        if self._batching is None:
-            return 0, 0.0
-        size, timeout = self._batching
-        return min(size or batch.DEFAULT_SIZE, self._share), timeout
+        return batch.config(self._batching, self._share)
 
     def _make_parts(self, transport: type[Processes]) -> None:
         parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
