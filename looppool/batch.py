@@ -166,16 +166,11 @@ class Batcher:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.purge()
         messages, futures = self.messages, self.futures
         if not messages:
             return
         self.messages, self.futures = [], []
-        if any(future.done() for future in futures):   # cancelled: answered already
-            kept = [i for i, future in enumerate(futures) if not future.done()]
-            messages = [messages[i] for i in kept]
-            futures = [futures[i] for i in kept]
-            if not messages:
-                return
         self.runner.channel.send(protocol.BATCHED, len(messages))
         # No one caller's batch: a _put_nowait() in handle_batch() goes to the pool's
         # process_message, not to the client of one of its messages (see the manual).
@@ -189,18 +184,23 @@ class Batcher:
         self.runner.running[-id(task)] = task
         task.add_done_callback(self.ended)
 
-    def dropped(self) -> None:
-        """Some message was cancelled: leave it out of the forming batch (where it no
-        longer counts towards ``batch_size``), and cancel the running batches none of
-        whose messages is still waited for."""
+    def purge(self) -> None:
+        """Leave out of the forming batch the messages cancelled (and so answered) while
+        it formed."""
         futures = self.futures
         if any(future.done() for future in futures):
             kept = [i for i, future in enumerate(futures) if not future.done()]
             self.messages = [self.messages[i] for i in kept]
             self.futures = [futures[i] for i in kept]
-            if not kept and self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+
+    def dropped(self) -> None:
+        """Some message was cancelled: leave it out of the forming batch (where it no
+        longer counts towards ``batch_size``), and cancel the running batches none of
+        whose messages is still waited for."""
+        self.purge()
+        if not self.futures and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         for task, futures in list(self.running.items()):
             if all(future.done() for future in futures):
                 task.cancel()
@@ -243,8 +243,8 @@ class Batcher:
             replies = result
         elif (isinstance(result, collections.abc.Sequence)
               and not isinstance(result, (str, bytes, bytearray))) \
-                or hasattr(result, '__array__'):
-            replies = list(result)   # a tuple, a NumPy array: one item per message
+                or hasattr(result, '__array_interface__'):
+            replies = list(result)   # a tuple, a NumPy array: one item (row) per message
         else:
             return TypeError(f'{self.name} must return a list with one reply per message, '
                              f'in order; it returned {type(result).__qualname__} for a '

@@ -128,6 +128,16 @@ def test_one_message_fails_alone_when_its_reply_is_an_exception() -> None:
     run(main())
 
 
+def test_a_numpy_array_is_a_list_of_replies() -> None:
+    pytest.importorskip('numpy')
+
+    async def main() -> None:
+        async with batched(3) as pool:
+            assert await outcomes_of(pool, 'ab', 'abc', ('array',)) == [2, 3, 10]
+
+    run(main())
+
+
 @pytest.mark.parametrize('command, error, words', [
     (('short',), ValueError, 'returned 2 replies for a batch of 3 messages'),
     (('dict',), TypeError, 'must return a list with one reply per message'),

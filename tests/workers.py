@@ -266,6 +266,7 @@ class Batched(looppool.Worker):
     ``('short',)``       handle_batch returns one reply too few
     ``('dict',)``        handle_batch returns a dict, not a list
     ``('tuple',)``       handle_batch returns a tuple (that is fine)
+    ``('array',)``       handle_batch returns a NumPy array of each message's len(str())
     ``('lambda',)``      its reply is a lambda, which cannot be pickled
     ``('sleep', s)``     the batch sleeps ``s`` seconds before it answers; if cancelled
                          meanwhile, it sends ``('batch cancelled', size)`` with _put_nowait
@@ -307,6 +308,9 @@ class Batched(looppool.Worker):
             return dict(enumerate(replies))
         if 'tuple' in commands:
             return tuple(replies)
+        if 'array' in commands:
+            import numpy
+            return numpy.array([len(str(message)) for message in messages])
         return replies
 
 
