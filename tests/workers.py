@@ -267,6 +267,7 @@ class Batched(looppool.Worker):
     ``('dict',)``        handle_batch returns a dict, not a list
     ``('tuple',)``       handle_batch returns a tuple (that is fine)
     ``('array',)``       handle_batch returns a NumPy array of each message's len(str())
+    ``('put', value)``   handle_batch sends ``value`` with _put_nowait, then answers
     ``('lambda',)``      its reply is a lambda, which cannot be pickled
     ``('sleep', s)``     the batch sleeps ``s`` seconds before it answers; if cancelled
                          meanwhile, it sends ``('batch cancelled', size)`` with _put_nowait
@@ -283,6 +284,8 @@ class Batched(looppool.Worker):
         commands = {message[0]: message[1:] for message in messages if _command(message)}
         if 'raise' in commands:
             raise commands['raise'][0]
+        if 'put' in commands:
+            self._put_nowait(commands['put'][0])
         if 'spin' in commands:
             deadline = time.monotonic() + commands['spin'][0]
             while time.monotonic() < deadline:
