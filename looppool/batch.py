@@ -178,7 +178,8 @@ class Batcher:
         context.run(self.origin.set, 0)
         task = context.run(eager.start, self.loop, self.run(messages, futures))
         if task.done():
-            self.ended(task)
+            # (Its messages' answers are callbacks to come: a stop waits for them.)
+            self.report(task)
             return
         self.running[task] = futures
         self.runner.running[-id(task)] = task
@@ -256,10 +257,14 @@ class Batcher:
         return replies
 
     def ended(self, task: asyncio.Future[Any]) -> None:
+        """A batch that suspended has ended."""
         self.running.pop(task, None)
         self.runner.running.pop(-id(task), None)
+        self.report(task)
+        if self.runner.stopping:
+            self.runner.maybe_stop()
+
+    def report(self, task: asyncio.Future[Any]) -> None:
         if not task.cancelled() and task.exception() is not None:  # pragma: no cover
             log.error('worker %d: a batch failed', self.runner.number,
                       exc_info=task.exception())
-        if self.runner.stopping:
-            self.runner.maybe_stop()
