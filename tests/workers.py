@@ -271,7 +271,6 @@ class Batched(looppool.Worker):
     ``('lambda',)``      its reply is a lambda, which cannot be pickled
     ``('sleep', s)``     the batch sleeps ``s`` seconds before it answers; if cancelled
                          meanwhile, it sends ``('batch cancelled', size)`` with _put_nowait
-    ``('spin', s)``      the batch holds the loop ``s`` seconds before it answers
     ``('pid',)``         answered like a plain message (its pid is in the reply)
     """
 
@@ -286,10 +285,6 @@ class Batched(looppool.Worker):
             raise commands['raise'][0]
         if 'put' in commands:
             self._put_nowait(commands['put'][0])
-        if 'spin' in commands:
-            deadline = time.monotonic() + commands['spin'][0]
-            while time.monotonic() < deadline:
-                pass
         if 'sleep' in commands:
             try:
                 await asyncio.sleep(commands['sleep'][0])
