@@ -437,7 +437,8 @@ class Pool:
         tiny messages travel a thousand to a chunk, and long ones one by one, each to
         the worker that has room), at most a quarter of a worker's share of
         ``max_tasks`` or 1024, and for messages of known length (a list, a range) no more
-        than spreads them over four chunks a worker. Needs a Worker with ``handle()``.
+        than spreads them over four chunks a worker. Needs a Worker with ``handle()`` (or
+        ``handle_batch()``).
         """
         return mapping.run(self, messages, chunksize)
 
