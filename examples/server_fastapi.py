@@ -10,9 +10,9 @@ each uvicorn web worker's ``async`` endpoint awaits a :func:`looppool.remote.con
 client, and the pool worker's ``handle_batch`` gets the requests in batches, formed from
 whatever reached it: one batch carries the requests of several web workers::
 
-    gunicorn master ── on_starting: serve(batch_size=16) ─> keeper ─> pool host ─> pool worker
-      ├── uvicorn worker 1 ── await client.submit() ───────────────────────^   handle_batch
-      └── uvicorn worker 2 ── await client.submit() ───────────────────────┘   (a Unix socket)
+    gunicorn master ── on_starting: serve() ──> keeper ──> pool host ──> pool worker
+      ├── uvicorn worker 1 ── await client.submit() ──────────^        handle_batch
+      └── uvicorn worker 2 ── await client.submit() ──────────┘        (Unix socket)
 
 Deploy it with ``gunicorn -c gunicorn_fastapi_conf.py`` in this directory. FastAPI,
 uvicorn and uvicorn's gunicorn worker are not looppool dependencies: ``pip install
