@@ -119,8 +119,12 @@ class _Runner:
         worker._runner = self
         self.worker = worker
         self.call = worker._process_message if self.looppool_style else worker.handle
-        if tracing.ENABLED:   # a message may carry its caller's trace context
-            self.call = tracing.wrap_handler(self.call)
+        if tracing.ENABLED:   # once a message carries its caller's trace context
+            tracing.when_traced(self.trace_handlers)
+
+    def trace_handlers(self) -> None:
+        """Run each traced message's handler in its trace context from now on."""
+        self.call = tracing.wrap_handler(self.call)
 
     # -- frames from the parent ------------------------------------------------------------
 
