@@ -51,6 +51,7 @@ from .processes import Processes, _parent_fds
 from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
 from .tracing import ENABLED as TRACING
+from .tracing import current_context
 from .worker import Worker, worker_arguments
 
 __all__ = ['Pool']
@@ -389,7 +390,8 @@ class Pool:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
-        payload = dumps(tracing.outgoing(message) if TRACING else message)
+        payload = dumps(tracing.outgoing(message) if TRACING and current_context()
+                        else message)
         check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
             self._dispatcher._note_turn = (self._dispatcher._note_turn + 1) % self.pool_size
@@ -409,7 +411,8 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps(tracing.outgoing(message) if TRACING else message)
+        payload = dumps(tracing.outgoing(message) if TRACING and current_context()
+                        else message)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
         if self._dispatcher._outbox:

@@ -126,8 +126,12 @@ class _Runner:
         if self.batcher is not None:
             self.batcher.attach(worker)
             self.call = self.batcher.add   # a future per message, answered by its batch
-        elif tracing.ENABLED:   # a message may carry its caller's trace context
-            self.call = tracing.wrap_handler(self.call)
+        elif tracing.ENABLED:   # once a message carries its caller's trace context
+            tracing.when_traced(self.trace_handlers)
+
+    def trace_handlers(self) -> None:
+        """Run each traced message's handler in its trace context from now on."""
+        self.call = tracing.wrap_handler(self.call)
 
     # -- frames from the parent ------------------------------------------------------------
 
