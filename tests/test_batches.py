@@ -72,6 +72,17 @@ def test_a_full_batch_goes_at_once_and_a_lone_message_after_the_timeout() -> Non
     run(main())
 
 
+@pytest.mark.parametrize('start_method', ['forkserver', 'spawn'])
+def test_batches_under_every_start_method(start_method: str) -> None:
+    async def main() -> None:
+        async with batched(4, mp_context=start_method) as pool:
+            replies = await asyncio.gather(*[pool.submit(i) for i in range(4)])
+            assert [(message, size) for message, _, size, _ in replies] == \
+                [(i, 4) for i in range(4)]
+
+    run(main())
+
+
 def test_replies_answer_their_messages_in_order() -> None:
     async def main() -> None:
         async with batched(8, 0.05) as pool:
