@@ -1,7 +1,8 @@
-"""What the web server examples (``server_*.py``) share: the pool worker, and the demo
-client that runs a server, sends it requests and checks what happened.
+"""What the web server examples (``server_*.py``) share: the pool workers
+(``PasswordHasher``, and ``BatchHasher``, its batch form for ``server_fastapi.py``), and
+the demo client that runs a server, sends it requests and checks what happened.
 
-The worker class lives in a module of its own, not in the programs that use it, for two
+The worker classes live in a module of their own, not in the programs that use it, for two
 reasons. A web server loads its application by module name (``gunicorn
 server_gunicorn:app``), and a host started by :func:`looppool.remote.shared` is a fresh
 interpreter that imports the worker class by module name too; a class defined in a
@@ -15,6 +16,9 @@ host and its workers are gone. Each server program prints these lines for it::
 
     listening on http://127.0.0.1:PORT
     web worker pid PID ready            (once per web worker process)
+
+(the gunicorn configurations print them with this module's ``when_ready`` and
+``post_worker_init`` hooks).
 
 This module is not an example to run; ``python examples/shared_workers.py`` says so.
 """
