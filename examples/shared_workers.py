@@ -2,8 +2,8 @@
 (``PasswordHasher``, and ``BatchHasher``, its batch form for ``server_fastapi.py``), and
 the demo client that runs a server, sends it requests and checks what happened.
 
-The worker classes live in a module of their own, not in the programs that use it, for two
-reasons. A web server loads its application by module name (``gunicorn
+The worker classes live in a module of their own, not in the programs that use them, for
+two reasons. A web server loads its application by module name (``gunicorn
 server_gunicorn:app``), and a host started by :func:`looppool.remote.shared` is a fresh
 interpreter that imports the worker class by module name too; a class defined in a
 ``__main__`` module can be found by neither.
