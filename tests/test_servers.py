@@ -3,8 +3,8 @@
 The Tornado (``fork_processes``), gunicorn (``on_starting`` / ``on_exit``, sync workers,
 ``connect_sync``) and FastAPI (gunicorn with uvicorn workers, an ``async`` endpoint
 awaiting ``connect()``, a ``handle_batch`` pool worker) examples start real servers on
-loopback and send them real HTTP requests; each test here reads what an example printed and checks one thing a user
-relies on: every request answered, every web worker served by the same pool workers of
+loopback and send them real HTTP requests; each test here reads what an example printed
+and checks one thing a user relies on: every request answered, every web worker served by the same pool workers of
 one host, and nothing left running afterwards, the pool host included. The uWSGI and
 Flask examples run for real too (both servers are in the test extra; under CI=true a
 missing one fails), and with the server hidden must say what to install and exit 0.
@@ -341,8 +341,9 @@ def test_optional_server_examples_say_what_to_install(name: str, tmp_path: Path)
     exits 0.
 
     Run here with the server hidden: Flask and FastAPI by modules of those names that
-    cannot be imported, uWSGI by an interpreter with no uwsgi beside it (a symbolic link to this one
-    in an empty directory, with this one's packages on PYTHONPATH) and none on PATH."""
+    cannot be imported, uWSGI by an interpreter with no uwsgi beside it (a symbolic link
+    to this one in an empty directory, with this one's packages on PYTHONPATH) and none
+    on PATH."""
     hidden = tmp_path / 'hidden'
     hidden.mkdir()
     for module in ('flask', 'fastapi'):
