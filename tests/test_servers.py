@@ -4,9 +4,10 @@ The Tornado (``fork_processes``), gunicorn (``on_starting`` / ``on_exit``, sync 
 ``connect_sync``) and FastAPI (gunicorn with uvicorn workers, an ``async`` endpoint
 awaiting ``connect()``, a ``handle_batch`` pool worker) examples start real servers on
 loopback and send them real HTTP requests; each test here reads what an example printed
-and checks one thing a user relies on: every request answered, every web worker served by the same pool workers of
-one host, and nothing left running afterwards, the pool host included. The uWSGI and
-Flask examples run for real too (both servers are in the test extra; under CI=true a
+and checks one thing a user relies on: every request answered, every web worker served
+by the same pool workers of one host (and, for FastAPI, batches that carry the requests
+of several web workers), and nothing left running afterwards, the pool host included.
+The uWSGI and Flask examples run for real too (both servers are in the test extra; under CI=true a
 missing one fails), and with the server hidden must say what to install and exit 0.
 
 Each example runs once per module, in a session of its own; it starts the server in
