@@ -125,7 +125,7 @@ class Batcher:
     docstring. Lives in the worker process, on its loop; not thread-safe."""
 
     def __init__(self, runner: _Runner, size: int, timeout: float) -> None:
-        from .runner import _origin   # (runner imports this module)
+        from .answers import _origin
         self.runner = runner
         self.loop = runner.loop
         self.size = size

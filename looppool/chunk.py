@@ -40,7 +40,8 @@ def start(runner: _Runner, tid: int, payload: Any) -> None:
         answer(runner, tid, None, {-1: runner.encode_error(
             exc, 'could not unpickle a chunk of map()')})
         return
-    from .runner import _await, _origin   # (runner imports this module)
+    from .answers import _origin
+    from .runner import _await   # (runner imports this module)
     replies: list[Any] = [None] * len(messages)
     errors: dict[int, bytes] = {}
     waiting: dict[int, asyncio.Future[Any]] = {}

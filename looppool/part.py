@@ -56,12 +56,8 @@ class Part:
     def bind(self, supervisor: Supervisor, dispatcher: Dispatcher, inflight: InFlight,
              receiver: Receiver, transport: Processes, lifecycle: Lifecycle) -> None:
         """Know the other parts (they are made one after another)."""
-        self.supervisor = supervisor
-        self.dispatcher = dispatcher
-        self.inflight = inflight
-        self.receiver = receiver
-        self.transport = transport
-        self.lifecycle = lifecycle
+        (self.supervisor, self.dispatcher, self.inflight, self.receiver, self.transport,
+         self.lifecycle) = supervisor, dispatcher, inflight, receiver, transport, lifecycle
 
     def resized(self) -> None:
         """The pool learnt its size after the parts were made (a DaskPool of one actor
