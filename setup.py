@@ -51,6 +51,11 @@ setup(
             # tests/test_servers.py; uWSGI builds from source with a C compiler
             'flask',
             'uwsgi',
+            # the ASGI recipe examples/server_fastapi.py: FastAPI on gunicorn's uvicorn
+            # workers (uvicorn's own gunicorn worker class now lives in uvicorn-worker)
+            'fastapi',
+            'uvicorn',
+            'uvicorn-worker',
             # the extra below, for tests/test_prometheus.py
             'prometheus_client',
             # the reload extra, for tests/test_reload.py

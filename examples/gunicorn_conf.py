@@ -24,6 +24,8 @@ import sys
 
 from looppool import remote
 from shared_workers import PasswordHasher, say
+# Hooks that print what the demo client waits for (the address, each web worker's pid).
+from shared_workers import post_worker_init, when_ready  # noqa: F401 - gunicorn's hooks
 
 wsgi_app = 'server_gunicorn:app'
 bind = os.environ.get('GUNICORN_BIND', '127.0.0.1:8000')
@@ -48,15 +50,6 @@ def on_starting(server):
     global host
     host = remote.serve(PasswordHasher, POOL_ADDRESS, pool_size=POOL_SIZE)
     say(f'pool host pid {host.pid} runs {POOL_SIZE} pool workers, serving {POOL_ADDRESS}')
-
-
-def when_ready(server):
-    for listener in server.LISTENERS:
-        say(f'listening on {listener}')
-
-
-def post_worker_init(worker):
-    say(f'web worker pid {worker.pid} ready')
 
 
 def on_exit(server):

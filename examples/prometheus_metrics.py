@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import looppool
 from looppool.metrics import PrometheusCollector
+from webapp import count_primes   # the same CPU-heavy work as the web app example
 
 POOL_SIZE = 2
 
@@ -44,16 +45,7 @@ class PrimeWorker(looppool.Worker):
     def handle(self, limit):
         if limit < 2:
             raise ValueError(f'n must be at least 2, got {limit}')
-        count = 0
-        for candidate in range(2, limit):
-            divisor = 2
-            while divisor * divisor <= candidate:
-                if candidate % divisor == 0:
-                    break
-                divisor += 1
-            else:
-                count += 1
-        return {'n': limit, 'primes': count, 'worker': self._number}
+        return {'n': limit, 'primes': count_primes(limit), 'worker': self._number}
 
 
 class PrimesHandler(tornado.web.RequestHandler):

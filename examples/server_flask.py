@@ -29,14 +29,13 @@ exit. Without Flask installed it says what to install and exits.
 """
 
 import os
-import shutil
 import signal
 import sys
-import tempfile
 
 import looppool
 from looppool import remote
-from shared_workers import PasswordHasher, ServerProcess, demo, say
+from shared_workers import (PasswordHasher, ServerProcess, demo, private_socket, say,
+                            socket_removed)
 
 try:
     import flask
@@ -103,14 +102,11 @@ def run_server():
 
 def main():
     here = os.path.abspath(__file__)
-    directory = tempfile.mkdtemp(prefix='looppool-flask-')   # mode 0700, ours alone
-    address = os.path.join(directory, 'pool.sock')
-    # A short idle timeout, so that the demo sees the host exit soon after the servers.
-    environment = dict(os.environ, POOL_ADDRESS=address, POOL_IDLE_TIMEOUT='1')
     command = [sys.executable, *[f'-W{option}' for option in sys.warnoptions], here,
                '--serve']
-    servers = []
-    try:
+    with private_socket('looppool-flask-') as address:
+        # A short idle timeout, so that the demo sees the host exit soon after the servers.
+        environment = dict(os.environ, POOL_ADDRESS=address, POOL_IDLE_TIMEOUT='1')
         # Both at once, as a WSGI server starts its processes: only one starts the host.
         servers = [ServerProcess(f'flask {number}', command, env=environment)
                    for number in (1, 2)]
@@ -121,12 +117,7 @@ def main():
         print(f'{len(started)} of the {len(servers)} Flask processes started the pool host')
         if len(started) != 1:
             status = 1
-        if os.path.exists(address):
-            print(f'FAILED: the socket {address} is still there')
-            status = 1
-        return status
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        return status if socket_removed(address) else 1
 
 
 if __name__ == '__main__':

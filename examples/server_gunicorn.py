@@ -23,13 +23,11 @@ SIGTERM and checks that the pool host and its workers have exited.
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import looppool
 from looppool import remote
-from shared_workers import PasswordHasher, ServerProcess, demo, hash_query
+from shared_workers import PasswordHasher, gunicorn_demo, hash_query
 
 # The client is made at import, in gunicorn's master (preload_app), and inherited by every
 # web worker; it holds no connection until its first call, which each web worker makes
@@ -70,21 +68,7 @@ def main():
     except ImportError:
         print('this example needs gunicorn: pip install gunicorn')
         return 0
-    here = os.path.dirname(os.path.abspath(__file__))
-    directory = tempfile.mkdtemp(prefix='looppool-gunicorn-')   # mode 0700, ours alone
-    address = os.path.join(directory, 'pool.sock')
-    environment = dict(os.environ, POOL_ADDRESS=address, GUNICORN_BIND='127.0.0.1:0')
-    try:
-        server = ServerProcess(
-            'gunicorn', [sys.executable, '-m', 'gunicorn', '--config', 'gunicorn_conf.py'],
-            cwd=here, env=environment)
-        status = demo([server], web_workers=2, pool_size=2)
-        if os.path.exists(address):
-            print(f'FAILED: the socket {address} is still there')
-            status = 1
-        return status
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+    return gunicorn_demo('gunicorn_conf.py', pool_size=2)
 
 
 if __name__ == '__main__':

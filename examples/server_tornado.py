@@ -29,10 +29,8 @@ host and its workers have exited.
 
 import asyncio
 import os
-import shutil
 import signal
 import sys
-import tempfile
 
 import tornado.httpserver
 import tornado.netutil
@@ -41,7 +39,8 @@ import tornado.web
 
 import looppool
 from looppool import remote
-from shared_workers import PasswordHasher, ServerProcess, demo, say
+from shared_workers import (PasswordHasher, ServerProcess, demo, private_socket, say,
+                            socket_removed)
 
 WEB_WORKERS = 2
 POOL_SIZE = 2
@@ -130,19 +129,12 @@ def run_server(address):
 
 
 def main():
-    directory = tempfile.mkdtemp(prefix='looppool-tornado-')   # mode 0700, ours alone
-    address = os.path.join(directory, 'pool.sock')
-    try:
+    with private_socket('looppool-tornado-') as address:
         server = ServerProcess('tornado', [sys.executable, *[f'-W{option}' for option in
                                                               sys.warnoptions],
                                            __file__, '--serve', address])
         status = demo([server], web_workers=WEB_WORKERS, pool_size=POOL_SIZE)
-        if os.path.exists(address):
-            print(f'FAILED: the socket {address} is still there')
-            status = 1
-        return status
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        return status if socket_removed(address) else 1
 
 
 if __name__ == '__main__':

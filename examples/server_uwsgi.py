@@ -35,11 +35,11 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 
 import looppool
 from looppool import remote
-from shared_workers import PasswordHasher, ServerProcess, demo, hash_query, say
+from shared_workers import (PasswordHasher, ServerProcess, demo, hash_query, private_socket,
+                            say, socket_removed)
 
 try:
     import uwsgi
@@ -105,23 +105,16 @@ def main():
         print('this example needs uWSGI: pip install uwsgi (it builds with a C compiler)')
         return 0
     here = os.path.dirname(os.path.abspath(__file__))
-    directory = tempfile.mkdtemp(prefix='looppool-uwsgi-')   # mode 0700, ours alone
-    address = os.path.join(directory, 'pool.sock')
     command = [program, '--master', '--processes', str(WEB_WORKERS), '--die-on-term',
                '--http-socket', '127.0.0.1:0', '--wsgi-file', 'server_uwsgi.py',
                '--need-app', '--disable-logging', '--pythonpath', here]
     if sys.prefix != sys.base_prefix:   # run the application in this virtualenv
         command += ['--virtualenv', sys.prefix]
-    try:
+    with private_socket('looppool-uwsgi-') as address:
         server = ServerProcess('uwsgi', command, cwd=here,
                                env=dict(os.environ, POOL_ADDRESS=address))
         status = demo([server], web_workers=WEB_WORKERS, pool_size=POOL_SIZE)
-        if os.path.exists(address):
-            print(f'FAILED: the socket {address} is still there')
-            status = 1
-        return status
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        return status if socket_removed(address) else 1
 
 
 if __name__ == '__main__':

@@ -1,8 +1,9 @@
-"""What the web server examples (``server_*.py``) share: the pool worker, and the demo
-client that runs a server, sends it requests and checks what happened.
+"""What the web server examples (``server_*.py``) share: the pool workers
+(``PasswordHasher``, and ``BatchHasher``, its batch form for ``server_fastapi.py``), and
+the demo client that runs a server, sends it requests and checks what happened.
 
-The worker class lives in a module of its own, not in the programs that use it, for two
-reasons. A web server loads its application by module name (``gunicorn
+The worker classes live in a module of their own, not in the programs that use them, for
+two reasons. A web server loads its application by module name (``gunicorn
 server_gunicorn:app``), and a host started by :func:`looppool.remote.shared` is a fresh
 interpreter that imports the worker class by module name too; a class defined in a
 ``__main__`` module can be found by neither.
@@ -16,19 +17,25 @@ host and its workers are gone. Each server program prints these lines for it::
     listening on http://127.0.0.1:PORT
     web worker pid PID ready            (once per web worker process)
 
+(the gunicorn configurations print them with this module's ``when_ready`` and
+``post_worker_init`` hooks).
+
 This module is not an example to run; ``python examples/shared_workers.py`` says so.
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -59,6 +66,9 @@ class PasswordHasher(looppool.Worker):
     # A plain method: the work is CPU-bound, there is nothing to await.
     def handle(self, message):
         password, salt = message
+        return self.hash(password, salt)
+
+    def hash(self, password, salt):
         digest = hashlib.pbkdf2_hmac('sha256', password.encode(), salt.encode(), ROUNDS)
         self.hashed += 1
         return {
@@ -67,6 +77,30 @@ class PasswordHasher(looppool.Worker):
             'pool_pid': os.getpid(),
             'host_pid': self.host_pid,
         }
+
+
+class BatchHasher(PasswordHasher):
+    """Hashes the passwords a batch at a time, the way a model scores a batch of inputs
+    in one call (``server_fastapi.py``), and says in which batch each one came.
+
+    Each message is ``(password, salt, web_pid)``: the web worker that asked rides along,
+    so that a reply can tell which web workers' requests shared its batch.
+    """
+
+    def _initialise(self):
+        super()._initialise()
+        self.batches = 0
+
+    async def handle_batch(self, messages):
+        self.batches += 1
+        web_pids = sorted({web_pid for _, _, web_pid in messages})
+        replies = []
+        for password, salt, _ in messages:
+            reply = self.hash(password, salt)
+            reply.update(batch=self.batches, batch_size=len(messages),
+                         batch_web_pids=web_pids)
+            replies.append(reply)
+        return replies   # one per message, in order
 
 
 def say(text):
@@ -84,6 +118,19 @@ def hash_query(environ_query):
     if 'password' not in query:
         return None
     return query['password'][0], query.get('salt', ['looppool-demo'])[0]
+
+
+# -- the demo's lines from gunicorn's master -----------------------------------------------
+
+def when_ready(server):
+    """gunicorn's hook once the master listens: says where, for the demo client."""
+    for listener in server.LISTENERS:
+        say(f'listening on {listener}')
+
+
+def post_worker_init(worker):
+    """gunicorn's hook in each web worker: says it is there, for the demo client."""
+    say(f'web worker pid {worker.pid} ready')
 
 
 # -- the demo client -------------------------------------------------------------------------
@@ -184,19 +231,21 @@ def fetch(url):
             return error.code, error.read().decode(errors='replace')
 
 
-def fire_requests(urls, web_pids, pool_size, timeout=15.0):
+def fire_requests(urls, web_pids, pool_size, timeout=15.0, until=None):
     """Send bursts of concurrent ``GET /hash`` requests (spread over ``urls``) until each
-    web worker in ``web_pids`` has been answered by ``pool_size`` pool workers; return
-    the replies. Which web worker takes a request is up to the kernel, and which pool
-    worker answers is up to the host's round-robin, hence the bursts."""
+    web worker in ``web_pids`` has been answered by ``pool_size`` pool workers (and
+    ``until(replies)`` is true, if given); return the replies. Which web worker takes a
+    request is up to the kernel, and which pool worker answers is up to the host's
+    round-robin, hence the bursts."""
     answered = {pid: set() for pid in web_pids}
     replies = []
     burst = 2 * len(web_pids) * pool_size
     deadline = time.monotonic() + timeout
     sent = 0
     with concurrent.futures.ThreadPoolExecutor(burst) as executor:
-        while time.monotonic() < deadline and not all(
-                len(pool_pids) >= pool_size for pool_pids in answered.values()):
+        while time.monotonic() < deadline and not (all(
+                len(pool_pids) >= pool_size for pool_pids in answered.values())
+                and (until is None or until(replies))):
             passwords = [f'password {number}' for number in range(sent, sent + burst)]
             futures = [executor.submit(fetch, urls[number % len(urls)] + '/hash?'
                                        + urllib.parse.urlencode({'password': password}))
@@ -268,13 +317,16 @@ def gone(pids, timeout):
     return still
 
 
-def demo(servers, *, web_workers, pool_size, host_timeout=10.0):
+def demo(servers, *, web_workers, pool_size, host_timeout=10.0, until=None, report=None):
     """Run the demo against ``servers`` (:class:`ServerProcess` objects, already started)
     that together run ``web_workers`` web worker processes; return the exit status for
     the example: 0 when every check passed.
 
     ``host_timeout``: how long the pool host may take to exit once the servers stopped
     (a host made by :func:`~looppool.remote.shared` waits for its idle timeout first).
+    ``until``: the requests go on until ``until(replies)`` is true too (or time is up).
+    ``report``: called with the replies before the servers stop; prints what the
+    example shows besides, and returns whether that is as it should be.
     """
     replies = []
     codes = []
@@ -284,8 +336,10 @@ def demo(servers, *, web_workers, pool_size, host_timeout=10.0):
         for index in range(web_workers):
             server = servers[index % len(servers)]
             web_pids.append(int(server.expect(r'web worker pid (\d+) ready').group(1)))
-        replies = fire_requests(urls, web_pids, pool_size)
+        replies = fire_requests(urls, web_pids, pool_size, until=until)
         ok = summarise(replies, web_pids)
+        if report is not None:
+            ok = report(replies) and ok
     except BaseException:
         for server in servers:
             server.kill()
@@ -304,6 +358,42 @@ def demo(servers, *, web_workers, pool_size, host_timeout=10.0):
     print(f'the pool host (pid {", ".join(map(str, sorted(hosts)))}) and its pool workers '
           f'(pids {", ".join(map(str, sorted(pool_pids)))}) have exited')
     return 0 if ok and not any(codes) else 1
+
+
+
+@contextlib.contextmanager
+def private_socket(prefix):
+    """A path for the pool host's socket, in a fresh directory only this user may enter
+    (mode 0700), removed afterwards."""
+    directory = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield os.path.join(directory, 'pool.sock')
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def socket_removed(address):
+    """Whether the stopped host removed its socket (and says so if it did not)."""
+    if os.path.exists(address):
+        print(f'FAILED: the socket {address} is still there')
+        return False
+    return True
+
+
+def gunicorn_demo(config, *, pool_size, until=None, report=None):
+    """Run the demo against gunicorn started with the configuration file ``config`` (in
+    this directory) on a free port, its pool host at a private socket;
+    ``report(replies, address)``, if given, reports besides (see :func:`demo`). Returns
+    the exit status for the example."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with private_socket('looppool-gunicorn-') as address:
+        environment = dict(os.environ, POOL_ADDRESS=address, GUNICORN_BIND='127.0.0.1:0')
+        server = ServerProcess(
+            'gunicorn', [sys.executable, '-m', 'gunicorn', '--config', config],
+            cwd=here, env=environment)
+        status = demo([server], web_workers=2, pool_size=pool_size, until=until,
+                      report=report and (lambda replies: report(replies, address)))
+        return status if socket_removed(address) else 1
 
 
 if __name__ == '__main__':

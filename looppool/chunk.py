@@ -40,7 +40,8 @@ def start(runner: _Runner, tid: int, payload: Any) -> None:
         answer(runner, tid, None, {-1: runner.encode_error(
             exc, 'could not unpickle a chunk of map()')})
         return
-    from .runner import _await, _origin   # (runner imports this module)
+    from .answers import _origin
+    from .runner import _await   # (runner imports this module)
     replies: list[Any] = [None] * len(messages)
     errors: dict[int, bytes] = {}
     waiting: dict[int, asyncio.Future[Any]] = {}
@@ -58,6 +59,9 @@ def start(runner: _Runner, tid: int, payload: Any) -> None:
             if type(result) is not types.CoroutineType:
                 if not inspect.isawaitable(result):
                     replies[index] = result
+                    continue
+                if isinstance(result, asyncio.Future):   # a place in a batch (looppool.batch)
+                    waiting[index] = result
                     continue
                 result = _await(result)
             state, value = steps.step(result)
@@ -87,6 +91,8 @@ async def _finish(runner: _Runner, tid: int, replies: list[Any], errors: dict[in
     except asyncio.CancelledError:
         for task in waiting.values():
             task.cancel()
+        if runner.batcher is not None:
+            runner.batcher.dropped()   # a batch none of whose messages is waited for
         await asyncio.wait(waiting.values())
     for index, task in waiting.items():
         if task.cancelled():

@@ -37,6 +37,7 @@ from .part import Part
 from .protocol import dumps, dumps_shared, loads
 from .supervise import RUNNING, STOPPING
 from .tracing import ENABLED as TRACING
+from .tracing import current_context
 from .tasks import (Entry, _AnyTaskFuture, _cancel_timer, _pickle_batch, _TaskFuture,
                     _tid_of, _wake)
 
@@ -85,7 +86,7 @@ class Dispatcher(Part):
     def submit(self, message: Any, worker_num: int | None,
                timeout: float | None) -> asyncio.Future[Any]:
         """:meth:`Pool.submit`."""
-        if TRACING:
+        if TRACING and current_context():   # (empty: no trace to carry)
             message = tracing.outgoing(message)
         tid = self._next_tid
         self._next_tid = tid + 1

@@ -50,11 +50,12 @@ class Inbox:
         self.resume_due = False
         self.take = 1              # how many held messages the next turn takes
         self.taken: list[tuple[int, Any, Any]] | None = None   # waits for TAKEN to leave
+        self.starting = False      # run_taken is starting what it took
 
     @property
     def busy(self) -> bool:
         """Whether anything waits here (a stop waits for it)."""
-        return bool(self.entries) or self.taken is not None
+        return bool(self.entries) or self.taken is not None or self.starting
 
     def hold_rest(self, tids: list[int], messages: list[Any]) -> None:
         """The rest of a batch, unpickled, after the turn overran."""
@@ -200,6 +201,28 @@ class Inbox:
         if taken is None or self.runner.stopped or self.runner.orphaned:
             return
         began = _monotonic()
+        # A stop waits until all of the take has started: a plain handler that finishes
+        # inside this loop must not let _finalise() run before the rest of it.
+        self.starting = True
+        try:
+            count = self._start_taken(taken)
+        finally:
+            self.starting = False
+        self.runner.read += count
+        spent = _monotonic() - began
+        # Take as many next time as fit the budget at this turn's pace.
+        each = spent / count if count else _BUDGET
+        self.take = max(1, min(_MAX_TAKE, int(_BUDGET / each) if each > 0 else _MAX_TAKE))
+        if self.entries or spent > _BUDGET:
+            self.overran()   # (a turn that overran leaves the next read held too)
+        else:
+            self.slow = False
+        self.channel.flush()
+        if self.runner.stopping:
+            self.runner.maybe_stop()
+
+    def _start_taken(self, taken: list[tuple[int, Any, Any]]) -> int:
+        """Start the messages of a take, in order; return how many there were."""
         count = 0
         cancelled = self.cancelled
         for kind, arg, payload in taken:
@@ -225,15 +248,4 @@ class Inbox:
                     chunk.refuse(self.runner, arg)
                 continue
             self.runner.start_one(kind, arg, payload)
-        self.runner.read += count
-        spent = _monotonic() - began
-        # Take as many next time as fit the budget at this turn's pace.
-        each = spent / count if count else _BUDGET
-        self.take = max(1, min(_MAX_TAKE, int(_BUDGET / each) if each > 0 else _MAX_TAKE))
-        if self.entries or spent > _BUDGET:
-            self.overran()   # (a turn that overran leaves the next read held too)
-        else:
-            self.slow = False
-        self.channel.flush()
-        if self.runner.stopping:
-            self.runner.maybe_stop()
+        return count

@@ -94,7 +94,7 @@ class _Slot:
 
     __slots__ = ('number', 'link', 'targeted', 'restarts', 'failures', 'start_error',
                  'restart_timer', 'retiring', 'recycles', 'quick_deaths', 'successor',
-                 'successor_failures', 'next_recycle', 'done')
+                 'successor_failures', 'next_recycle', 'done', 'batches')
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -112,4 +112,5 @@ class _Slot:
         self.successor_failures = 0   # replacements in a row that could not start
         self.next_recycle = 0.0       # loop time before which no recycle is tried again
         self.done = 0                 # tasks answered (replies and errors), all processes
+        self.batches = 0              # batches its workers handed to handle_batch
 

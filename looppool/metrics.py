@@ -29,6 +29,11 @@ name                           type    meaning
 ``workers.restarts``           counter workers replaced after dying
 ``workers.recycles``           counter workers replaced on purpose (max_tasks_per_worker,
                                        max_memory_per_worker)
+``batches.handed``             counter batches handed to ``handle_batch`` (a batch worker's
+                                       pool only, as the three below)
+``batches.messages``           counter messages in those batches
+``batches.mean_size``          gauge   messages per batch, over the batches of the interval
+``batches.max_size``           gauge   the largest batch of the interval
 ============================== ======= ===================================================
 
 :class:`PoolMetrics` lives in the parent process, on the pool's loop, and is not
@@ -52,7 +57,8 @@ import psutil
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ['PoolMetrics', 'PrometheusCollector', 'COUNTERS', 'SAMPLES', 'DURATION_BUCKETS']
+__all__ = ['PoolMetrics', 'PrometheusCollector', 'COUNTERS', 'SAMPLES', 'DURATION_BUCKETS',
+           'BATCH_BUCKETS']
 
 log = logging.getLogger('looppool')
 
@@ -66,7 +72,11 @@ COUNTERS = {
     'restarts': 'workers.restarts',
     'recycles': 'workers.recycles',
 }
+"""The ``stats()`` counters the pool reports, and the statsd name of each (after the
+prefix): sent as counters, the increase since the last report."""
+
 SAMPLES = 200
+"""The most task durations (and waits) kept for one report; past it, a random sample."""
 
 
 class _Reservoir:
@@ -106,9 +116,11 @@ class PoolMetrics:
         self.durations = _Reservoir(SAMPLES)
         self.waits = _Reservoir(SAMPLES)
         self.reported: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.batch_sizes: dict[int, int] = {}   # stats()['batches']['sizes'] last reported
         self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
+        """Report every ``interval`` seconds from now on."""
         self.timer = self.loop.call_later(self.interval, self.tick)
 
     def stop(self) -> None:
@@ -119,10 +131,13 @@ class PoolMetrics:
         self.report()
 
     def tick(self) -> None:
+        """One interval passed: schedule the next, and report."""
         self.timer = self.loop.call_later(self.interval, self.tick)
         self.report()
 
     def report(self) -> None:
+        """Send one report: the counters' increase since the last, the gauges, and the
+        durations sampled meanwhile."""
         try:
             stats = self.stats()
             pipe = self.client.pipeline()
@@ -136,6 +151,8 @@ class PoolMetrics:
             pipe.gauge(prefix + 'tasks.waiting', stats['waiting'])
             for worker in stats['workers']:
                 pipe.gauge(f'{prefix}worker.{worker["number"]}.in_flight', worker['in_flight'])
+            if 'batches' in stats:
+                self.report_batches(pipe, stats['batches']['sizes'])
             for seconds in self.durations.take():
                 pipe.timing(prefix + 'tasks.duration', seconds * 1000.0)
             for seconds in self.waits.take():
@@ -143,6 +160,20 @@ class PoolMetrics:
             pipe.send()
         except Exception:  # a metrics failure must never disturb the pool
             log.exception('sending the pool\'s metrics to statsd failed')
+
+    def report_batches(self, pipe: Any, sizes: dict[int, int]) -> None:
+        """The batches handed over since the last report: how many, and their sizes."""
+        new = {size: count - self.batch_sizes.get(size, 0) for size, count in sizes.items()}
+        new = {size: count for size, count in new.items() if count > 0}
+        self.batch_sizes = dict(sizes)
+        if not new:
+            return
+        batches = sum(new.values())
+        messages = sum(size * count for size, count in new.items())
+        pipe.incr(self.prefix + 'batches.handed', batches)
+        pipe.incr(self.prefix + 'batches.messages', messages)
+        pipe.gauge(self.prefix + 'batches.mean_size', round(messages / batches, 3))
+        pipe.gauge(self.prefix + 'batches.max_size', max(new))
 
 
 # -- Prometheus ------------------------------------------------------------------------------
@@ -183,7 +214,12 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "CPU time (user and system) of the worker's process"),
     ('looppool_task_duration_seconds', 'histogram', (),
      'Seconds from submit() to its reply, for the replies received'),
+    ('looppool_batch_size', 'histogram', (),
+     'Messages per batch handed to handle_batch (a batch worker only)'),
 )
+
+#: The batch-size histogram's bucket bounds (messages).
+BATCH_BUCKETS: tuple[int, ...] = tuple(2 ** power for power in range(13))
 
 # stats() key -> the counter that shows it.
 _COUNTED = (
@@ -293,6 +329,17 @@ def _time_tasks(pool: Any, histogram: _Histogram) -> None:
     # The shortest path of submit() takes no start time (it is taken only while
     # pool._metrics is set, which Pool.start() reads once).
     pool._dispatcher._plain = False
+
+
+def _add_batches(family: Any, batches: dict[str, Any]) -> None:
+    """The batch-size histogram, from ``stats()['batches']``."""
+    sizes: dict[int, int] = batches['sizes']
+    buckets: list[tuple[str, float]] = []
+    for bound in BATCH_BUCKETS:
+        buckets.append((repr(float(bound)),
+                        sum(count for size, count in sizes.items() if size <= bound)))
+    buckets.append(('+Inf', sum(sizes.values())))
+    family.add_metric([], buckets, batches['messages'])
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -458,6 +505,8 @@ class PrometheusCollector:
             if 'clients' in stats:
                 families['looppool_host_clients'].add_metric([], stats['clients'])
             self._add_workers(families, stats['workers'])
+            if 'batches' in stats:
+                _add_batches(families['looppool_batch_size'], stats['batches'])
         if histogram is not None and self._histogram is not None:
             counts, total = histogram
             buckets: list[tuple[str, float]] = []
@@ -490,7 +539,7 @@ class PrometheusCollector:
                   'histogram': core.HistogramMetricFamily}
         return {name: makers[kind](name, text, labels=labels)
                 for name, kind, labels, text in _FAMILIES
-                if kind != 'histogram' or self._histogram is not None}
+                if name != 'looppool_task_duration_seconds' or self._histogram is not None}
 
     def _read(self) -> tuple[dict[str, Any] | None, tuple[list[int], float] | None]:
         """The stats (and the histogram's counts), or ``(None, None)`` if they cannot be

@@ -1,11 +1,13 @@
 """What each part of a pool's parent side holds: the pool, the other parts, and the tables
 they share.
 
-A :class:`~looppool.Pool` is made of four parts, one concept each, along the path of a
+A :class:`~looppool.Pool` is made of six parts, one concept each, along the path of a
 message: the :class:`~looppool.dispatch.Dispatcher` (sending), the
 :class:`~looppool.inflight.InFlight` (what workers hold), the
-:class:`~looppool.receive.Receiver` (what they send back) and the
-:class:`~looppool.supervise.Supervisor` (the processes). Each owns its own state and says
+:class:`~looppool.receive.Receiver` (what they send back), the
+:class:`~looppool.supervise.Supervisor` (the workers, from start to stop), the transport
+(:class:`~looppool.processes.Processes`, or a DaskPool's actors: how a worker is started
+and reached) and the :class:`~looppool.lifecycle.Lifecycle` (pause, resume, restart). Each owns its own state and says
 so; what they share the pool makes once and none of them replaces: the worker slots (the
 supervisor's), the backlog (the dispatcher's, which the others give work back to or fail),
 the counters behind ``stats()``, the options.
@@ -54,12 +56,8 @@ class Part:
     def bind(self, supervisor: Supervisor, dispatcher: Dispatcher, inflight: InFlight,
              receiver: Receiver, transport: Processes, lifecycle: Lifecycle) -> None:
         """Know the other parts (they are made one after another)."""
-        self.supervisor = supervisor
-        self.dispatcher = dispatcher
-        self.inflight = inflight
-        self.receiver = receiver
-        self.transport = transport
-        self.lifecycle = lifecycle
+        (self.supervisor, self.dispatcher, self.inflight, self.receiver, self.transport,
+         self.lifecycle) = supervisor, dispatcher, inflight, receiver, transport, lifecycle
 
     def resized(self) -> None:
         """The pool learnt its size after the parts were made (a DaskPool of one actor

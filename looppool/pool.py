@@ -36,7 +36,7 @@ from typing import Any, Callable, Deque
 
 import tornado.ioloop
 
-from . import mapping, protocol, shm, tracing
+from . import batch, mapping, protocol, shm, tracing
 from .channel import check_size
 from .dispatch import Dispatcher
 from .errors import PoolClosed
@@ -51,6 +51,7 @@ from .processes import Processes, _parent_fds
 from .supervise import NEW, RUNNING, STOPPED, STOPPING, Supervisor
 from .tasks import Entry, _RawFuture, _TaskFuture
 from .tracing import ENABLED as TRACING
+from .tracing import current_context
 from .worker import Worker, worker_arguments
 
 __all__ = ['Pool']
@@ -75,6 +76,8 @@ _OPTIONS = {
     'worker_args': (),
     'worker_kwargs': None,
     'reload': False,
+    'batch_size': None,
+    'batch_timeout': None,
 }
 
 
@@ -120,6 +123,14 @@ class Pool:
         :mod:`looppool.reload` (needs ``pip install "looppool[reload]"``).
     :param title: ``True`` titles each worker process ``looppool worker N | <parent title>``
         (``ps``, ``htop``); ``False`` leaves titles alone.
+    :param batch_size: for a ``worker_class`` that overrides
+        :meth:`~looppool.Worker.handle_batch`: the most messages in one batch (default
+        64, or a worker's share of ``max_tasks`` if that is smaller; a larger one is a
+        :class:`ValueError`, as no batch could fill). A class without ``handle_batch``
+        given either option raises :class:`TypeError`.
+    :param batch_timeout: seconds a batch waits for more messages after its first one
+        arrived (default 0.005): it is handed over when full or when this has passed,
+        whichever comes first. See the manual's "Batches" page.
 
     The pool lives in the parent process, on one loop, and is not thread-safe: from another
     thread, reach it with ``IOLoop.add_callback``.
@@ -187,6 +198,11 @@ class Pool:
         self._share = max(1, max_tasks // pool_size)
         self._result_share = max(1, max_results // pool_size)
         self._statsd = statsd
+        # (batch_size or None for the default, batch_timeout), None if it does not batch.
+        self._batching = batch.check_options(worker_class, self._options['batch_size'],
+                                             self._options['batch_timeout'], max_tasks,
+                                             pool_size)
+        self._batch_sizes = collections.Counter[int]()   # batch size -> batches handed
 
         self._recycle_after: int | None = self._options['max_tasks_per_worker']
         # A pool host forwards each reply's bytes unpickled, so its workers answer one by one.
@@ -204,6 +220,10 @@ class Pool:
         self._counts = collections.Counter[str]()
         # The parts, along the path of a message (see the module's docstring).
         self._make_parts(self._transport_class)
+
+    def _batch_config(self) -> tuple[int, float]:
+        """A worker's ``(batch_size, batch_timeout)``: ``(0, 0.0)`` if it does not batch."""
+        return batch.config(self._batching, self._share)
 
     def _make_parts(self, transport: type[Processes]) -> None:
         parts = (Supervisor(self), Dispatcher(self), InFlight(self), Receiver(self),
@@ -374,8 +394,8 @@ class Pool:
                 raise slot.start_error
             raise queue.Full(f'worker {slot.number} holds its share of max_tasks '
                              f'({self._share} tasks sent and not yet done)')
-        payload = dumps_shared(tracing.outgoing(message) if TRACING else message,
-                               self._shared_memory)
+        payload = dumps_shared(tracing.outgoing(message) if TRACING and current_context()
+                               else message, self._shared_memory)
         check_size(len(payload))   # here, though it may wait: the caller gets the error
         if worker_num is None:
             self._dispatcher._note_turn = (self._dispatcher._note_turn + 1) % self.pool_size
@@ -395,8 +415,8 @@ class Pool:
             raise self._not_running()
         if worker_num is not None:
             self._check_worker_num(worker_num)
-        payload = dumps_shared(tracing.outgoing(message) if TRACING else message,
-                               self._shared_memory)
+        payload = dumps_shared(tracing.outgoing(message) if TRACING and current_context()
+                               else message, self._shared_memory)
         future: asyncio.Future[None] = self._loop.create_future()
         self._counts['submitted'] += 1
         if self._dispatcher._outbox:
@@ -424,7 +444,8 @@ class Pool:
         tiny messages travel a thousand to a chunk, and long ones one by one, each to
         the worker that has room), at most a quarter of a worker's share of
         ``max_tasks`` or 1024, and for messages of known length (a list, a range) no more
-        than spreads them over four chunks a worker. Needs a Worker with ``handle()``.
+        than spreads them over four chunks a worker. Needs a Worker with ``handle()`` (or
+        ``handle_batch()``).
         """
         return mapping.run(self, messages, chunksize)
 
@@ -463,7 +484,9 @@ class Pool:
                 'done': slot.done,
                 'restarts': slot.restarts,
             })
-        return {
+            if self._batching is not None:
+                workers[-1]['batches'] = slot.batches
+        stats: dict[str, Any] = {
             'state': self._lifecycle.state(),
             'pool_size': self.pool_size,
             'submitted': self._counts['submitted'] + self._dispatcher._submits,
@@ -478,6 +501,11 @@ class Pool:
             'waiting': len(self._pending) + sum(w['waiting'] for w in workers),
             'workers': workers,
         }
+        if self._batching is not None:
+            stats['batches'] = {'count': self._counts['batches'],
+                                'messages': self._counts['batched'],
+                                'sizes': dict(sorted(self._batch_sizes.items()))}
+        return stats
 
     @property
     def state(self) -> str:

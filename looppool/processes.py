@@ -11,7 +11,7 @@ same for every transport. Its interface::
     reap(link) -> exitcode     the worker has ended: release what it held
     kill(link)                 end it now (its exit is reported as always)
     rss(link) -> bytes | None  its resident memory, for max_memory_per_worker
-    how_it_ended(link, code), likely_cause(link, code)
+    name(link), how_it_ended(link, code), likely_cause(link, code)
                                words for the errors and logs
     blocking                   whether stop() may drive the workers without the loop
     lag_check                  seconds between the looks for blocked workers
@@ -78,6 +78,7 @@ class Processes(Part):
         start_method = ctx.get_start_method()
         close_fds = tuple(_parent_fds | {parent_sock.fileno()}) if start_method == 'fork' \
             else ()
+        batch_size, batch_timeout = pool._batch_config()
         config = protocol.WorkerConfig(
             number=link.number,
             pool_size=self.pool_size,
@@ -90,6 +91,8 @@ class Processes(Part):
             batch_replies=pool._batch_replies,
             cancel_grace=self._options['cancel_grace'],
             worker_arguments=pool._worker_arguments,
+            batch_size=batch_size,
+            batch_timeout=batch_timeout,
             shared_memory=pool._shared_memory,
         )
         process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
@@ -145,6 +148,10 @@ class Processes(Part):
             return int(psutil.Process(link.pid).memory_info().rss)
         except psutil.Error:
             return None
+
+    def name(self, link: _Link) -> str:
+        """The worker, as errors and logs name it."""
+        return f'worker {link.number} (pid {link.pid})'
 
     def how_it_ended(self, link: _Link, exitcode: int | None) -> str:
         return _how_it_ended(exitcode)

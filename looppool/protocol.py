@@ -58,6 +58,8 @@ RECALLED     count        pickled ids of the held tasks sent back for a RECALL (
                           of them started); they are no longer held
 PAUSED       0            --; ``_pause()`` returned (or raised: logged here)
 RESUMED      0            --; ``_resume()`` returned (or raised: logged here)
+BATCHED      size         --; a batch of ``size`` messages was handed to
+                          ``handle_batch`` (for ``stats()``: see looppool.batch)
 ============ ============ =========================================================
 
 Batches (TASKS, REPLIES) carry two pickles, the task ids first, so that the ids can be read
@@ -84,7 +86,8 @@ from . import shm
 TASK, NOTE, CANCEL, CREDIT, STOP, TERMINATE, REPLAY, TASKS, MAP, RECALL = range(1, 11)
 PAUSE, RESUME = range(11, 13)
 READY, START_FAILED, REPLY, ERROR, REPLY_KEEP, ERROR_KEEP, FREED, RESULT, LOG = range(16, 25)
-REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED, PAUSED, RESUMED = range(25, 34)
+REPLIES, RESEND, MAPPED, ACK, HELD, TAKEN, RECALLED, PAUSED, RESUMED, BATCHED = \
+    range(25, 35)
 
 # The frames that carry work to a worker.
 WORK = frozenset((TASK, NOTE, REPLAY, TASKS, MAP))
@@ -150,5 +153,9 @@ class WorkerConfig(NamedTuple):
     cancel_grace: float
     batch_replies: bool
     worker_arguments: bytes   # pickled (worker_args, worker_kwargs): see worker_arguments()
+    # A handle_batch worker's batches (looppool.batch): the most messages in one, and the
+    # seconds a batch waits after its first message; 0 for a worker that does not batch.
+    batch_size: int = 0
+    batch_timeout: float = 0.0
     # Buffers at least this large go through shared memory (0: never): see looppool.shm.
     shared_memory: int = 0

@@ -8,6 +8,8 @@ Every frame a worker sends reaches :meth:`Receiver._on_frames`, in order::
                                            send that worker more
         ACK / HELD / TAKEN / RECALLED      what the worker started, holds, takes and gives
                                            back: its window (see looppool.inflight)
+        BATCHED                            a batch handed to handle_batch: counted for
+                                           stats() (see looppool.batch)
         RESULT                             a _put_nowait result: process_message(result,
                                            result_done)
         LOG                                a log record, to this process's handlers
@@ -194,6 +196,11 @@ class Receiver(Part):
             return True
         elif kind == protocol.RESEND:
             self.dispatcher._resend(link, payload)
+        elif kind == protocol.BATCHED:
+            self._counts['batches'] += 1
+            self._counts['batched'] += arg
+            self.pool._batch_sizes[arg] += 1
+            self._slots[link.number].batches += 1
         elif kind == protocol.RESULT or kind == protocol.LOG:
             if self.dispatcher._catching_up or self._held is not None:
                 self._hold(link, kind, arg, payload)

@@ -5,14 +5,16 @@ Inside one worker process::
     channel (socket to the parent) --frames--> _Runner.on_frames
         TASK / NOTE  -> Worker.handle(message)            (modern)
                         Worker._process_message(message)  (Looppool style)
+                        a batch of Worker.handle_batch    (see looppool.batch)
                         run as a coroutine on this process's loop, started eagerly
                         (see looppool.eager): one that never suspends costs no Task
         CANCEL       -> the task's asyncio.Task is cancelled
         CREDIT       -> room for more _put_nowait results
         RECALL       -> the held tasks go back to the parent (RECALLED), unstarted
         STOP         -> accepted tasks finish, _finalise(), the loop stops, join()
-    replies, FREED counts and _put_nowait results go back through the same channel,
-    with an ACK of what was started at every flush (see looppool.inbox for the rest).
+    replies, FREED counts and _put_nowait results go back through the same channel
+    (looppool.answers), with an ACK of what was started at every flush (see
+    looppool.inbox for the rest).
 
 Work is started as it is read, for at most _BUDGET seconds of one turn of the loop. What
 comes after that (the rest of a batch behind a CPU-bound handler, the next frames) waits
@@ -35,20 +37,20 @@ import functools
 import inspect
 import logging
 import os
-import pickle
 import signal
 import socket
 import threading
-import traceback
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import eager, protocol, tracing
-from .channel import Channel, _ignore, check_size
+from .channel import Channel, _ignore
 from . import chunk
+from .batch import Batcher
 from .inbox import _BUDGET, _REST, Inbox, _monotonic
-from .protocol import dumps, dumps_shared, loads
+from .answers import _REPLAYED, Answers, _origin
+from .protocol import dumps, loads
 from .worker import Worker
 
 log = logging.getLogger('looppool.worker')
@@ -60,19 +62,13 @@ _CLEANUP_GRACE = 0.8
 _ORPHAN_DEADLINE = 0.9
 
 
-# The task (or note origin) a handler runs for, so that a _put_nowait result can be routed
-# back to whoever sent the message (a remote client of a pool host). Tasks copy the context
-# when they are created, so concurrent handlers each see their own.
-# Kept for callers of the earlier name (looppool.dask): eager.start is the one to use.
+# Kept for callers of the earlier name: eager.start is the one to use.
 start_coroutine = eager.start
 
-_origin: contextvars.ContextVar[int] = contextvars.ContextVar('looppool_origin', default=0)
-# The origin of a replayed sticky broadcast: its return value goes nowhere.
-_REPLAYED = -1
 # Replies that leave before the end of a read that holds many batches.
 _EARLY_REPLIES = 256
 
-class _Runner:
+class _Runner(Answers):
     """Drives one :class:`Worker` in its process: frames in, tasks run, frames out.
 
     Lives in the worker process, on its loop thread; not thread-safe.
@@ -109,6 +105,8 @@ class _Runner:
         self.shared_memory = config.shared_memory
         self.channel = self.make_channel(sock)
         self.inbox = Inbox(self)
+        self.batcher = Batcher(self, config.batch_size, config.batch_timeout) \
+            if config.batch_size else None
 
     def make_channel(self, sock: Any) -> Channel:
         """The channel to the parent (a subclass may bring another end with the same
@@ -122,8 +120,15 @@ class _Runner:
         worker._runner = self
         self.worker = worker
         self.call = worker._process_message if self.looppool_style else worker.handle
-        if tracing.ENABLED:   # a message may carry its caller's trace context
-            self.call = tracing.wrap_handler(self.call)
+        if self.batcher is not None:
+            self.batcher.attach(worker)
+            self.call = self.batcher.add   # a future per message, answered by its batch
+        elif tracing.ENABLED:   # once a message carries its caller's trace context
+            tracing.when_traced(self.trace_handlers)
+
+    def trace_handlers(self) -> None:
+        """Run each traced message's handler in its trace context from now on."""
+        self.call = tracing.wrap_handler(self.call)
 
     # -- frames from the parent ------------------------------------------------------------
 
@@ -149,6 +154,8 @@ class _Runner:
                 task = self.running.get(arg)
                 if task is not None:
                     task.cancel()
+                    if self.batcher is not None:
+                        self.batcher.dropped()
                 else:
                     self.inbox.cancel(arg)   # answered when its turn comes, if it waits
             elif kind == protocol.RECALL:
@@ -157,8 +164,12 @@ class _Runner:
                 self.credited(arg)
             elif kind == protocol.STOP:
                 self.stopping = True
+                if self.batcher is not None:
+                    self.batcher.hand_over()   # what it started finishes now
                 self.maybe_stop()
             elif kind == protocol.PAUSE or kind == protocol.RESUME:
+                if kind == protocol.PAUSE and self.batcher is not None:
+                    self.batcher.hand_over()   # a pause waits for what it started
                 self.run_hook(kind)
             elif kind == protocol.TERMINATE:
                 self.terminate()
@@ -185,7 +196,7 @@ class _Runner:
         """Start the tasks of a batch in order until the clock passes ``deadline`` (then
         the turn has overran); return how many were started."""
         count = len(tids)
-        if self.looppool_style or not self.batch_replies:
+        if self.looppool_style or not self.batch_replies or self.batcher is not None:
             run = self.run
             for position in range(count):
                 run(tids[position], messages[position], True)
@@ -324,6 +335,11 @@ class _Runner:
             self.finish(tid, reply, exc, failed=True)
             return
         if type(result) is types.CoroutineType or inspect.isawaitable(result):
+            if isinstance(result, asyncio.Future):   # a place in a batch (see Batcher.add)
+                # (Even if its batch was answered at once: after the others, in order.)
+                self.running[tid if reply else -id(result)] = result
+                result.add_done_callback(functools.partial(self.task_finished, tid, reply))
+                return
             if type(result) is not types.CoroutineType:
                 result = _await(result)
             state, task = eager.step(self.loop, result)
@@ -346,92 +362,7 @@ class _Runner:
         else:
             self.finish(tid, reply, task.result())
 
-    def finish(self, tid: int, reply: bool, value: Any, failed: bool = False,
-               note: str | None = None) -> None:
-        """Answer a task: a reply for submit(), or a freed slot (and result) for a note."""
-        # A modern task's end frees its slot (Looppool style: _task_done does), unless
-        # results are held back, which defers it: see hold_or_send.
-        frees = not self.looppool_style
-        if frees and self.held:
-            frees = False
-            self.deferred += 1
-        if reply:
-            if frees and not failed and self.batch_replies:
-                # Pickled with the other replies of this loop iteration, at the flush.
-                self.reply_tids.append(tid)
-                self.reply_values.append(value)
-                if len(self.reply_tids) == 1:
-                    self.channel.schedule_flush()
-            elif failed:
-                kind = protocol.ERROR if frees else protocol.ERROR_KEEP
-                self.channel.send(kind, tid, self.encode_error(value, note))
-            else:
-                self.send_reply(tid, value, frees)
-        else:
-            if failed and not isinstance(value, asyncio.CancelledError):
-                log.error('worker %d: %s %s', self.number,
-                          note or 'message handler raised', _describe(value),
-                          exc_info=(type(value), value, value.__traceback__))
-            elif not failed and value is not None and not self.looppool_style \
-                    and tid != _REPLAYED:
-                self.send_result(value)
-            if frees:
-                self.slot_freed()
-        if self.stopping:
-            self.maybe_stop()
-
-    def send_reply(self, tid: int, value: Any, frees: bool) -> None:
-        """Answer one task on its own frame; a reply that cannot be pickled, or is over
-        the frame limit, answers it with the error instead."""
-        kind = protocol.REPLY if frees else protocol.REPLY_KEEP
-        try:
-            payload = dumps_shared(value, self.shared_memory)
-        except BaseException as exc:
-            kind = protocol.ERROR if frees else protocol.ERROR_KEEP
-            payload = self.unpicklable(value, exc)
-        try:
-            self.channel.send(kind, tid, payload)
-        except ValueError as exc:   # over the 4 GiB frame limit
-            self.channel.send(protocol.ERROR if frees else protocol.ERROR_KEEP, tid,
-                              self.encode_error(exc, None))
-
-    def unpicklable(self, value: Any, exc: BaseException) -> bytes:
-        """The error that answers a task whose reply could not be pickled."""
-        return self.encode_error(pickle.PicklingError(
-            f'worker {self.number} (pid {self.pid}) could not pickle the reply '
-            f'({type(value).__qualname__}): {exc!r}'), None)
-
-    def encode_error(self, exc: BaseException, note: str | None) -> bytes:
-        text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        if note:
-            text = f'{note} in worker {self.number} (pid {self.pid}):\n{text}'
-        try:
-            payload = dumps((exc, text))
-            loads(payload)  # an exception that pickles but cannot be rebuilt fails here
-            return payload
-        except BaseException as pickling_error:
-            stand_in = pickle.PicklingError(
-                f'worker {self.number} (pid {self.pid}) raised {type(exc).__qualname__}: '
-                f'{exc}, which cannot be sent to the parent ({pickling_error!r})')
-            return dumps((stand_in, text))
-
-    # -- slots and results -----------------------------------------------------------------
-
-    def slot_freed(self) -> None:
-        self.freed += 1
-        if self.freed == 1:
-            self.channel.schedule_flush()
-
-    def task_done(self) -> None:
-        if self.open_slots <= 0:
-            raise RuntimeError('_task_done() called more often than messages were received')
-        self.open_slots -= 1
-        if self.held:
-            self.deferred += 1
-        else:
-            self.slot_freed()
-        if self.stopping:
-            self.maybe_stop()
+    # -- flushing --------------------------------------------------------------------------
 
     def before_flush(self) -> None:
         if self.read:
@@ -442,84 +373,6 @@ class _Runner:
         if self.freed:
             freed, self.freed = self.freed, 0
             self.channel.send(protocol.FREED, freed)
-
-    def send_replies(self) -> None:
-        """Send this iteration's replies as one frame; a reply that cannot be pickled
-        fails its own task with a PicklingError instead."""
-        tids, values = self.reply_tids, self.reply_values
-        self.reply_tids, self.reply_values = [], []
-        if len(tids) == 1:
-            # One reply (a round trip at a time): a REPLY frame, one pickle, no ids list.
-            self.send_reply(tids[0], values[0], True)
-            return
-        try:
-            data = dumps_shared(values, self.shared_memory)
-        except Exception:
-            good_tids, good_values = [], []
-            for tid, value in zip(tids, values):
-                try:
-                    dumps(value)
-                except Exception as exc:
-                    self.channel.send(protocol.ERROR, tid, self.unpicklable(value, exc))
-                else:
-                    good_tids.append(tid)
-                    good_values.append(value)
-            tids, values = good_tids, good_values
-            data = dumps_shared(good_values, self.shared_memory)
-        if tids:
-            try:
-                self.channel.send_parts(protocol.REPLIES, len(tids), protocol.pack(tids, data))
-            except ValueError:   # over the frame limit together: each on a frame of its own,
-                # so that only a reply over the limit on its own fails
-                for tid, value in zip(tids, values):
-                    self.send_reply(tid, value, True)
-
-    def put_result(self, result: Any) -> None:
-        # A result that cannot be pickled raises to the caller.
-        payload = dumps_shared(result, self.shared_memory)
-        check_size(len(payload))   # so does one over the frame limit, even if it would wait
-        self.hold_or_send(_origin.get(), payload)
-
-    def send_result(self, result: Any) -> None:
-        """Send a note's return value; one that cannot be pickled is logged."""
-        try:
-            payload = dumps_shared(result, self.shared_memory)
-            check_size(len(payload))
-        except Exception:
-            log.exception('worker %d: could not send a result of type %s; it was dropped',
-                          self.number, type(result).__qualname__)
-            return
-        self.hold_or_send(_origin.get(), payload)
-
-    def hold_or_send(self, origin: int, payload: Any) -> None:
-        """Send a result if the parent has room for it, else hold it here.
-
-        At most this worker's share of ``max_results`` results wait for ``result_done()``
-        in the parent. Past that, results wait in this process, and while any wait the
-        worker frees no task slots, so the parent sends it no more work: backpressure from
-        a slow ``process_message`` all the way to ``put_nowait``, and nothing is dropped.
-        """
-        if self.credit > 0 and not self.held:
-            self.credit -= 1
-            self.channel.send(protocol.RESULT, origin, payload)
-        else:
-            self.held.append((origin, payload))
-
-    def credited(self, count: int) -> None:
-        """The parent acknowledged ``count`` results: send what was held, then free the
-        slots that waited for it."""
-        self.credit += count
-        held = self.held
-        while held and self.credit > 0:
-            self.credit -= 1
-            origin, payload = held.popleft()
-            self.channel.send(protocol.RESULT, origin, payload)
-        if not held and self.deferred:
-            self.freed += self.deferred
-            self.deferred = 0
-            self.channel.schedule_flush()
-        if self.stopping:
-            self.maybe_stop()
 
     # -- pause and resume ------------------------------------------------------------------
 
@@ -576,6 +429,8 @@ class _Runner:
                 chunk.refuse(self, arg)
         for task in list(self.running.values()):
             task.cancel()
+        if self.batcher is not None:
+            self.batcher.hand_over()   # (its messages were cancelled: nothing to hand over)
         self.open_slots = 0
         self.credited(len(self.held))   # past the deadline: send what is held regardless
         self.maybe_stop()
@@ -608,9 +463,6 @@ class _Runner:
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
-
-def _describe(exc: BaseException) -> str:
-    return f'{type(exc).__qualname__}: {exc}'
 
 
 def _end_process_after(seconds: float) -> None:

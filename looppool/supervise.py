@@ -161,8 +161,8 @@ class Supervisor(Part):
                 or self._state is not RUNNING \
                 or (self.pool._loop.time() < slot.next_recycle and not force):
             return
-        log.info('worker %d (pid %d) is being recycled (planned, not a crash): %s; its '
-                 'replacement starts now and takes over once ready', link.number, link.pid,
+        log.info('%s is being recycled (planned, not a crash): %s; its '
+                 'replacement starts now and takes over once ready', self.transport.name(link),
                  reason)
         slot.recycles += 1
         self._counts['recycles'] += 1
@@ -315,13 +315,13 @@ class Supervisor(Part):
         how = self.transport.how_it_ended(link, exitcode)
         reason = link.kill_reason or self.transport.likely_cause(link, exitcode)
         error = WorkerLost(
-            f'worker {link.number} (pid {link.pid}) {how} while '
+            f'{self.transport.name(link)} {how} while '
             f'running this task; {reason}'
             + ('; it was replaced' if self._state is RUNNING else ''),
             link.number, link.pid, exitcode)
         if lost or self._state is RUNNING:
-            log.error('worker %d (pid %d) %s with %d task(s) in flight; %s', link.number,
-                      link.pid, how, sum(map(_weight, lost)), reason)
+            log.error('%s %s with %d task(s) in flight; %s', self.transport.name(link), how,
+                      sum(map(_weight, lost)), reason)
         self._fail(lost, error, 'lost')
         if self._state is not RUNNING or slot.link is not None or link.retiring:
             return
@@ -357,7 +357,7 @@ class Supervisor(Part):
                     '(likely causes: under spawn or forkserver the main module must be '
                     'importable and its start-up code guarded by if __name__ == '
                     '"__main__"; see the worker\'s stderr)')
-        error = WorkerStartError(f'worker {slot.number} (pid {link.pid}) {what}', slot.number,
+        error = WorkerStartError(f'{self.transport.name(link)} {what}', slot.number,
                                  link.pid, exitcode, traceback_text)
         log.error('%s', error)
         self._fail(lost, error, 'lost')

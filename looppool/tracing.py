@@ -9,9 +9,10 @@ extracted and attached for the handler's coroutine, so that spans made in ``hand
 children of the caller's span. A pool host forwards the pickled message as it is.
 
 Costs: without ``opentelemetry-api`` nothing of this runs (``ENABLED`` is false and every
-call site tests it first); with it and no current span, one look at the current span per
-message; a worker unpickles a :class:`Traced` into the bare message where OpenTelemetry is
-not installed, so a worker without it gets messages as ever.
+call site tests it first); with it and no context attached, one look at the current
+context per message sent; a worker wraps its handler only once a traced message has
+reached its process. A worker unpickles a :class:`Traced` into the bare message where
+OpenTelemetry is not installed, so a worker without it gets messages as ever.
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from typing import Any
+
+
+def _nothing() -> Any:
+    return None
+
+
+# The current OpenTelemetry context, empty when nothing is attached: the first look at every
+# message sent, so the cheapest there is (the context variable's own get, where the runtime
+# context is the default one).
+current_context: Callable[[], Any] = _nothing
 
 try:
     from opentelemetry import context as _context
@@ -28,8 +39,13 @@ except ImportError:   # the optional extra is not installed
     ENABLED = False
 else:
     ENABLED = True
+    try:
+        current_context = _context._RUNTIME_CONTEXT._current_context.get  # type: ignore[attr-defined]
+    except AttributeError:   # pragma: no cover - another runtime context configured
+        current_context = _context.get_current
 
-__all__ = ['ENABLED', 'Traced', 'outgoing', 'outgoing_all', 'wrap_handler']
+
+__all__ = ['ENABLED', 'Traced', 'outgoing', 'outgoing_all', 'when_traced', 'wrap_handler']
 
 
 class Traced:
@@ -45,9 +61,31 @@ class Traced:
         return _rebuild, (self.carrier, self.message)
 
 
+# What to call when the first traced message of this process is unpickled: the workers'
+# runners wrap their handlers then, so that a worker that never gets one pays nothing.
+_when_traced: list[Callable[[], None]] = []
+_seen = False
+
+
+def when_traced(hook: Callable[[], None]) -> None:
+    """Call ``hook`` once a traced message reaches this process (at once if one has)."""
+    if _seen:
+        hook()
+    else:
+        _when_traced.append(hook)
+
+
 def _rebuild(carrier: dict[str, str], message: Any) -> Any:
-    # Where OpenTelemetry is missing, the handler gets the message as it was sent.
-    return Traced(carrier, message) if ENABLED else message
+    global _seen
+    if not ENABLED:   # the handler gets the message as it was sent
+        return message
+    if not _seen:
+        _seen = True
+        hooks = list(_when_traced)
+        _when_traced.clear()
+        for hook in hooks:
+            hook()
+    return Traced(carrier, message)
 
 
 def _carrier() -> dict[str, str] | None:

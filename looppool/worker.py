@@ -143,6 +143,32 @@ class Worker:
         raise NotImplementedError(
             f'{type(self).__qualname__} must override handle() or _process_message()')
 
+    async def handle_batch(self, messages: list[Any]) -> list[Any]:
+        """Handle a batch of messages; return one reply per message, in order.
+
+        Optional: a subclass that overrides it gets every message in batches instead of
+        one by one through :meth:`handle` (which the pool then never calls). The pool's
+        ``batch_size`` and ``batch_timeout`` say how batches form: a batch is handed over
+        once it holds ``batch_size`` messages, or ``batch_timeout`` seconds after its first
+        message arrived, whichever comes first. The messages of a batch are whatever
+        reached this worker, from any caller (the clients of a pool host included).
+
+        An exception raised here fails every message of the batch with it. An item of
+        the returned list that is an :class:`Exception` instance fails only its own
+        message, as if ``handle`` had raised it. May be ``async def`` or a plain ``def``::
+
+            class Embedder(looppool.Worker):
+                def _initialise(self):
+                    self.model = load_model()
+
+                async def handle_batch(self, texts):
+                    return self.model.embed(texts)   # one vector per text
+
+        See the manual's "Batches" page.
+        """
+        raise NotImplementedError(
+            f'{type(self).__qualname__} must override handle_batch() to be sent batches')
+
     def _process_message(self, message: Any) -> Any:
         """Looppool 0.3 style handler: plain function or coroutine.
 

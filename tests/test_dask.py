@@ -40,7 +40,7 @@ import looppool  # noqa: E402
 from conftest import run, wait_for, wait_until  # noqa: E402
 from looppool.dask import DaskPool  # noqa: E402
 from looppool.errors import RemoteTraceback  # noqa: E402
-from workers import Classic, Configured, Echo, FailingStart, Spanning  # noqa: E402
+from workers import Batched, Classic, Configured, Echo, FailingStart, Spanning  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -419,6 +419,26 @@ def test_stop_past_its_deadline_ends_running_tasks_with_pool_closed(backend: Any
     run(main())
 
 
+def test_batches_form_in_each_worker(backend: Any) -> None:
+    async def main() -> None:
+        async with backend.pool(Batched, batch_size=4, batch_timeout=30.0) as pool:
+            # Full batches only (the timeout is never waited for), one per worker.
+            replies = await asyncio.gather(*[pool.submit(index, worker_num=index % 2)
+                                            for index in range(8)])
+            assert [reply[0] for reply in replies] == list(range(8))
+            assert {reply[2] for reply in replies} == {4}
+            assert pool.stats()['batches'] == {'count': 2, 'messages': 8, 'sizes': {4: 2}}
+            assert [w['batches'] for w in pool.stats()['workers']] == [1, 1]
+            outcomes = await asyncio.gather(
+                *[pool.submit(('raise', KeyError('batch')), worker_num=0)],
+                *[pool.submit(index, worker_num=0) for index in range(3)],
+                return_exceptions=True)
+            assert all(type(outcome) is KeyError for outcome in outcomes)
+            mapped = [reply async for reply in pool.map(range(40), chunksize=3)]
+            assert [reply[0] for reply in mapped] == list(range(40))
+    run(main())
+
+
 def test_a_worker_killed_mid_load(fresh_backend: Any) -> None:
     """Only the killed worker's tasks fail, with WorkerLost, through their futures; it comes
     back under the same number with the sticky broadcasts replayed."""
@@ -640,6 +660,24 @@ def test_a_handler_raising_system_exit_does_not_end_the_dask_worker(
     run(main())
 
 
+def test_system_exit_in_handle_batch_does_not_end_the_dask_worker(
+        dask_backend: DaskBackend) -> None:
+    class QuitsInBatches(Batched):
+        async def handle_batch(self, messages: list[Any]) -> Any:
+            if 'quit' in messages:
+                raise SystemExit(4)
+            return await super().handle_batch(messages)
+
+    async def main() -> None:
+        async with dask_backend.pool(QuitsInBatches, batch_size=1) as pool:
+            _, _, _, pid = await pool.submit(('pid',), worker_num=0)
+            with pytest.raises(RuntimeError, match=r'raised SystemExit\(4\).*not ended'):
+                await pool.submit('quit', worker_num=0)
+            assert (await pool.submit(('pid',), worker_num=0))[3] == pid
+            assert pool.stats()['restarts'] == 0
+    run(main())
+
+
 def test_the_applications_event_handler_still_gets_events(dask_backend: DaskBackend) -> None:
     async def main() -> None:
         seen: list[Any] = []
@@ -675,6 +713,10 @@ def test_bad_arguments_are_named(local_cluster: str) -> None:
                     DaskPool(client, Echo, **{name: value})
             with pytest.raises(ValueError, match='timeout must be a positive'):
                 DaskPool(client, Echo, timeout=0)
+            with pytest.raises(TypeError, match='batch_size is for a Worker'):
+                DaskPool(client, Echo, batch_size=8)
+            with pytest.raises(ValueError, match='batch_timeout must be a finite'):
+                DaskPool(client, Batched, batch_timeout=-1)
             with pytest.raises(TypeError, match=r'Configured\(table, \*, scale=1\) cannot be '
                                                 r'called with worker_args \(0 positional\)'):
                 DaskPool(client, Configured)

@@ -363,6 +363,7 @@ TESTED = {'looppool_fetch.py', 'looppool_instrumented.py', 'webapp.py', 'lookup_
           'operating.py', 'dask_cluster.py'}
 # Run for real, against real servers, by tests/test_servers.py.
 TESTED_IN_TEST_SERVERS = {'server_tornado.py', 'server_gunicorn.py', 'gunicorn_conf.py',
+                          'server_fastapi.py', 'gunicorn_fastapi_conf.py',
                           'server_uwsgi.py', 'server_flask.py', 'shared_workers.py'}
 # Run for real, scraped over HTTP, by tests/test_prometheus.py.
 TESTED_IN_TEST_PROMETHEUS = {'prometheus_metrics.py'}
@@ -629,5 +630,6 @@ def test_dask_cluster(tmp_path: Path) -> None:
     # The pool logs the loss once, naming the worker; Dask's nanny may warn as it restarts.
     errors = [line for line in outcome.stderr.splitlines() if line.startswith('ERROR')]
     assert len(errors) == 1 and re.match(
-        r'ERROR looppool: worker 0 \(pid \d+\) was lost with its Dask worker tcp://',
+        r'ERROR looppool: worker 0 \(an actor on Dask worker tcp://[\d.:]+, pid \d+\) was '
+        r'lost ',
         errors[0]), outcome

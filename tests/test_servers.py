@@ -1,11 +1,13 @@
 """Web servers sharing one pool: the server examples, run for real.
 
-The Tornado (``fork_processes``) and gunicorn (``on_starting`` / ``on_exit``, sync
-workers, ``connect_sync``) examples start real servers on loopback and send them real
-HTTP requests; each test here reads what an example printed and checks one thing a user
-relies on: every request answered, every web worker served by the same pool workers of
-one host, and nothing left running afterwards, the pool host included. The uWSGI and
-Flask examples run for real too (both servers are in the test extra; under CI=true a
+The Tornado (``fork_processes``), gunicorn (``on_starting`` / ``on_exit``, sync workers,
+``connect_sync``) and FastAPI (gunicorn with uvicorn workers, an ``async`` endpoint
+awaiting ``connect()``, a ``handle_batch`` pool worker) examples start real servers on
+loopback and send them real HTTP requests; each test here reads what an example printed
+and checks one thing a user relies on: every request answered, every web worker served
+by the same pool workers of one host (and, for FastAPI, batches that carry the requests
+of several web workers), and nothing left running afterwards, the pool host included.
+The uWSGI and Flask examples run for real too (both servers are in the test extra; under CI=true a
 missing one fails), and with the server hidden must say what to install and exit 0.
 
 Each example runs once per module, in a session of its own; it starts the server in
@@ -46,12 +48,16 @@ ANSWERED_BY = re.compile(r'^web worker (\d+) was answered by pool worker pids ([
                          re.M)
 SAME_POOL = re.compile(r'^all (\d+) web workers were answered by the same (\d+) pool '
                        r'workers \(pids ([\d, ]+)\) of pool host (\d+)$', re.M)
-HOST_STARTED = re.compile(r'\] pool host pid (\d+) runs (\d+) pool workers, serving (\S+)$',
+HOST_STARTED = re.compile(r'\] pool host pid (\d+) runs (\d+) pool workers?, serving (\S+)$',
                           re.M)
 READY = re.compile(r'\] web worker pid (\d+) ready', re.M)
 STOPPING = re.compile(r'^stopping .* \(SIGTERM to pid (\d+)\)$', re.M)
 ALL_GONE = re.compile(r'^the pool host \(pid (\d+)\) and its pool workers \(pids ([\d, ]+)\) '
                       r'have exited$', re.M)
+BATCH = re.compile(r'^batch (\d+) of pool worker 0 carried (\d+) requests of web workers '
+                   r'([\d, ]+)$', re.M)
+HOST_BATCHES = re.compile(r'^the pool host handed (\d+) messages to handle_batch in (\d+) '
+                          r'batches: ', re.M)
 MISSING = re.compile(r'^this example needs \w+: pip install \w+')
 
 
@@ -166,8 +172,18 @@ def gunicorn_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return run_example('server_gunicorn.py', tmp_path_factory.mktemp('gunicorn'))
 
 
-SERVERS = pytest.mark.parametrize('example', ['tornado_run', 'gunicorn_run'],
-                                  ids=['tornado', 'gunicorn'])
+@pytest.fixture(scope='module')
+def fastapi_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    for module, package in (('fastapi', 'fastapi'), ('uvicorn', 'uvicorn'),
+                            ('uvicorn_worker', 'uvicorn-worker')):
+        if importlib.util.find_spec(module) is None:
+            skip_unless_ci(f'server_fastapi.py needs {package}, which is not installed; it '
+                           "is in the test extra: pip install -e '.[test]'")
+    return run_example('server_fastapi.py', tmp_path_factory.mktemp('fastapi'))
+
+
+SERVERS = pytest.mark.parametrize('example', ['tornado_run', 'gunicorn_run', 'fastapi_run'],
+                                  ids=['tornado', 'gunicorn', 'fastapi'])
 
 
 def get(request: pytest.FixtureRequest, example: str) -> Run:
@@ -181,7 +197,9 @@ def test_every_request_is_answered(request: pytest.FixtureRequest, example: str)
     assert run.returncode == 0, run
     replies = REPLY.findall(run.stdout)
     # At least one burst of 2 requests per web worker per pool worker.
-    assert len(replies) >= 8, run
+    started = HOST_STARTED.search(run.stdout)
+    assert started, run
+    assert len(replies) >= 2 * 2 * int(started.group(2)), run
     assert {status for status, *_ in replies} == {'200'}, run
     assert 'FAILED' not in run.stdout, run
 
@@ -235,6 +253,24 @@ def test_the_server_stops_and_takes_the_pool_host_with_it(request: pytest.Fixtur
     # The socket and its private directory were removed.
     assert not os.path.exists(started.group(3)), run
     assert not os.path.exists(os.path.dirname(started.group(3))), run
+
+
+def test_fastapi_requests_of_both_web_workers_share_a_batch(fastapi_run: Run) -> None:
+    """Batches form in the pool worker from whatever reached it: some batch carried the
+    requests of both uvicorn web workers; the host's stats() counted every request in
+    as many batches as the replies name, none over batch_size (16)."""
+    run = fastapi_run
+    assert run.returncode == 0, run
+    web_pids = {int(pid) for pid in READY.findall(run.stdout)}
+    batches = [(int(size), pids(web)) for _, size, web in BATCH.findall(run.stdout)]
+    assert batches and all(1 <= size <= 16 for size, _ in batches), run
+    assert all(web <= web_pids for _, web in batches), run
+    assert any(web == web_pids for _, web in batches), run
+    counted = HOST_BATCHES.search(run.stdout)
+    assert counted, run
+    assert int(counted.group(1)) == len(REPLY.findall(run.stdout)), run
+    assert int(counted.group(2)) == len(batches), run
+    assert sum(size for size, _ in batches) == int(counted.group(1)), run
 
 
 def test_tornado_web_workers_stop_cleanly(tornado_run: Run) -> None:
@@ -295,16 +331,24 @@ def test_optional_server_examples(name: str, tmp_path: Path) -> None:
         assert '1 of the 2 Flask processes started the pool host' in run.stdout, run
 
 
-@pytest.mark.parametrize('name', sorted(OPTIONAL))
-def test_optional_server_examples_say_what_to_install(name: str, tmp_path: Path) -> None:
-    """Where uWSGI or Flask is missing, the example says what to install and exits 0.
+# example: what it says it needs when that is missing
+NEEDS = {**{name: needs for name, (needs, _) in OPTIONAL.items()},
+         'server_fastapi.py': 'FastAPI'}
 
-    Run here with the server hidden: Flask by a module of that name that cannot be
-    imported, uWSGI by an interpreter with no uwsgi beside it (a symbolic link to this one
-    in an empty directory, with this one's packages on PYTHONPATH) and none on PATH."""
+
+@pytest.mark.parametrize('name', sorted(NEEDS))
+def test_optional_server_examples_say_what_to_install(name: str, tmp_path: Path) -> None:
+    """Where uWSGI, Flask or FastAPI is missing, the example says what to install and
+    exits 0.
+
+    Run here with the server hidden: Flask and FastAPI by modules of those names that
+    cannot be imported, uWSGI by an interpreter with no uwsgi beside it (a symbolic link
+    to this one in an empty directory, with this one's packages on PYTHONPATH) and none
+    on PATH."""
     hidden = tmp_path / 'hidden'
     hidden.mkdir()
-    (hidden / 'flask.py').write_text("raise ImportError('hidden by the test')\n")
+    for module in ('flask', 'fastapi'):
+        (hidden / f'{module}.py').write_text("raise ImportError('hidden by the test')\n")
     python = hidden / 'python'
     python.symlink_to(sys.executable)
     path = [d for d in os.environ.get('PATH', '').split(os.pathsep)
@@ -314,14 +358,14 @@ def test_optional_server_examples_say_what_to_install(name: str, tmp_path: Path)
     run = run_example(name, tmp_path, env=env, python=str(python))
     assert run.returncode == 0 and run.stderr == '', run
     assert run.left == [], run
-    needs, _ = OPTIONAL[name]
+    needs = NEEDS[name]
     assert MISSING.match(run.stdout) and f'needs {needs}: ' in run.stdout, run
     assert len(run.stdout.splitlines()) == 1, run
 
 
 def test_helper_modules_say_what_they_are(tmp_path: Path) -> None:
     """shared_workers.py and gunicorn_conf.py are run by the example tests too."""
-    for name in ('shared_workers.py', 'gunicorn_conf.py'):
+    for name in ('shared_workers.py', 'gunicorn_conf.py', 'gunicorn_fastapi_conf.py'):
         run = run_example(name, tmp_path)
         assert run.returncode == 0 and run.stderr == '', run
         assert 'server_' in run.stdout, run

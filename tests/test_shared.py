@@ -3,6 +3,7 @@ other users would check it."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import os
 import pathlib
@@ -20,7 +21,7 @@ import looppool
 from looppool import remote
 from conftest import wait_for
 from test_auth import SECRET, FakeHost, welcome_without_proof
-from workers import Chatty, Echo, FailingStart
+from workers import Batched, Chatty, Echo, FailingStart
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,6 +195,27 @@ def test_the_shared_hosts_output_goes_to_its_log(sock_path, host_pids) -> None:
         text = log.read_text()
         assert 'could not handle fail' in text and 'pool host starting' in text
         assert os.stat(log).st_mode & 0o777 == 0o600
+    finally:
+        client.close()
+
+
+def test_a_shared_host_batches_with_the_options_it_was_given(sock_path, host_pids) -> None:
+    """shared() passes batch_size and batch_timeout to its host's pool: four requests
+    made at once from four threads are one batch. A _put_nowait() in handle_batch
+    belongs to no client: the host drops it, and says so in its log."""
+    client = remote.shared(Batched, sock_path, sync=True, pool_size=1, batch_size=4,
+                           batch_timeout=30.0)
+    try:
+        host_pids.append(client.stats()['host_pid'])
+        messages = ['a', 'b', 'c', ('put', 'for nobody')]
+        with concurrent.futures.ThreadPoolExecutor(4) as threads:
+            replies = list(threads.map(lambda m: client.submit(m, timeout=20), messages))
+        assert sorted(str(message) for message, *_ in replies) == sorted(map(str, messages))
+        assert {(number, size) for _, number, size, _ in replies} == {(1, 4)}
+        assert client.stats()['batches'] == {'count': 1, 'messages': 4, 'sizes': {4: 1}}
+        log = pathlib.Path(sock_path + '.log')
+        wait_for(lambda: log.exists() and 'belongs to no one client' in log.read_text(),
+                 what='the host\'s warning about a result from handle_batch')
     finally:
         client.close()
 

@@ -284,8 +284,14 @@ def test_stop_before_start_and_twice() -> None:
         async with pool:
             pass
         await pool.stop()
+        await pool.stop()   # a second stop is the same, finished, stop
+        # A stopped pool starts again, with new workers; a running one refuses.
+        ready = pool.start()
         with pytest.raises(RuntimeError, match='already started'):
             pool.start()
+        await ready
+        assert await pool.submit('again') == 'again'
+        await pool.stop()
 
     run(main())
 
@@ -315,6 +321,45 @@ def test_finalise_runs_on_a_clean_stop(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 'finalised0').read_text() == 'closed'
     assert (tmp_path / 'finalised1').read_text() == 'closed'
+
+
+def test_finalise_waits_for_every_message_taken_from_the_inbox(tmp_path) -> None:
+    """Plain (not async) handlers behind one that overran its turn wait in the inbox; a
+    stop that comes meanwhile runs _finalise() only after the last of them has run."""
+    journal = tmp_path / 'journal'
+    program = _program(tmp_path, f'''
+        import asyncio, time, looppool
+
+        class Journal(looppool.Worker):
+            def handle(self, message):
+                # 2 ms each: a few fit a turn's 5 ms budget, the rest wait in the inbox
+                deadline = time.monotonic() + 0.002
+                while time.monotonic() < deadline:
+                    pass
+                with open({str(journal)!r}, 'a') as f:
+                    f.write(f'{{message}}\\n')
+                return message
+            def _finalise(self):
+                with open({str(journal)!r}, 'a') as f:
+                    f.write('finalised\\n')
+
+        async def main():
+            pool = looppool.Pool(pool_size=1, worker_class=Journal)
+            await pool.start()
+            futures = [pool.submit(n) for n in range(100)]
+            await asyncio.sleep(0)   # sent
+            await pool.stop()
+            assert [f.result() for f in futures] == list(range(100))
+
+        if __name__ == '__main__':
+            asyncio.run(main())
+    ''')
+    done = subprocess.run([sys.executable, program], env=_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = journal.read_text().split()
+    assert lines[-1] == 'finalised', lines[-5:]
+    assert sorted(map(int, lines[:-1])) == list(range(100))
 
 
 def test_a_process_forked_after_the_pool_leaves_it_alone_at_exit(tmp_path) -> None:

@@ -88,3 +88,23 @@ def test_a_worker_without_opentelemetry_gets_the_bare_message(monkeypatch: Any) 
     payload = dumps(traced)
     monkeypatch.setattr(tracing, 'ENABLED', False)
     assert loads(payload) == {'n': 1}
+
+
+def test_a_batch_worker_gets_traced_messages_bare() -> None:
+    """A batch holds the messages of many callers, so handle_batch runs in none of their
+    trace contexts: it gets each message as it was sent."""
+    from workers import Batched
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Batched, batch_size=3,
+                                 batch_timeout=30) as pool:
+            async def mapped() -> list[Any]:
+                return [reply async for reply in pool.map(['c'])]
+
+            with TRACER.start_as_current_span('caller'):
+                a, b, c = await asyncio.gather(pool.submit('a'), pool.submit(('b',)),
+                                               mapped())
+            assert [reply[:3] for reply in [a, b, *c]] == \
+                [('a', 1, 3), (('b',), 1, 3), ('c', 1, 3)]
+
+    run(main())

@@ -256,6 +256,66 @@ class CountsPickles:
         return 0
 
 
+class Batched(looppool.Worker):
+    """A handle_batch worker. A plain message is answered with ``(message, batch, size,
+    pid)``: the number of its batch in this process, the batch's size, this process's pid.
+    A tuple whose first item is a str does something to its batch or to itself:
+
+    ``('raise', exc)``   handle_batch raises ``exc``: the whole batch fails
+    ``('fail', exc)``    its own reply is ``exc``: only it fails
+    ``('short',)``       handle_batch returns one reply too few
+    ``('dict',)``        handle_batch returns a dict, not a list
+    ``('tuple',)``       handle_batch returns a tuple (that is fine)
+    ``('array',)``       handle_batch returns a NumPy array of each message's len(str())
+    ``('put', value)``   handle_batch sends ``value`` with _put_nowait, then answers
+    ``('lambda',)``      its reply is a lambda, which cannot be pickled
+    ``('sleep', s)``     the batch sleeps ``s`` seconds before it answers; if cancelled
+                         meanwhile, it sends ``('batch cancelled', size)`` with _put_nowait
+    ``('pid',)``         answered like a plain message (its pid is in the reply)
+    """
+
+    def _initialise(self) -> None:
+        self.count = 0
+
+    async def handle_batch(self, messages: list[Any]) -> Any:
+        self.count += 1
+        number, size = self.count, len(messages)
+        commands = {message[0]: message[1:] for message in messages if _command(message)}
+        if 'raise' in commands:
+            raise commands['raise'][0]
+        if 'put' in commands:
+            self._put_nowait(commands['put'][0])
+        if 'sleep' in commands:
+            try:
+                await asyncio.sleep(commands['sleep'][0])
+            except asyncio.CancelledError:
+                self._put_nowait(('batch cancelled', size))
+                raise
+        replies: list[Any] = []
+        for message in messages:
+            command = message[0] if _command(message) else None
+            if command == 'fail':
+                replies.append(message[1])
+            elif command == 'lambda':
+                replies.append(lambda: None)
+            else:
+                replies.append((message, number, size, os.getpid()))
+        if 'short' in commands:
+            return replies[:-1]
+        if 'dict' in commands:
+            return dict(enumerate(replies))
+        if 'tuple' in commands:
+            return tuple(replies)
+        if 'array' in commands:
+            import numpy
+            return numpy.array([len(str(message)) for message in messages])
+        return replies
+
+
+def _command(message: Any) -> bool:
+    return isinstance(message, tuple) and bool(message) and isinstance(message[0], str)
+
+
 class Spanning(looppool.Worker):
     """Makes a span around each message (with the OpenTelemetry SDK, kept in memory), and
     answers 'spans' with what it recorded: (name, trace id, parent span id)."""

@@ -81,6 +81,12 @@ class DaskPool(Pool):
         takes at most its share (``max_tasks // pool_size``, at least 1) at once.
     :param max_results: ``_put_nowait`` results not yet acknowledged, across the pool.
     :param max_batch: the most messages one actor call carries.
+    :param batch_size: for a ``worker_class`` that overrides
+        :meth:`~looppool.Worker.handle_batch`: the most messages in one batch (default 64,
+        at most a worker's share of ``max_tasks``). Not to be confused with
+        ``max_batch``: batches form in each actor from whatever reached it, over calls.
+    :param batch_timeout: seconds a batch waits for more messages after its first one
+        (default 0.005). As for :class:`looppool.Pool`; see the manual's "Batches" page.
     :param start_timeout: seconds to place, create and initialise one actor before that
         attempt counts as a failed start (default 60).
     :param stop_timeout: seconds :meth:`stop` waits for accepted messages before it
@@ -111,7 +117,8 @@ class DaskPool(Pool):
                  timeout: float | None = None, max_tasks: int = 4096,
                  max_results: int = 4096, max_batch: int = 1000,
                  start_timeout: float = 60.0, stop_timeout: float = 30.0,
-                 close_timeout: float = 5.0) -> None:
+                 close_timeout: float = 5.0, batch_size: int | None = None,
+                 batch_timeout: float | None = None) -> None:
         if not isinstance(client, distributed.Client):
             raise TypeError(f'client must be a distributed.Client, got {client!r}')
         if not (isinstance(worker_class, type) and issubclass(worker_class, Worker)):
@@ -140,7 +147,8 @@ class DaskPool(Pool):
         super().__init__(None, pool_size or 1, worker_class, max_tasks, max_results,
                          worker_args=worker_args, worker_kwargs=worker_kwargs,
                          stop_timeout=stop_timeout, kill_grace=close_timeout, title=False,
-                         forward_logs=False)
+                         forward_logs=False, batch_size=batch_size,
+                         batch_timeout=batch_timeout)
         self._sized = pool_size is not None
         if not self._sized:
             self.pool_size = None  # type: ignore[assignment]
@@ -268,11 +276,13 @@ class DaskPool(Pool):
     def _config(self, number: int) -> protocol.WorkerConfig:
         """What the actor of worker ``number`` is made with."""
         assert self.pool_size is not None
+        batch_size, batch_timeout = self._batch_config()
         return protocol.WorkerConfig(
             number=number, pool_size=self.pool_size, result_credit=self._result_share,
             start_method='dask', title=None, close_fds=(), log_level=logging.NOTSET,
             forward_logs=False, cancel_grace=self._options['cancel_grace'],
-            batch_replies=True, worker_arguments=self._worker_arguments)
+            batch_replies=True, worker_arguments=self._worker_arguments,
+            batch_size=batch_size, batch_timeout=batch_timeout)
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -103,7 +103,10 @@ class _ActorRunner(_Runner):
 
     def attach(self, worker: Worker) -> None:
         super().attach(worker)
-        self.call = _no_exit(self.call, self.number, self.pid)
+        if self.batcher is not None:   # (its call only takes a message into a batch)
+            self.batcher.call = _no_exit(self.batcher.call, self.number, self.pid)
+        else:
+            self.call = _no_exit(self.call, self.number, self.pid)
 
     async def finalise_and_exit(self) -> None:
         worker = self.worker

@@ -113,11 +113,13 @@ class Actors(Part):
     def rss(self, link: _Link) -> int | None:
         return None   # a Dask worker's memory is not one actor's
 
-    def how_it_ended(self, link: _Link, exitcode: int | None) -> str:
-        if exitcode == 0:
-            return 'closed'
+    def name(self, link: _Link) -> str:
         where = _pipe(link).address
-        return f'was lost with its Dask worker {where}' if where else 'was lost'
+        actor = f'an actor on Dask worker {where}' if where else 'an actor'
+        return f'worker {link.number} ({actor}' + (f', pid {link.pid})' if link.pid else ')')
+
+    def how_it_ended(self, link: _Link, exitcode: int | None) -> str:
+        return 'closed' if exitcode == 0 else 'was lost'
 
     def likely_cause(self, link: _Link, exitcode: int | None) -> str:
         return ('likely causes: its Dask worker died (killed, out of memory, crashed) or '

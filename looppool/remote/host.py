@@ -334,6 +334,7 @@ class _Host:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.done = loop.create_future()
         self.stopping = False
+        self.warned_batch_result = False
 
     async def start(self) -> None:
         await self.pool.__aenter__()
@@ -376,6 +377,13 @@ class _Host:
 
     def route_result(self, origin: int, payload: Any, result_done: Callable[[], None]) -> None:
         session = self.sessions.get(origin >> _SESSION_SHIFT)
+        if origin == 0 and not self.warned_batch_result:
+            # Origin 0 is no client's: a _put_nowait() in handle_batch(), whose batch
+            # holds the messages of any number of clients (see looppool.batch).
+            self.warned_batch_result = True
+            log.warning('a result sent with _put_nowait() from handle_batch() belongs to '
+                        'no one client of the pool host, so it was dropped (and so will '
+                        'be the others): answer through the replies instead')
         if session is None or session.closed:
             result_done()   # its client is gone: nobody to deliver to
             return

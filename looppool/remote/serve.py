@@ -185,14 +185,17 @@ class HostHandle:
 
     @property
     def pid(self) -> int:
+        """The pid of the host process serving now (a new one after a restart)."""
         return self._state.pid
 
     @property
     def restarts(self) -> int:
+        """How many times the keeper started the host again after it died."""
         return self._state.restarts
 
     @property
     def keeper_pid(self) -> int:
+        """The pid of the keeper, the process between this one and the host."""
         return self._keeper.pid
 
     def stop(self, timeout: float = 30.0) -> None:
