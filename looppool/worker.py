@@ -232,10 +232,15 @@ def worker_arguments(worker_class: type[Worker], worker_args: Any, worker_kwargs
         raise TypeError(f'worker_kwargs must be a dict of keyword arguments for '
                         f'{worker_class.__qualname__}() or None, got {worker_kwargs!r}')
     args, kwargs = tuple(worker_args), dict(worker_kwargs)
-    try:
-        signature: inspect.Signature | None = inspect.signature(worker_class)
-    except (TypeError, ValueError):   # pragma: no cover - a class without a signature
-        signature = None
+    signature: inspect.Signature | None = None
+    if args or kwargs or worker_class.__init__ is not object.__init__ \
+            or worker_class.__new__ is not object.__new__:
+        # (A class that takes nothing needs no check: and reading object's signature
+        # parses its text, which costs a start-up some milliseconds the first time.)
+        try:
+            signature = inspect.signature(worker_class)
+        except (TypeError, ValueError):   # pragma: no cover - a class without a signature
+            signature = None
     if signature is not None:
         try:
             signature.bind(*args, **kwargs)
