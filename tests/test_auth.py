@@ -337,6 +337,12 @@ def test_malformed_frames_are_answered_and_the_session_goes_on(hosts) -> None:
             (frame(wire.C_NOTE, 0, b'\x01'), wire.H_ACK, 1, None),
             (frame(wire.C_NOTE, 0, wire._OPTS.pack(99) + good), wire.H_ACK, 1, None),
             (frame(99, 5), wire.H_NOTICE, 0, 'unknown frame kind 99'),
+            # the maintenance port takes its three commands and nothing else
+            (frame(wire.C_CONTROL, 8, b'stop'), wire.H_ERROR, 8, 'unknown control command'),
+            (frame(wire.C_CONTROL, 9, b'_abandon_at_exit'), wire.H_ERROR, 9,
+             'unknown control command'),
+            (frame(wire.C_CONTROL, 2 ** 32 + 10, b'pause'), wire.H_ERROR, 2 ** 32 + 10,
+             'outside 1..'),
         ]
         for data, kind, arg, text in cases:
             sock.sendall(data)
