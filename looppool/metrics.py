@@ -200,7 +200,7 @@ _FAMILIES: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ('looppool_tasks_cancelled', 'counter', (), 'Tasks cancelled by their caller'),
     ('looppool_tasks_in_flight', 'gauge', (), 'Tasks sent to the workers and not yet done'),
     ('looppool_tasks_waiting', 'gauge', (), 'Messages waiting in the pool for room'),
-    ('looppool_worker_restarts', 'counter', (), 'Workers started again after dying'),
+    ('looppool_worker_restarts', 'counter', (), 'Workers that died unasked or failed to start'),
     ('looppool_worker_recycles', 'counter', (),
      'Workers replaced on purpose (max_tasks_per_worker, max_memory_per_worker)'),
     ('looppool_host_clients', 'gauge', (), "Client connections to the pool host"),

@@ -323,7 +323,13 @@ class Supervisor(Part):
             log.error('%s %s with %d task(s) in flight; %s', self.transport.name(link), how,
                       sum(map(_weight, lost)), reason)
         self._fail(lost, error, 'lost')
-        if self._state is not RUNNING or slot.link is not None or link.retiring:
+        if self._state is not RUNNING:
+            return
+        if slot.link is not None or link.retiring:
+            # A recycle was under way: its replacement serves already, or takes over now. It
+            # was still a crash, and counts as one.
+            slot.restarts += 1
+            self._counts['restarts'] += 1
             return
         # A worker that dies soon after it started (a sticky broadcast that crashes it,
         # say) is restarted with back-off, like one that cannot start at all.

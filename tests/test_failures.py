@@ -403,11 +403,11 @@ class GatedStart(Echo):
             os.close(gate)
 
 
-def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip(tmp_path,
-                                                                         monkeypatch) -> None:
-    """A recycle must not stall the stream of work: the old worker goes on taking tasks
-    until its replacement is ready. Here the replacement is held in ``_initialise`` until
-    the test lets it go; meanwhile every task is answered, by the old worker."""
+@pytest.fixture
+def gated_start(tmp_path, monkeypatch):
+    """For GatedStart workers: yields ``(started, gate_fd)``, ``started()`` the pids of the
+    workers that reached the gate, in order; a byte written to ``gate_fd`` lets one go. At
+    the end a few more bytes, so that no worker is left at the gate, and the gate closed."""
     started_file, gate = tmp_path / 'started', tmp_path / 'gate'
     os.mkfifo(gate)
     monkeypatch.setenv('LOOPPOOL_TEST_STARTED', str(started_file))
@@ -419,6 +419,19 @@ def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip(tmp_pat
 
     # Opened for writing and reading, so that neither this open nor a worker's blocks.
     gate_fd = os.open(gate, os.O_RDWR)
+    try:
+        yield started, gate_fd
+    finally:
+        os.write(gate_fd, b'xxxx')
+        os.close(gate_fd)
+
+
+def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip(gated_start
+                                                                         ) -> None:
+    """A recycle must not stall the stream of work: the old worker goes on taking tasks
+    until its replacement is ready. Here the replacement is held in ``_initialise`` until
+    the test lets it go; meanwhile every task is answered, by the old worker."""
+    started, gate_fd = gated_start
 
     async def main() -> None:
         pool = looppool.Pool(pool_size=1, worker_class=GatedStart, max_tasks_per_worker=5)
@@ -455,10 +468,39 @@ def test_recycling_starts_the_replacement_first_so_capacity_does_not_dip(tmp_pat
             finally:
                 os.write(gate_fd, b'xxxx')   # never leave a worker at the gate
 
-    try:
-        run(main())
-    finally:
-        os.close(gate_fd)
+    run(main())
+
+
+def test_a_worker_that_dies_while_its_recycle_starts_counts_as_a_restart(gated_start
+                                                                         ) -> None:
+    """A crash during a recycle is a crash: the replacement already starting takes the
+    worker's place (no third process), and the death counts in ``restarts`` (what operators
+    alert on) as well as the recycle in ``recycles``."""
+    started, gate_fd = gated_start
+
+    async def main() -> None:
+        pool = looppool.Pool(pool_size=1, worker_class=GatedStart, max_tasks_per_worker=3)
+        os.write(gate_fd, b'x')   # the first worker may start
+        async with pool:
+            try:
+                first = await pool.submit(('pid',), timeout=10)
+                for _ in range(2):   # its 3rd task: it is recycled
+                    await pool.submit(('pid',), timeout=10)
+                await wait_until(lambda: len(started()) == 2,
+                                 what='the replacement to start')
+                os.kill(first, signal.SIGKILL)
+                await wait_until(lambda: pool.stats()['restarts'] == 1,
+                                 what='the death counted as a restart')
+                os.write(gate_fd, b'x')   # the replacement may get ready
+                assert await pool.submit(('pid',), timeout=10) == started()[1]
+                stats = pool.stats()
+                assert (stats['recycles'], stats['restarts']) == (1, 1)
+                assert stats['workers'][0]['restarts'] == 1
+                assert len(started()) == 2   # no other process was started for it
+            finally:
+                os.write(gate_fd, b'xxxx')
+
+    run(main())
 
 
 def test_recycling_on_memory(caplog) -> None:
