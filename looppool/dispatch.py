@@ -138,6 +138,26 @@ class Dispatcher(Part):
         self._dispatch(future, worker_num)
         return future
 
+    def take(self, futures: list[_TaskFuture], worker_num: int | None) -> None:
+        """Tasks a pool host made for a client (ids and classes of its own): dealt as a
+        burst of ``submit()`` calls is, after what was submitted before."""
+        if self._plain and worker_num is None:
+            outbox = self._outbox
+            outbox.extend(futures)
+            if len(outbox) >= self._outbox_limit:
+                self._catch_up()
+                self._flush_outbox(now=True)
+            elif not self._outbox_due:
+                self._outbox_due = True
+                self.pool._loop.call_soon(self._flush_outbox_due)
+            return
+        if self._outbox:
+            self._flush_outbox()
+        self._submits += len(futures)
+        for future in futures:
+            if worker_num is not None:
+                future._lp_target = worker_num
+            self._dispatch(future, worker_num)
 
     def _flush_outbox_due(self) -> None:
         self._outbox_due = False
@@ -508,7 +528,7 @@ class Dispatcher(Part):
             except ValueError:   # over the 4 GiB frame limit together: send one by one,
                 # so that only a message over the limit on its own fails
                 link.unread -= len(batch)   # counted again as each goes
-                self._resend(link, dumps([future._lp_tid for future in batch]))
+                _resend(self, link, dumps([future._lp_tid for future in batch]))
                 batch = [future for future in batch if not future.done()]
         if now:
             link.channel.flush()
@@ -527,30 +547,31 @@ class Dispatcher(Part):
         if counted:
             link.unread -= 1
 
-    def _resend(self, link: _Link, payload: Any) -> None:
-        """The worker could not unpickle a batch: send its tasks one by one, so that only
-        the message at fault fails (with the worker's unpickling error)."""
-        try:
-            tids = loads(payload)
-        except BaseException:  # pragma: no cover - a list of ints
-            return
-        assert link.channel is not None
-        for tid in tids:
-            future = link.inflight.get(tid)
-            if future is None:
-                continue
-            if future.done():   # cancelled while its batch came back: never ran
-                self._unsend(link, future, counted=False)
-                continue
-            try:
-                link.channel.send(protocol.TASK, tid, dumps(future._lp_message))
-            except Exception as exc:   # over the frame limit on its own
-                self._unsend(link, future, counted=False)
-                future.set_exception(exc)
-                self._counts['failed'] += 1
-                continue
-            link.unread += 1
-
 
 def _queued_first(entry: tuple[int, int, _Link]) -> tuple[int, float]:
     return entry[0], -entry[2].heard_at
+
+
+def _resend(dispatcher: Dispatcher, link: _Link, payload: Any) -> None:
+    """The worker could not unpickle a batch: send its tasks one by one, so that only
+    the message at fault fails (with the worker's unpickling error)."""
+    try:
+        tids = loads(payload)
+    except BaseException:  # pragma: no cover - a list of ints
+        return
+    assert link.channel is not None
+    for tid in tids:
+        future = link.inflight.get(tid)
+        if future is None:
+            continue
+        if future.done():   # cancelled while its batch came back: never ran
+            dispatcher._unsend(link, future, counted=False)
+            continue
+        try:
+            link.channel.send(protocol.TASK, tid, dumps(future._lp_message))
+        except Exception as exc:   # over the frame limit on its own
+            dispatcher._unsend(link, future, counted=False)
+            future.set_exception(exc)
+            dispatcher._counts['failed'] += 1
+            continue
+        link.unread += 1

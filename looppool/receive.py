@@ -35,6 +35,7 @@ from .link import _Link
 from .part import Part
 from .protocol import loads
 from .supervise import STOPPING
+from .dispatch import _resend
 from .tasks import _await, _cancel_timer, _ChunkFuture, _TaskFuture
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ class Receiver(Part):
             self.inflight._recalled(link, loads(payload))
             return True
         elif kind == protocol.RESEND:
-            self.dispatcher._resend(link, payload)
+            _resend(self.dispatcher, link, payload)
         elif kind == protocol.BATCHED:
             self._counts['batches'] += 1
             self._counts['batched'] += arg

@@ -1,7 +1,8 @@
 """The futures of tasks sent to workers, and how they wait to be sent.
 
 A ``submit()`` is one :class:`_TaskFuture`; a chunk of ``map()`` one :class:`_ChunkFuture`;
-a pool host's task one :class:`_RawFuture`. What waits for room in a worker is an
+a pool host's broadcast one :class:`_RawFuture` per worker (a host's client's task is a
+``_HostTask``, see looppool.remote.host). What waits for room in a worker is an
 :data:`Entry`: such a future, or an :data:`Item` (a pickled note or task). All of them live
 in the parent, on the pool's loop, and are not thread-safe.
 """
@@ -52,9 +53,9 @@ class _TaskFuture(asyncio.Future[Any]):
 
 
 class _RawFuture(_TaskFuture):
-    """A task sent for a pool host's client: the reply's bytes go to ``_lp_sink(is_error,
-    payload)`` unpickled, and an error the pool raises itself (WorkerLost, TimeoutError,
-    PoolClosed) is pickled there too. Nobody awaits it."""
+    """A pickled message a pool host sends (a client's broadcast): the reply goes to
+    ``_lp_sink(is_error, payload)`` as a pickle, as does an error the pool raises itself
+    (WorkerLost, TimeoutError, PoolClosed). Nobody awaits it."""
 
     __slots__ = ()
 
@@ -63,6 +64,12 @@ class _RawFuture(_TaskFuture):
         self.exception()  # reported through the sink, so never "unretrieved"
         assert self._lp_sink is not None
         self._lp_sink(True, dumps((exception, '')))
+
+    def set_result(self, result: Any) -> None:
+        # A reply that came in a worker's batch, unpickled with its batch-mates.
+        super().set_result(None)
+        assert self._lp_sink is not None
+        self._lp_sink(False, dumps(result))
 
 
 _AnyTaskFuture = TypeVar('_AnyTaskFuture', bound=_TaskFuture)
@@ -120,7 +127,7 @@ def _entry(future: _TaskFuture) -> Entry:
     """How a task given back unstarted waits to be sent again."""
     if isinstance(future, _ChunkFuture):
         return (protocol.MAP, future._lp_tid, future._lp_message, future)
-    if future._lp_sink is not None:   # a pool host's task: its message is a pickle
+    if isinstance(future, _RawFuture):   # its message is a pickle
         return (protocol.TASK, future._lp_tid, future._lp_message, future)
     return future
 

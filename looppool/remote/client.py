@@ -15,22 +15,30 @@ from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClo
 from ..protocol import loads
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
-from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS,
-                   C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
-                   _broadcast_payload, _drop_result, _Framed,
-                   _resolve, _task_payload)
+from ..protocol import dumps
+from .wire import (_MAX_MESSAGE, _MAX_TID, _OPTS, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL,
+                   C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST, H_ERROR,
+                   H_NOTICE, H_REPLIES, H_REPLY, H_RESULT, _broadcast_payload, _checked_size,
+                   _drop_result, _Framed, _read_replies, _resolve, _task_payload, _traced)
 
 log = logging.getLogger('looppool.remote')
 
 
 # Calls that take none of the client's share of unacknowledged messages.
 _UNCOUNTED = frozenset((C_STATS, C_CONTROL))
+# The most tasks in one C_TASKS frame, and the most a burst of submit() calls leaves
+# waiting before they are written (the host starts on them while the caller goes on).
+_BATCH = 1024
+
 
 class _ClientFuture(asyncio.Future[Any]):
-    __slots__ = ('_lp_client', '_lp_tid', '_lp_timer')
+    # Each client makes a subclass whose _lp_client is the client; a timer, rarely set,
+    # goes in the instance's dict (as for the pool's own futures: looppool.tasks).
+    __slots__ = ('_lp_tid', '_lp_message')
     _lp_client: Client
     _lp_tid: int
-    _lp_timer: asyncio.TimerHandle | None
+    _lp_timer: asyncio.TimerHandle | None = None
+    _lp_message: Any    # a submit() for any worker: pickled with its batch
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -88,6 +96,8 @@ class _ClientConnection(_Framed):
                 return   # failed on an earlier frame of this read: read nothing after it
             if not self.ready.done():
                 self.authenticate(kind, arg, payload)
+            elif kind == H_REPLIES:
+                client._answers(payload)
             elif kind == H_REPLY or kind == H_ERROR or kind == H_BROADCAST:
                 client._answer(kind, arg, payload)
             elif kind == H_ACK:
@@ -152,6 +162,10 @@ class Client:
         self._unacked = 0
         self._notes_unacked = 0
         self._outbox: collections.deque[tuple[int, int, bytes, Any]] = collections.deque()
+        self._pump_due = False   # a call of _pump_soon is scheduled
+        self._future_class: type[_ClientFuture] = type(
+            '_ClientFuture', (_ClientFuture,), {'__slots__': (), '_lp_client': self,
+                                                '__module__': _ClientFuture.__module__})
         self._closed = False
         self._warned = False
 
@@ -160,10 +174,34 @@ class Client:
     def submit(self, message: Any, *, worker_num: int | None = None,
                timeout: float | None = None) -> asyncio.Future[Any]:
         """Send ``message`` to the host's pool; resolves to the worker's reply. Waits for
-        room when this client's share of unacknowledged messages is used up."""
-        payload = _task_payload(message, worker_num)
-        future = self._new_future(timeout)
-        self._queue(C_TASK, future._lp_tid, payload, future)
+        room when this client's share of unacknowledged messages is used up.
+
+        The messages submitted in one loop iteration travel to the host pickled together,
+        as one frame: a message that cannot be pickled fails its own future with the
+        pickling error, and the others go through."""
+        if worker_num is not None:
+            payload = _task_payload(message, worker_num)
+            future = self._new_future(timeout)
+            self._queue(C_TASK, future._lp_tid, payload, future)
+            return future
+        if timeout is None and self._loop is not None and not self._closed:
+            # The path of every message of a burst, kept short.
+            tid = self._next_tid
+            self._next_tid = tid % _MAX_TID + 1
+            future = self._future_class(loop=self._loop)
+            future._lp_tid = tid
+        else:
+            future = self._new_future(timeout)
+            tid = future._lp_tid
+        future._lp_message = _traced(message)
+        self._futures[tid] = future
+        outbox = self._outbox
+        outbox.append((C_TASKS, tid, None, future))
+        if len(outbox) >= _BATCH and self._unacked < self._share:
+            self._pump()
+        elif not self._pump_due:
+            self._pump_due = True
+            self._get_loop().call_soon(self._pump_soon)
         return future
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
@@ -269,10 +307,8 @@ class Client:
         loop = self._get_loop()
         tid = self._next_tid
         self._next_tid = tid % _MAX_TID + 1
-        future = _ClientFuture(loop=loop)
-        future._lp_client = self
+        future = self._future_class(loop=loop)
         future._lp_tid = tid
-        future._lp_timer = None
         if timeout is not None:
             if not isinstance(timeout, (int, float)) or timeout <= 0:
                 raise ValueError(f'timeout must be a positive number of seconds, got '
@@ -294,15 +330,27 @@ class Client:
         else:
             self._pump()
 
+    def _pump_soon(self) -> None:
+        self._pump_due = False
+        connection = self._connection
+        if connection is None or connection.closed or not connection.ready.done():
+            self._start_connecting()
+        else:
+            self._pump()
+
     def _pump(self) -> None:
         """Send what the share allows, in order."""
         connection = self._connection
-        if connection is None or connection.closed:
+        if connection is None or connection.closed or not connection.ready.done():
             return
         outbox = self._outbox
         while outbox and (self._unacked < self._share or outbox[0][0] in _UNCOUNTED):
+            if outbox[0][0] == C_TASKS:
+                self._send_tasks(connection)
+                continue
             kind, tid, payload, future = outbox.popleft()
             if future is not None and future.done():
+                self._futures.pop(tid, None)   # the caller gave up on it before it left
                 continue
             if kind not in _UNCOUNTED:
                 self._unacked += 1
@@ -311,6 +359,42 @@ class Client:
                 if future is not None:
                     future.set_result(None)
             connection.send(kind, tid, payload)
+
+    def _send_tasks(self, connection: _ClientConnection) -> None:
+        """Send the submit()s at the head of the outbox, as many as the share allows, as
+        one C_TASKS frame."""
+        outbox = self._outbox
+        room = min(self._share - self._unacked, _BATCH)
+        batch: list[_ClientFuture] = []
+        while outbox and outbox[0][0] == C_TASKS and len(batch) < room:
+            future = outbox.popleft()[3]
+            if future.done():   # the caller gave up on it before it left
+                self._futures.pop(future._lp_tid, None)
+            else:
+                batch.append(future)
+        if not batch:
+            return
+        try:
+            data = dumps([future._lp_message for future in batch])
+            if len(data) > _MAX_MESSAGE:
+                raise ValueError('too large together')
+        except Exception:
+            # One of them cannot be pickled, or they are too large together: one by one,
+            # so that only a message at fault fails.
+            for future in batch:
+                try:
+                    payload = _checked_size(_OPTS.pack(-1) + dumps(future._lp_message))
+                except Exception as exc:
+                    self._futures.pop(future._lp_tid, None)
+                    if future._lp_timer is not None:
+                        future._lp_timer.cancel()
+                    future.set_exception(exc)
+                    continue
+                self._unacked += 1
+                connection.send(C_TASK, future._lp_tid, payload)
+            return
+        self._unacked += len(batch)
+        connection.send_batch(C_TASKS, [future._lp_tid for future in batch], data)
 
     def _start_connecting(self) -> None:
         if self._connecting is None or self._connecting.done():
@@ -381,6 +465,27 @@ class Client:
             _resolve(future, kind, payload)
         self._pump()
 
+    def _answers(self, payload: Any) -> None:
+        """An H_REPLIES frame: replies to tasks sent for any worker."""
+        ids, values = _read_replies(payload)
+        futures = self._futures
+        self._unacked -= len(ids)
+        if isinstance(values, BaseException):
+            for tid in ids:
+                future = futures.pop(tid, None)
+                if future is not None and not future.done():
+                    future.set_exception(values)
+        else:
+            for tid, value in zip(ids, values):
+                future = futures.pop(tid, None)
+                if future is None or future.done():
+                    continue
+                timer = future._lp_timer  # type: ignore[attr-defined]
+                if timer is not None:
+                    timer.cancel()
+                future.set_result(value)
+        self._pump()
+
     def _acknowledged(self, count: int) -> None:
         self._unacked -= count
         self._notes_unacked -= count
@@ -431,11 +536,11 @@ class Client:
             'connects again'))
 
     def _fail_all(self, error: BaseException) -> None:
-        futures = list(self._futures.values())
+        futures = dict.fromkeys(self._futures.values())
         self._futures.clear()
         for item in self._outbox:
-            if item[3] is not None and item[3] not in futures:
-                futures.append(item[3])
+            if item[3] is not None:
+                futures[item[3]] = None
         self._outbox.clear()
         self._uncounted.clear()
         self._unacked = 0

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import os
+import pickle
 import signal
 import sys
 import traceback
@@ -16,15 +17,15 @@ from .. import protocol
 from ..errors import PoolClosed
 from ..pool import Pool
 from ..processes import _parent_fds
-from ..tasks import _RawFuture
-from ..protocol import dumps
+from ..tasks import _RawFuture, _TaskFuture
+from ..protocol import dumps, loads, unpack_ids
 from ..worker import Worker
 from .access import Address, _host_proof, _peer_uid, _private_directory, _still_private
-from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME, AUTH, C_BROADCAST,
-                   C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, CONTROLS, H_ACK,
-                   H_BROADCAST, H_ERROR,
-                   H_NOTICE, H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
-                   _encode_error, _Framed)
+from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME,
+                   AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK,
+                   C_TASKS, CONTROLS, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES,
+                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME, _encode_error,
+                   _Framed)
 
 log = logging.getLogger('looppool.remote')
 
@@ -74,6 +75,37 @@ class _Ack:
         self.session.acknowledge()
 
 
+class _HostTask(_TaskFuture):
+    """A task of one of the host's clients, in the host's pool: its outcome goes back to
+    the client's session (each session makes a subclass with ``_lp_session`` set). Nobody
+    awaits it here. Its id in the pool is the session's number, then the client's id."""
+
+    __slots__ = ()
+    _lp_session: _Session
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(None)
+        self._lp_session.reply(self._lp_tid & _MAX_TID, result)
+
+    def set_exception(self, exception: Any) -> None:
+        super().set_exception(exception)
+        self.exception()   # reported to the client, so never "unretrieved"
+        self._lp_session.answer(self._lp_tid & _MAX_TID, True, _encode_error(exception))
+
+    def _lp_sink(self, is_error: bool, payload: Any) -> None:
+        # A worker's own REPLY or ERROR frame, forwarded as it came (an error keeps its
+        # traceback text).
+        self._lp_session.answer(self._lp_tid & _MAX_TID, is_error, payload)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        # Answered now, so that the client's share of messages is freed.
+        self._lp_session.answer(self._lp_tid & _MAX_TID, True,
+                                _encode_error(asyncio.CancelledError()))
+        return True
+
+
 class _Malformed(ValueError):
     """A frame from an authenticated client that does not parse; it is answered with an
     error and the session goes on."""
@@ -95,7 +127,12 @@ class _Session(_Framed):
         self.nonce = os.urandom(_NONCE)
         self.authenticated = False
         self.deadline: asyncio.TimerHandle | None = None
-        self.tasks: dict[int, Any] = {}   # client task id -> the pool's _RawFuture
+        self.tasks: dict[int, _HostTask] = {}   # client task id -> its task in the pool
+        self.task_class: type[_HostTask] = type(
+            '_HostTask', (_HostTask, host.pool._dispatcher._task_future),
+            {'__slots__': (), '_lp_session': self, '__module__': _HostTask.__module__})
+        self.reply_ids: list[int] = []      # replies of this loop iteration, sent at its end
+        self.reply_values: list[Any] = []
         self.result_dones: collections.deque[Callable[[], None]] = collections.deque()
         self.acks = 0
         self.fd = -1
@@ -164,7 +201,9 @@ class _Session(_Framed):
     def handle(self, kind: int, arg: int, payload: Any) -> None:
         if kind in _WITH_TID and not 0 < arg <= _MAX_TID:
             raise _Malformed(f'task id {arg} is outside 1..{_MAX_TID}')
-        if kind == C_TASK:
+        if kind == C_TASKS:
+            self.start_batch(arg, payload)
+        elif kind == C_TASK:
             self.start(arg, payload[_OPTS.size:], self.worker_num(payload))
         elif kind == C_NOTE:
             self.note(payload[_OPTS.size:], self.worker_num(payload))
@@ -258,17 +297,85 @@ class _Session(_Framed):
         pool._dispatcher._dispatch(note, worker_num)
 
     def start(self, tid: int, payload: Any, worker_num: int | None) -> None:
-        if not self.host.accepting(self, tid):
+        """One task (C_TASK), for any worker or for ``worker_num``."""
+        ok, message = self.unpickle(payload, [tid], 'message')
+        if ok:
+            self.start_tasks([tid], [message], worker_num)
+
+    def start_batch(self, count: int, payload: Any) -> None:
+        """A batch of tasks for any worker (C_TASKS): one pickle of their messages."""
+        try:
+            tids, data = unpack_ids(payload)
+        except Exception as exc:
+            raise _Malformed(f'a batch whose task ids do not unpickle: {exc!r}') from None
+        if type(tids) is not list or len(tids) != count or not count \
+                or not all(type(tid) is int and 0 < tid <= _MAX_TID for tid in tids):
+            raise _Malformed(f'a batch whose task ids are not {count} ids in 1..{_MAX_TID}')
+        ok, messages = self.unpickle(data, tids, 'batch of messages')
+        if not ok:
             return
-        future: Any = self.host.pool._submit_payload(
-            bytes(payload), worker_num, None, _RawFuture,
-            lambda is_error, reply, tid=tid: self.answer(tid, is_error, reply),
-            self.number << _SESSION_SHIFT | tid)
-        self.tasks[tid] = future
+        if type(messages) is not list or len(messages) != count:
+            raise _Malformed(f'a batch whose messages are not a list of {count}')
+        self.start_tasks(tids, messages, None)
+
+    def unpickle(self, data: Any, tids: list[int], what: str) -> tuple[bool, Any]:
+        """``(True, what data holds)``; or ``(False, None)`` once the tasks of ``tids``
+        were answered with why the host cannot take them."""
+        if not self.host.accepting(self, 0):
+            error = _encode_error(PoolClosed('the pool host is stopping'))
+        else:
+            try:
+                return True, loads(data)
+            except BaseException as exc:
+                error = _encode_error(pickle.UnpicklingError(
+                    f'the pool host could not unpickle this {what}: {exc!r}'))
+        for tid in tids:
+            self.send(H_ERROR, tid, error)
+        return False, None
+
+    def start_tasks(self, tids: list[int], messages: Any, worker_num: int | None) -> None:
+        cls = self.task_class
+        loop = self.loop
+        tasks = self.tasks
+        base = self.number << _SESSION_SHIFT
+        futures = []
+        for tid, message in zip(tids, messages):
+            future = cls(loop=loop)
+            future._lp_tid = base | tid
+            future._lp_message = message
+            tasks[tid] = future
+            futures.append(future)
+        self.host.pool._dispatcher.take(futures, worker_num)
 
     def answer(self, tid: int, is_error: bool, payload: Any) -> None:
         self.tasks.pop(tid, None)
         self.send(H_ERROR if is_error else H_REPLY, tid, payload)
+
+    def reply(self, tid: int, value: Any) -> None:
+        """A task's return value: sent with the others of this loop iteration."""
+        self.tasks.pop(tid, None)
+        if self.closed:
+            return
+        ids = self.reply_ids
+        if not ids:
+            self.loop.call_soon(self.send_replies)
+        ids.append(tid)
+        self.reply_values.append(value)
+
+    def send_replies(self) -> None:
+        ids, values = self.reply_ids, self.reply_values
+        self.reply_ids, self.reply_values = [], []
+        try:
+            data = dumps(values)
+        except Exception:
+            # One of them cannot be pickled here: that one fails, the others go.
+            for tid, value in zip(ids, values):
+                try:
+                    self.send(H_REPLY, tid, dumps(value))
+                except Exception as exc:
+                    self.send(H_ERROR, tid, _encode_error(exc))
+            return
+        self.send_batch(H_REPLIES, ids, data)
 
     def broadcast(self, tid: int, payload: bytes, sticky: bool | str) -> None:
         if not self.host.accepting(self, tid):
@@ -322,9 +429,9 @@ class _Host:
         self.idle_timeout = idle_timeout
         self.pool = Pool(loop, worker_class=worker_class, **pool_options)
         self.pool._raw_results = self.route_result
-        self.pool._batch_replies = False
-        # It forwards messages and replies as bytes between its clients and its workers:
-        # none of them may refer to a shared-memory buffer (see looppool.shm).
+        # Replies to a client leave the host in the same loop iteration as the worker's
+        # frame that brought them, re-pickled with the others for that client: none may
+        # still refer to a shared-memory buffer of the worker's (see looppool.shm).
         self.pool._shared_memory = 0
         self.client_share = self.pool._max_tasks
         self.sessions: dict[int, _Session] = {}

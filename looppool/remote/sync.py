@@ -19,7 +19,8 @@ from .access import (Address, _check_address, _check_host, _ClientHandshake, _no
                      _positive, _secret_bytes)
 from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT,
                    C_NOTE,
-                   C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLY, H_RESULT,
+                   C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES, H_REPLY,
+                   H_RESULT, _read_replies,
                    _broadcast_payload, _drop_result, _resolve,
                    _task_payload)
 
@@ -261,6 +262,9 @@ class SyncClient:
             log.warning('the pool host at %r: %s', self.address,
                         bytes(payload).decode(errors='replace'))
             return
+        if kind == H_REPLIES:
+            self._on_replies(payload)
+            return
         if kind not in (H_REPLY, H_ERROR, H_BROADCAST):
             raise ConnectionLost(f'the pool host at {self.address!r} sent a frame of kind '
                                  f'{kind} after the handshake; the connection is closed')
@@ -271,6 +275,20 @@ class SyncClient:
         if future.counted:  # type: ignore[attr-defined]
             self._release()
         _resolve(future, kind, payload)
+
+    def _on_replies(self, payload: Any) -> None:
+        ids, values = _read_replies(payload)
+        with self._lock:
+            futures = [self._futures.pop(tid, None) for tid in ids]
+        for index, future in enumerate(futures):
+            if future is None:
+                continue
+            if future.counted:  # type: ignore[attr-defined]
+                self._release()
+            if isinstance(values, BaseException):
+                future.set_exception(values)
+            else:
+                future.set_result(values[index])
 
     def _release(self) -> None:
         room = self._room

@@ -20,21 +20,27 @@ from typing import Any
 from ..channel import HEADER, FrameTooLarge, Parser
 from ..errors import RemoteTraceback
 from .. import tracing
-from ..protocol import dumps, loads
+from ..protocol import dumps, loads, pack, unpack_ids
 
 log = logging.getLogger('looppool.remote')
 
 
 # 2: WELCOME carries its share as an integer, not a pickle; H_NOTICE.
-VERSION = 2
+# 3: C_TASKS and H_REPLIES, batches of tasks and of replies.
+VERSION = 3
 # client -> host
 AUTH, C_TASK, C_NOTE, C_BROADCAST, C_CANCEL, C_CREDIT, C_STATS, C_CONTROL = range(40, 48)
+# A batch of tasks for any worker, as the pool's TASKS frame: ``count`` as arg, the payload
+# packed by looppool.protocol.pack (the client's task ids, then the messages' list).
+C_TASKS = 48
 # What a C_CONTROL frame asks of the host's pool (its payload, ASCII); the answer is the
 # pool's state once the change is complete.
 CONTROLS = frozenset((b'pause', b'resume', b'restart'))
 # host -> client
 HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTICE = \
     range(60, 69)
+# Replies to any of the client's tasks, packed like C_TASKS: the ids, then the values' list.
+H_REPLIES = 69
 # The handshake (HELLO, AUTH, WELCOME, REFUSED) is all either side reads before its peer is
 # authenticated, and none of it is a pickle: see access.py.
 
@@ -77,8 +83,11 @@ def _task_payload(message: Any, worker_num: int | None) -> bytes:
 
 
 def _traced(message: Any) -> Any:
-    """``message``, with the caller's trace context when OpenTelemetry is on."""
-    return tracing.outgoing(message) if tracing.ENABLED else message
+    """``message``, with the caller's trace context when OpenTelemetry is on (and the
+    context holds anything: the cheap test first)."""
+    if tracing.ENABLED and tracing.current_context():
+        return tracing.outgoing(message)
+    return message
 
 
 def _resolve_broadcast(future: Any, payload: Any) -> None:
@@ -109,6 +118,19 @@ def _resolve(future: Any, kind: int, payload: Any) -> None:
             future.set_exception(error)
     else:
         _resolve_broadcast(future, payload)
+
+
+def _read_replies(payload: Any) -> tuple[list[int], list[Any] | BaseException]:
+    """An H_REPLIES frame's task ids, and their values (or why they cannot be read)."""
+    ids, data = unpack_ids(payload)
+    try:
+        values = loads(data)
+    except BaseException as exc:
+        return ids, pickle.UnpicklingError(
+            f'a batch of {len(ids)} replies could not be unpickled here: {exc!r}')
+    if type(values) is not list or len(values) != len(ids):
+        return ids, ValueError('a batch of replies from the pool host does not match its ids')
+    return ids, values
 
 
 def _drop_result(client: Any, result_done: Callable[[], None]) -> None:
@@ -155,6 +177,17 @@ class _Framed(asyncio.Protocol):
         out.append(payload if type(payload) is bytes else bytes(payload))
         if len(out) == 2:
             self.loop.call_soon(self.flush)
+
+    def send_batch(self, kind: int, ids: list[int], items_pickle: bytes) -> None:
+        """Send a C_TASKS or H_REPLIES frame: ``ids`` and the pickle of their items."""
+        if self.closed:
+            return
+        parts = pack(ids, items_pickle)
+        out = self.out
+        if not out:
+            self.loop.call_soon(self.flush)
+        out.append(HEADER.pack(sum(map(len, parts)), kind, len(ids)))
+        out.extend(parts)
 
     def flush(self) -> None:
         if self.out and not self.closed and self.transport is not None:
