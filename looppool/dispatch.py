@@ -28,6 +28,7 @@ thread-safe.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import protocol, tracing
@@ -138,7 +139,7 @@ class Dispatcher(Part):
         self._dispatch(future, worker_num)
         return future
 
-    def take(self, futures: list[_TaskFuture], worker_num: int | None) -> None:
+    def take(self, futures: Sequence[_TaskFuture], worker_num: int | None) -> None:
         """Tasks a pool host made for a client (ids and classes of its own): dealt as a
         burst of ``submit()`` calls is, after what was submitted before."""
         if self._plain and worker_num is None:

@@ -196,7 +196,7 @@ class Client:
         future._lp_message = _traced(message)
         self._futures[tid] = future
         outbox = self._outbox
-        outbox.append((C_TASKS, tid, None, future))
+        outbox.append((C_TASKS, tid, b'', future))
         if len(outbox) >= _BATCH and self._unacked < self._share:
             self._pump()
         elif not self._pump_due:
