@@ -141,8 +141,9 @@ class Dispatcher(Part):
 
     def take(self, futures: Sequence[_TaskFuture], worker_num: int | None) -> None:
         """Tasks a pool host made for a client (ids and classes of its own): dealt as a
-        burst of ``submit()`` calls is, after what was submitted before."""
-        if self._plain and worker_num is None:
+        burst of ``submit()`` calls is, after what was submitted before (a lone one, with
+        nothing before it, straight to a worker: latency)."""
+        if self._plain and worker_num is None and (self._outbox or len(futures) > 1):
             outbox = self._outbox
             outbox.extend(futures)
             if len(outbox) >= self._outbox_limit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import queue
 import ssl
 from collections.abc import Callable
@@ -15,11 +16,14 @@ from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClo
 from ..protocol import loads
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
+from .. import tracing
 from ..protocol import dumps
+from ..tracing import ENABLED as TRACING
+from ..tracing import current_context
 from .wire import (_MAX_MESSAGE, _MAX_TID, _OPTS, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL,
                    C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST, H_ERROR,
                    H_NOTICE, H_REPLIES, H_REPLY, H_RESULT, _broadcast_payload, _checked_size,
-                   _drop_result, _Framed, _read_replies, _resolve, _task_payload, _traced)
+                   _drop_result, _Framed, _read_replies, _resolve, _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
@@ -62,13 +66,42 @@ class _ClientConnection(_Framed):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.handshake = _ClientHandshake(client._secret, client.address)
         self.greeted = False
+        self.fd = -1             # read by read_now(); -1 under TLS (the transport decrypts)
+        self.handling = False    # in on_frames: a burst from process_message reads nothing
+        self.catching_up = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        sock = transport.get_extra_info('socket')
+        if sock is not None and transport.get_extra_info('sslcontext') is None:
+            self.fd = sock.fileno()
         try:
-            _check_host(transport.get_extra_info('socket'), self.client.address)
+            _check_host(sock, self.client.address)
         except AuthenticationError as exc:
             self.fail(exc)
+
+    def read_now(self) -> None:
+        """Take in what the host has sent so far, during a long burst of ``submit()``
+        calls (the loop reads nothing until the caller awaits): its replies free the
+        client's share, so the rest of the burst leaves at once and the host's workers
+        keep busy. What would call application code (a ``_put_nowait`` result, a notice)
+        waits for the next loop iteration, in order. Not under TLS, and not while this
+        connection's frames are being handled (a burst from ``process_message``): those
+        bytes would be taken in out of order."""
+        if self.fd < 0 or self.handling or self.closed or not self.ready.done():
+            return
+        self.catching_up = True
+        try:
+            for _ in range(8):
+                try:
+                    data = os.read(self.fd, 1 << 18)
+                except OSError:   # nothing more for now (or an error the transport sees)
+                    return
+                if not data:
+                    return   # the end: the transport sees it too, on its next read
+                self.data_received(data)
+        finally:
+            self.catching_up = False
 
     def refuse(self, reason: str) -> None:
         self.fail(ConnectionLost(f'the pool host at {self.client.address!r} sent something '
@@ -90,6 +123,13 @@ class _ClientConnection(_Framed):
         self.client._connection_lost(self, exc)
 
     def on_frames(self, frames: list[tuple[int, int, Any]]) -> None:
+        self.handling = True
+        try:
+            self.on_frames_in_order(frames)
+        finally:
+            self.handling = False
+
+    def on_frames_in_order(self, frames: list[tuple[int, int, Any]]) -> None:
         client = self.client
         for kind, arg, payload in frames:
             if self.closed:
@@ -103,10 +143,13 @@ class _ClientConnection(_Framed):
             elif kind == H_ACK:
                 client._acknowledged(arg)
             elif kind == H_RESULT:
-                client._result(payload)
+                if self.catching_up:
+                    self.loop.call_soon(client._result, bytes(payload))
+                else:
+                    client._result(payload)
             elif kind == H_NOTICE:
-                log.warning('the pool host at %r: %s', client.address,
-                            bytes(payload).decode(errors='replace'))
+                self.loop.call_soon(log.warning, 'the pool host at %r: %s', client.address,
+                                    bytes(payload).decode(errors='replace'))
             else:
                 self.refuse(f'a frame of kind {kind} after the handshake')
 
@@ -161,7 +204,10 @@ class Client:
         self._share = 4096
         self._unacked = 0
         self._notes_unacked = 0
-        self._outbox: collections.deque[tuple[int, int, bytes, Any]] = collections.deque()
+        # What waits to be sent, in order: (kind, task id, payload, future or None), or a
+        # submit()'s own future (for any worker: its message is pickled with its batch).
+        self._outbox: collections.deque[tuple[int, int, bytes, Any] | _ClientFuture] = \
+            collections.deque()
         self._pump_due = False   # a call of _pump_soon is scheduled
         self._future_class: type[_ClientFuture] = type(
             '_ClientFuture', (_ClientFuture,), {'__slots__': (), '_lp_client': self,
@@ -193,12 +239,21 @@ class Client:
         else:
             future = self._new_future(timeout)
             tid = future._lp_tid
-        future._lp_message = _traced(message)
+        future._lp_message = (tracing.outgoing(message) if TRACING and current_context()
+                              else message)
         self._futures[tid] = future
         outbox = self._outbox
-        outbox.append((C_TASKS, tid, b'', future))
-        if len(outbox) >= _BATCH and self._unacked < self._share:
-            self._pump()
+        outbox.append(future)
+        if not self._unacked and len(outbox) == 1 and not self._pump_due:
+            # Nothing in flight: nothing to coalesce with, so it goes now (latency).
+            self._pump_soon()
+        elif len(outbox) >= _BATCH and not len(outbox) & 255:
+            # A long burst: the replies that came meanwhile make room for more of it.
+            connection = self._connection
+            if connection is not None:
+                connection.read_now()
+                self._pump()
+                connection.flush()   # now: the host starts on it while the caller goes on
         elif not self._pump_due:
             self._pump_due = True
             self._get_loop().call_soon(self._pump_soon)
@@ -331,12 +386,15 @@ class Client:
             self._pump()
 
     def _pump_soon(self) -> None:
+        """Send what waits, and write it now (this runs at the end of a loop iteration, or
+        for a call that has nothing to wait for)."""
         self._pump_due = False
         connection = self._connection
         if connection is None or connection.closed or not connection.ready.done():
             self._start_connecting()
         else:
             self._pump()
+            connection.flush()
 
     def _pump(self) -> None:
         """Send what the share allows, in order."""
@@ -344,11 +402,17 @@ class Client:
         if connection is None or connection.closed or not connection.ready.done():
             return
         outbox = self._outbox
-        while outbox and (self._unacked < self._share or outbox[0][0] in _UNCOUNTED):
-            if outbox[0][0] == C_TASKS:
+        while outbox:
+            item = outbox[0]
+            if not isinstance(item, tuple):
+                if self._unacked >= self._share:
+                    break
                 self._send_tasks(connection)
                 continue
-            kind, tid, payload, future = outbox.popleft()
+            if self._unacked >= self._share and item[0] not in _UNCOUNTED:
+                break
+            outbox.popleft()
+            kind, tid, payload, future = item
             if future is not None and future.done():
                 self._futures.pop(tid, None)   # the caller gave up on it before it left
                 continue
@@ -366,8 +430,11 @@ class Client:
         outbox = self._outbox
         room = min(self._share - self._unacked, _BATCH)
         batch: list[_ClientFuture] = []
-        while outbox and outbox[0][0] == C_TASKS and len(batch) < room:
-            future = outbox.popleft()[3]
+        while outbox and len(batch) < room:
+            future = outbox[0]
+            if isinstance(future, tuple):
+                break
+            outbox.popleft()
             if future.done():   # the caller gave up on it before it left
                 self._futures.pop(future._lp_tid, None)
             else:
@@ -539,7 +606,9 @@ class Client:
         futures = dict.fromkeys(self._futures.values())
         self._futures.clear()
         for item in self._outbox:
-            if item[3] is not None:
+            if not isinstance(item, tuple):
+                futures[item] = None
+            elif item[3] is not None:
                 futures[item[3]] = None
         self._outbox.clear()
         self._uncounted.clear()

@@ -36,6 +36,8 @@ _FIRST_CLIENT_GRACE = 10.0
 # use up the host's descriptors, nor keep an honest client out.
 _AUTH_TIMEOUT = 5.0
 _MAX_WAITING = 64
+_INT = {int}
+_future_set_result = asyncio.Future.set_result
 # The frames that carry a client's task id.
 _WITH_TID = frozenset((C_TASK, C_BROADCAST, C_CANCEL, C_STATS, C_CONTROL))
 
@@ -84,8 +86,18 @@ class _HostTask(_TaskFuture):
     _lp_session: _Session
 
     def set_result(self, result: Any) -> None:
-        super().set_result(None)
-        self._lp_session.reply(self._lp_tid & _MAX_TID, result)
+        # The path of every reply: the session's reply() inlined.
+        _future_set_result(self, None)
+        session = self._lp_session
+        tid = self._lp_tid & _MAX_TID
+        session.tasks.pop(tid, None)
+        if session.closed:
+            return
+        ids = session.reply_ids
+        if not ids:
+            session.loop.call_soon(session.send_replies)
+        ids.append(tid)
+        session.reply_values.append(result)
 
     def set_exception(self, exception: Any) -> None:
         super().set_exception(exception)
@@ -309,7 +321,7 @@ class _Session(_Framed):
         except Exception as exc:
             raise _Malformed(f'a batch whose task ids do not unpickle: {exc!r}') from None
         if type(tids) is not list or len(tids) != count or not count \
-                or not all(type(tid) is int and 0 < tid <= _MAX_TID for tid in tids):
+                or set(map(type, tids)) != _INT or not 0 < min(tids) <= max(tids) <= _MAX_TID:
             raise _Malformed(f'a batch whose task ids are not {count} ids in 1..{_MAX_TID}')
         ok, messages = self.unpickle(data, tids, 'batch of messages')
         if not ok:
@@ -336,33 +348,21 @@ class _Session(_Framed):
     def start_tasks(self, tids: list[int], messages: Any, worker_num: int | None) -> None:
         cls = self.task_class
         loop = self.loop
-        tasks = self.tasks
         base = self.number << _SESSION_SHIFT
-        futures = []
-        for tid, message in zip(tids, messages):
-            future = cls(loop=loop)
+        futures = [cls(loop=loop) for _ in tids]
+        for future, tid, message in zip(futures, tids, messages):
             future._lp_tid = base | tid
             future._lp_message = message
-            tasks[tid] = future
-            futures.append(future)
+        self.tasks.update(zip(tids, futures))
         self.host.pool._dispatcher.take(futures, worker_num)
 
     def answer(self, tid: int, is_error: bool, payload: Any) -> None:
         self.tasks.pop(tid, None)
         self.send(H_ERROR if is_error else H_REPLY, tid, payload)
 
-    def reply(self, tid: int, value: Any) -> None:
-        """A task's return value: sent with the others of this loop iteration."""
-        self.tasks.pop(tid, None)
-        if self.closed:
-            return
-        ids = self.reply_ids
-        if not ids:
-            self.loop.call_soon(self.send_replies)
-        ids.append(tid)
-        self.reply_values.append(value)
-
     def send_replies(self) -> None:
+        """Send the return values of this loop iteration's tasks (_HostTask.set_result
+        gathers them) in one H_REPLIES frame."""
         ids, values = self.reply_ids, self.reply_values
         self.reply_ids, self.reply_values = [], []
         try:
@@ -376,6 +376,7 @@ class _Session(_Framed):
                     self.send(H_ERROR, tid, _encode_error(exc))
             return
         self.send_batch(H_REPLIES, ids, data)
+        self.flush()   # (the end of the loop iteration already)
 
     def broadcast(self, tid: int, payload: bytes, sticky: bool | str) -> None:
         if not self.host.accepting(self, tid):
