@@ -8,31 +8,26 @@ import logging
 import os
 import queue
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
+from .. import tracing
 from ..channel import _MAX_PAYLOAD
 from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClosed
 from ..protocol import loads
-from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
-                     _positive, _secret_bytes)
-from .. import tracing
-from ..protocol import dumps
 from ..tracing import ENABLED as TRACING
 from ..tracing import current_context
-from .wire import (_MAX_MESSAGE, _MAX_TID, _OPTS, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL,
-                   C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST, H_ERROR,
-                   H_NOTICE, H_REPLIES, H_REPLY, H_RESULT, _broadcast_payload, _checked_size,
-                   _drop_result, _Framed, _read_replies, _resolve, _task_payload)
+from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
+                     _positive, _secret_bytes)
+from .outbox import _BATCH, _Outbox
+from .wire import (_MAX_TID, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS,
+                   C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES, H_REPLY, H_RESEND,
+                   H_RESULT, _broadcast_payload, _drop_result, _Framed, _read_replies,
+                   _resolve, _task_payload)
 
 log = logging.getLogger('looppool.remote')
 
 
-# Calls that take none of the client's share of unacknowledged messages.
-_UNCOUNTED = frozenset((C_STATS, C_CONTROL))
-# The most tasks in one C_TASKS frame, and the most a burst of submit() calls leaves
-# waiting before they are written (the host starts on them while the caller goes on).
-_BATCH = 1024
 
 
 class _ClientFuture(asyncio.Future[Any]):
@@ -138,6 +133,8 @@ class _ClientConnection(_Framed):
                 self.authenticate(kind, arg, payload)
             elif kind == H_REPLIES:
                 client._answers(payload)
+            elif kind == H_RESEND:
+                client._resend(arg, payload)
             elif kind == H_REPLY or kind == H_ERROR or kind == H_BROADCAST:
                 client._answer(kind, arg, payload)
             elif kind == H_ACK:
@@ -169,7 +166,7 @@ class _ClientConnection(_Framed):
         self.ready.set_result(None)
 
 
-class Client:
+class Client(_Outbox):
     """A pool host's client, with the Pool's interface, on this process's asyncio loop.
 
     Made by :func:`connect` or :func:`shared`; it connects on first use (or in ``async
@@ -258,6 +255,38 @@ class Client:
             self._pump_due = True
             self._get_loop().call_soon(self._pump_soon)
         return future
+
+    def map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        """Send every message of ``messages`` to the host's pool; yield the replies in order.
+
+        ``async for reply in client.map(messages): ...``, as :meth:`Pool.map
+        <looppool.Pool.map>`: the messages travel to the host in frames of up to 1,024
+        (those of one loop iteration together), the host hands each to the worker with
+        room, and the iterable (or async iterable) is read as replies come, so at most
+        this client's share of the host's ``max_tasks`` is out at once. An exception
+        raised by a handler is raised here at that message's place, after the replies
+        before it; the messages still out are cancelled, as they are when the loop over
+        ``map()`` is left early."""
+        return self._map(messages)
+
+    async def _map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+        window: collections.deque[asyncio.Future[Any]] = collections.deque()
+        try:
+            if isinstance(messages, AsyncIterable):
+                async for message in messages:
+                    window.append(self.submit(message))
+                    if len(window) >= self._share:
+                        yield await window.popleft()
+            else:
+                for message in messages:
+                    window.append(self.submit(message))
+                    if len(window) >= self._share:
+                        yield await window.popleft()
+            while window:
+                yield await window.popleft()
+        finally:
+            for future in window:
+                future.cancel()
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
                   sticky: bool | str = False) -> asyncio.Future[list[Any]]:
@@ -370,98 +399,6 @@ class Client:
                                  f'{timeout!r}')
             future._lp_timer = loop.call_later(timeout, self._expire, future, timeout)
         return future
-
-    def _queue(self, kind: int, tid: int, payload: bytes, future: Any,
-               counted: bool = True) -> None:
-        self._get_loop()
-        if future is not None and kind != C_NOTE:
-            self._futures[tid] = future
-        if not counted:
-            self._uncounted.add(tid)
-        self._outbox.append((kind, tid, payload, future))
-        connection = self._connection
-        if connection is None or connection.closed or not connection.ready.done():
-            self._start_connecting()
-        else:
-            self._pump()
-
-    def _pump_soon(self) -> None:
-        """Send what waits, and write it now (this runs at the end of a loop iteration, or
-        for a call that has nothing to wait for)."""
-        self._pump_due = False
-        connection = self._connection
-        if connection is None or connection.closed or not connection.ready.done():
-            self._start_connecting()
-        else:
-            self._pump()
-            connection.flush()
-
-    def _pump(self) -> None:
-        """Send what the share allows, in order."""
-        connection = self._connection
-        if connection is None or connection.closed or not connection.ready.done():
-            return
-        outbox = self._outbox
-        while outbox:
-            item = outbox[0]
-            if not isinstance(item, tuple):
-                if self._unacked >= self._share:
-                    break
-                self._send_tasks(connection)
-                continue
-            if self._unacked >= self._share and item[0] not in _UNCOUNTED:
-                break
-            outbox.popleft()
-            kind, tid, payload, future = item
-            if future is not None and future.done():
-                self._futures.pop(tid, None)   # the caller gave up on it before it left
-                continue
-            if kind not in _UNCOUNTED:
-                self._unacked += 1
-            if kind == C_NOTE:
-                self._notes_unacked += 1
-                if future is not None:
-                    future.set_result(None)
-            connection.send(kind, tid, payload)
-
-    def _send_tasks(self, connection: _ClientConnection) -> None:
-        """Send the submit()s at the head of the outbox, as many as the share allows, as
-        one C_TASKS frame."""
-        outbox = self._outbox
-        room = min(self._share - self._unacked, _BATCH)
-        batch: list[_ClientFuture] = []
-        while outbox and len(batch) < room:
-            future = outbox[0]
-            if isinstance(future, tuple):
-                break
-            outbox.popleft()
-            if future.done():   # the caller gave up on it before it left
-                self._futures.pop(future._lp_tid, None)
-            else:
-                batch.append(future)
-        if not batch:
-            return
-        try:
-            data = dumps([future._lp_message for future in batch])
-            if len(data) > _MAX_MESSAGE:
-                raise ValueError('too large together')
-        except Exception:
-            # One of them cannot be pickled, or they are too large together: one by one,
-            # so that only a message at fault fails.
-            for future in batch:
-                try:
-                    payload = _checked_size(_OPTS.pack(-1) + dumps(future._lp_message))
-                except Exception as exc:
-                    self._futures.pop(future._lp_tid, None)
-                    if future._lp_timer is not None:
-                        future._lp_timer.cancel()
-                    future.set_exception(exc)
-                    continue
-                self._unacked += 1
-                connection.send(C_TASK, future._lp_tid, payload)
-            return
-        self._unacked += len(batch)
-        connection.send_batch(C_TASKS, [future._lp_tid for future in batch], data)
 
     def _start_connecting(self) -> None:
         if self._connecting is None or self._connecting.done():

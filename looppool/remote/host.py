@@ -24,8 +24,8 @@ from .access import Address, _host_proof, _peer_uid, _private_directory, _still_
 from .wire import (_KEY, _MAX_MESSAGE, _MAX_TID, _NONCE, _OPTS, _SESSION_SHIFT, _WELCOME,
                    AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK,
                    C_TASKS, CONTROLS, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES,
-                   H_REPLY, H_RESULT, HELLO, REFUSED, VERSION, WELCOME, _encode_error,
-                   _Framed)
+                   H_REPLY, H_RESEND, H_RESULT, HELLO, REFUSED, VERSION, WELCOME,
+                   _encode_error, _Framed, _resend_payload)
 
 log = logging.getLogger('looppool.remote')
 
@@ -323,9 +323,17 @@ class _Session(_Framed):
         if type(tids) is not list or len(tids) != count or not count \
                 or set(map(type, tids)) != _INT or not 0 < min(tids) <= max(tids) <= _MAX_TID:
             raise _Malformed(f'a batch whose task ids are not {count} ids in 1..{_MAX_TID}')
-        ok, messages = self.unpickle(data, tids, 'batch of messages')
-        if not ok:
-            return
+        if count > 1 and self.host.accepting(self, 0):
+            try:
+                messages = loads(data)
+            except BaseException:
+                # One of them, likely: the client sends them again one by one.
+                self.send(H_RESEND, count, _resend_payload(tids))
+                return
+        else:
+            ok, messages = self.unpickle(data, tids, 'batch of messages')
+            if not ok:
+                return
         if type(messages) is not list or len(messages) != count:
             raise _Malformed(f'a batch whose messages are not a list of {count}')
         self.start_tasks(tids, messages, None)

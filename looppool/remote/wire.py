@@ -9,6 +9,7 @@ read, none of them a pickle; see :mod:`looppool.remote.access`.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import concurrent.futures
 import logging
@@ -41,6 +42,10 @@ HELLO, WELCOME, REFUSED, H_REPLY, H_ERROR, H_ACK, H_RESULT, H_BROADCAST, H_NOTIC
     range(60, 69)
 # Replies to any of the client's tasks, packed like C_TASKS: the ids, then the values' list.
 H_REPLIES = 69
+# A C_TASKS batch the host could not unpickle (one of its messages names what the host
+# cannot import, say): ``count`` as arg, the ids as unsigned 64-bit integers (no pickle).
+# The client sends those tasks again one by one, so that only the message at fault fails.
+H_RESEND = 70
 # The handshake (HELLO, AUTH, WELCOME, REFUSED) is all either side reads before its peer is
 # authenticated, and none of it is a pickle: see access.py.
 
@@ -118,6 +123,19 @@ def _resolve(future: Any, kind: int, payload: Any) -> None:
             future.set_exception(error)
     else:
         _resolve_broadcast(future, payload)
+
+
+def _resend_payload(ids: list[int]) -> bytes:
+    return array.array('Q', ids).tobytes()
+
+
+def _read_resend(arg: int, payload: Any) -> list[int]:
+    """The ids of an H_RESEND frame (``arg`` of them)."""
+    ids = array.array('Q')
+    ids.frombytes(bytes(payload))
+    if len(ids) != arg:
+        raise ValueError(f'an H_RESEND frame of {len(ids)} ids says {arg}')
+    return ids.tolist()
 
 
 def _read_replies(payload: Any) -> tuple[list[int], list[Any] | BaseException]:
