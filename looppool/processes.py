@@ -94,6 +94,7 @@ class Processes(Part):
             batch_size=batch_size,
             batch_timeout=batch_timeout,
             shared_memory=pool._shared_memory,
+            origins=pool._raw_results is not None,
         )
         process = ctx.Process(target=worker_main,  # type: ignore[attr-defined]
                               args=(pool._worker_class, child_sock, config, os.getpid()),

@@ -159,3 +159,6 @@ class WorkerConfig(NamedTuple):
     batch_timeout: float = 0.0
     # Buffers at least this large go through shared memory (0: never): see looppool.shm.
     shared_memory: int = 0
+    # Every task's id is set as the origin of the _put_nowait results its handler sends
+    # (a pool host routes them to the task's client by it); else only where it is free.
+    origins: bool = False

@@ -98,6 +98,7 @@ class _Runner(Answers):
         self.looppool_style = worker_class._process_message is not Worker._process_message
         self.call: Callable[[Any], Any] = _ignore   # the worker's handler, once attached
         self.batch_replies = config.batch_replies and not self.looppool_style
+        self.origins = config.origins
         self.read = 0              # messages started since the last ACK
         self.hook: asyncio.Future[Any] | None = None   # the last _pause() or _resume()
         self.deadline = 0.0        # the end of this turn's budget (see looppool.inbox)
@@ -196,7 +197,8 @@ class _Runner(Answers):
         """Start the tasks of a batch in order until the clock passes ``deadline`` (then
         the turn has overran); return how many were started."""
         count = len(tids)
-        if self.looppool_style or not self.batch_replies or self.batcher is not None:
+        if self.looppool_style or not self.batch_replies or self.batcher is not None \
+                or self.origins:
             run = self.run
             for position in range(count):
                 run(tids[position], messages[position], True)
@@ -235,7 +237,7 @@ class _Runner(Answers):
 
         No origin is set for these tasks (a context variable costs a tenth of this loop):
         it routes _put_nowait results to a pool host's clients, and a host's workers never
-        take this path (their replies are not batched).
+        take this path (``origins``: each task goes through :meth:`run`).
         """
         call = self.call
         finish = self.finish

@@ -26,6 +26,7 @@ import pytest
 
 from looppool import remote
 from looppool.channel import HEADER, Parser
+from looppool.protocol import pack
 from looppool.remote import wire
 from conftest import run, wait_for
 from workers import Echo
@@ -118,7 +119,12 @@ def pickled_kinds(pickled: bytes) -> list[bytes]:
     broadcast = pickle.dumps([(False, pickled)])
     return [frame(wire.H_REPLY, 1, pickled), frame(wire.H_ERROR, 1, pickled),
             frame(wire.H_RESULT, 0, pickled), frame(wire.H_BROADCAST, 1, broadcast),
-            frame(wire.WELCOME, 1, pickled)]
+            frame(wire.WELCOME, 1, pickled), frame(wire.H_REPLIES, 1, batch([1], pickled))]
+
+
+def batch(ids: list[int], items_pickle: bytes) -> bytes:
+    """A C_TASKS or H_REPLIES payload."""
+    return b''.join(pack(ids, items_pickle))
 
 
 def instead_of_hello(frames: bytes) -> Callable[[socket.socket], None]:
@@ -238,6 +244,7 @@ def client_kinds(pickled: bytes) -> list[bytes]:
     task = wire._OPTS.pack(-1) + pickled
     broadcast = wire._OPTS.pack(0) + wire._KEY.pack(0) + pickled
     return [frame(wire.C_TASK, 1, task), frame(wire.C_NOTE, 0, task),
+            frame(wire.C_TASKS, 1, batch([1], pickled)),
             frame(wire.C_BROADCAST, 2, broadcast), frame(wire.C_STATS, 3),
             frame(wire.C_CANCEL, 1), frame(wire.C_CREDIT, 1)]
 
@@ -357,11 +364,45 @@ def test_malformed_frames_are_answered_and_the_session_goes_on(hosts) -> None:
                 assert isinstance(error, ValueError) and text in str(error), error
             else:
                 assert text in got[0][2].decode()
+        # Batches whose ids cannot be read, or do not match, get a notice; one whose
+        # messages do not match its ids, an error for each id.
+        good_list = pickle.dumps(['still here'])
+        for data, text in [
+                (frame(wire.C_TASKS, 2, b'\x01'), 'task ids do not unpickle'),
+                (frame(wire.C_TASKS, 3, batch([1, 2], good_list)), 'not 3 ids'),
+                (frame(wire.C_TASKS, 1, batch([2 ** 32 + 5], good_list)), 'not 1 ids in 1..'),
+                (frame(wire.C_TASKS, 1, batch([0], good_list)), 'not 1 ids in 1..'),
+                (frame(wire.C_TASKS, 1, batch(['1'], good_list)), 'not 1 ids in 1..')]:
+            sock.sendall(data)
+            kind, arg, payload = read_one(sock, parser)
+            assert (kind, arg) == (wire.H_NOTICE, 0) and text in payload.decode(), payload
+        sock.sendall(frame(wire.C_TASKS, 2, batch([11, 12], good_list)))
+        for tid, (kind, arg, payload) in zip((11, 12), read_some(sock, parser, 2)):
+            assert (kind, arg) == (wire.H_ERROR, tid)
+            assert 'not a list of 2' in str(wire._decode_error(payload))
         sock.sendall(frame(wire.C_TASK, 7, wire._OPTS.pack(-1) + good))
         kind, tid, reply = read_one(sock, parser)
         assert (kind, tid, pickle.loads(reply)) == (wire.H_REPLY, 7, 'still here')
+        sock.sendall(frame(wire.C_TASKS, 2, batch([8, 9], pickle.dumps(['a', 'b']))))
+        answers: dict[int, Any] = {}
+        pending: list[tuple[int, int, bytes]] = []
+        while len(answers) < 2:   # in one H_REPLIES, or one each if two workers answer
+            if not pending:
+                sock.settimeout(30)
+                data = sock.recv(1 << 16)
+                assert data, 'the host closed the connection'
+                pending = [(kind, arg, bytes(payload))
+                           for kind, arg, payload in parser.feed(data)]
+                continue
+            kind, arg, payload = pending.pop(0)
+            if kind == wire.H_REPLIES:
+                answers.update(zip(*wire._read_replies(payload)))
+            else:
+                assert kind == wire.H_REPLY
+                answers[arg] = pickle.loads(payload)
+        assert answers == {8: 'a', 9: 'b'}
         # The bad notes were not counted as submitted (only the last task was).
-        assert before.stats()['submitted'] == submitted + 1
+        assert before.stats()['submitted'] == submitted + 3
         before.close()
 
 

@@ -335,7 +335,13 @@ class _Session(_Framed):
             if not ok:
                 return
         if type(messages) is not list or len(messages) != count:
-            raise _Malformed(f'a batch whose messages are not a list of {count}')
+            reason = f'a batch whose messages are not a list of {count}'
+            log.warning('a client sent a malformed frame: %s', reason)
+            error = _encode_error(ValueError(
+                f'the pool host could not read a frame of kind {C_TASKS}: {reason}'))
+            for tid in tids:
+                self.send(H_ERROR, tid, error)
+            return
         self.start_tasks(tids, messages, None)
 
     def unpickle(self, data: Any, tids: list[int], what: str) -> tuple[bool, Any]:

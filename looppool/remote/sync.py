@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import itertools
 import logging
 import queue
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..channel import FrameTooLarge, Parser, encode
 from ..errors import ConnectionLost, LooppoolError, PoolClosed
-from ..protocol import loads
+from ..protocol import dumps, loads, pack
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
-from .wire import (_MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL, C_CONTROL, C_CREDIT,
-                   C_NOTE,
-                   C_STATS, C_TASK, H_ACK, H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES, H_REPLY,
-                   H_RESULT, _read_replies,
-                   _broadcast_payload, _drop_result, _resolve,
-                   _task_payload)
+from .outbox import _BATCH
+from .wire import (_MAX_MESSAGE, _MAX_TID, _OPTS, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL,
+                   C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST,
+                   H_ERROR, H_NOTICE, H_REPLIES, H_REPLY, H_RESEND, H_RESULT,
+                   _broadcast_payload, _checked_size, _drop_result, _read_replies,
+                   _read_resend, _resolve, _task_payload, _traced)
 
 log = logging.getLogger('looppool.remote')
 
@@ -54,6 +56,7 @@ class SyncClient:
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
         self._next_tid = 1
         self._room: threading.BoundedSemaphore | None = None
+        self._share = 1
         self._generation = 0
         self._closed = False
         self._warned = False
@@ -64,6 +67,85 @@ class SyncClient:
         :class:`TimeoutError` and the task is cancelled in the worker)."""
         payload = _task_payload(message, worker_num)
         return self._call(C_TASK, payload, timeout)
+
+    def map(self, messages: Iterable[Any]) -> Iterator[Any]:
+        """Send every message of ``messages`` to the host's pool; yield the replies in order.
+
+        ``for reply in client.map(messages): ...``: the messages travel to the host in
+        frames of up to 1,024, the host hands each to the worker with room, and
+        ``messages`` is read as room frees up (at most this client's share of the host's
+        ``max_tasks`` out at once). An exception raised by a handler is raised here at
+        that message's place, after the replies before it; the messages still out are
+        cancelled, as they are when the loop is left early."""
+        return self._map(iter(messages))
+
+    def _map(self, messages: Iterator[Any]) -> Iterator[Any]:
+        window: collections.deque[tuple[int, concurrent.futures.Future[Any]]] = \
+            collections.deque()
+        try:
+            while True:
+                sock, _ = self._connection()
+                share = self._share
+                chunk = list(itertools.islice(messages, min(_BATCH, share)))
+                if not chunk:
+                    break
+                window.extend(self._send_batch(sock, chunk))
+                while len(window) > share:
+                    yield window.popleft()[1].result()
+            while window:
+                yield window.popleft()[1].result()
+        finally:
+            for tid, future in window:
+                if not future.done() and self._sock is not None:
+                    self._send(self._sock, C_CANCEL, tid, b'', quiet=True)
+
+    def _send_batch(self, sock: socket.socket, messages: list[Any]
+                    ) -> list[tuple[int, concurrent.futures.Future[Any]]]:
+        """Send ``messages`` as one C_TASKS frame, once the share has room for them all
+        (one by one if they cannot be pickled together: only a message at fault fails)."""
+        room = self._room
+        assert room is not None
+        for _ in messages:
+            while not room.acquire(timeout=0.5):
+                if self._room is not room:   # the connection was lost meanwhile
+                    raise ConnectionLost(f'the connection to the pool host at '
+                                         f'{self.address!r} was lost; the next call '
+                                         'connects again')
+        traced = [_traced(message) for message in messages]
+        sent = []
+        with self._lock:
+            for message in traced:
+                tid = self._next_tid
+                self._next_tid = tid % _MAX_TID + 1
+                future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                future.counted = True  # type: ignore[attr-defined]
+                future.message = message  # type: ignore[attr-defined]
+                self._futures[tid] = future
+                sent.append((tid, future))
+        try:
+            data = dumps(traced)
+            if len(data) > _MAX_MESSAGE:
+                raise ValueError('too large together')
+        except Exception:
+            for tid, future in sent:
+                self._send_alone(sock, tid, future)
+            return sent
+        self._send(sock, C_TASKS, len(sent),
+                   b''.join(pack([tid for tid, _ in sent], data)))
+        return sent
+
+    def _send_alone(self, sock: socket.socket, tid: int,
+                    future: concurrent.futures.Future[Any]) -> None:
+        """A task of a batch, on its own; a message that cannot be sent fails alone."""
+        try:
+            payload = _checked_size(_OPTS.pack(-1) + dumps(future.message))  # type: ignore[attr-defined]
+        except Exception as exc:
+            with self._lock:
+                self._futures.pop(tid, None)
+            self._release()
+            future.set_exception(exc)
+            return
+        self._send(sock, C_TASK, tid, payload, quiet=True)
 
     def broadcast(self, message: Any, *, timeout: float | None = None,
                   sticky: bool | str = False) -> list[Any]:
@@ -180,6 +262,7 @@ class SyncClient:
             if self._sock is None:
                 self._sock, share = self._handshake()
                 self._room = threading.BoundedSemaphore(share)
+                self._share = share
                 self._generation += 1
                 reader = threading.Thread(target=self._read, args=(self._sock,),
                                           name='looppool-client-reader', daemon=True)
@@ -264,6 +347,17 @@ class SyncClient:
             return
         if kind == H_REPLIES:
             self._on_replies(payload)
+            return
+        if kind == H_RESEND:
+            try:
+                ids = _read_resend(arg, payload)
+            except ValueError as exc:
+                raise ConnectionLost(f'the pool host at {self.address!r}: {exc}') from None
+            for tid in ids:
+                with self._lock:
+                    future = self._futures.get(tid)
+                if future is not None:
+                    self._send_alone(sock, tid, future)
             return
         if kind not in (H_REPLY, H_ERROR, H_BROADCAST):
             raise ConnectionLost(f'the pool host at {self.address!r} sent a frame of kind '
