@@ -49,6 +49,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Union
@@ -79,6 +80,10 @@ _IDS = struct.Struct('<I')
 # mapping (memoryview, by persistent id), or a view passed to pickle as an out-of-band
 # buffer (NumPy arrays and every other PickleBuffer).
 _BYTES, _BYTEARRAY, _VIEW, _OUT_OF_BAND = range(4)
+# Flag on an entry's mode: the buffer is a bytes this end read from a segment the peer lent
+# it and has not yet released, sent back as it came; no descriptor goes with it, and the
+# peer gives back the bytes it wrote there (see Segments.back).
+_BACK = 0x10
 # At most this many buffers of one message go out of band (the rest stay in its pickle):
 # one sendmsg() carries a frame's descriptors, and Linux takes at most 253 at a time.
 MAX_BUFFERS = 250
@@ -86,6 +91,9 @@ MAX_BUFFERS = 250
 # (a fresh memfd costs its pages: allocated, zeroed and freed again, three times the copy).
 _KEEP_SEGMENTS = 4
 _KEEP_BYTES = 64 << 20
+# One larger segment is kept besides, for as long as it is used again within this many
+# seconds (round trips of hundreds of MiB: a fresh segment costs a third of the copy).
+KEEP_LARGE_SECONDS = 1.0
 # Segments up to this size are mapped by both ends for as long as they are kept (larger
 # ones are written and read with pwrite() and pread(), so that a mapping does not count
 # them in the resident size of both processes a second time); none smaller than _MAP_MIN.
@@ -119,12 +127,16 @@ class Big:
     def head_size(self) -> int:
         return _COUNT.size + len(self.buffers) * _ENTRY.size
 
-    def head(self, ids: list[int]) -> bytes:
+    def head(self, ids: list[int], back: list[int]) -> bytes:
         """The descriptor of the buffers that starts the frame's payload (``ids``: the
-        segment of each, 0 for one given away)."""
+        segment of each, 0 for one given away; ``back``: the indexes of those that are
+        the peer's own segments, sent back)."""
+        flags = [0] * len(self.buffers)
+        for index in back:
+            flags[index] = _BACK
         return _COUNT.pack(len(self.buffers)) + b''.join(
-            _ENTRY.pack(memoryview(buffer).nbytes, mode, segment)
-            for buffer, mode, segment in zip(self.buffers, self.modes, ids))
+            _ENTRY.pack(memoryview(buffer).nbytes, mode | flag, segment)
+            for buffer, mode, segment, flag in zip(self.buffers, self.modes, ids, flags))
 
     def split(self, start: int) -> Big:
         """The same buffers with the pickle from ``start`` on (a batch's items)."""
@@ -261,15 +273,18 @@ def inline(big: Big) -> bytes:
 # -- the descriptors -----------------------------------------------------------------------
 
 class _Segment:
-    """One memfd a channel's end writes buffers into; mapped here if it is small."""
+    """One memfd a channel's end writes buffers into; mapped here if it is small. While it
+    is lent, ``source`` is the bytes written into it (the peer may send it back)."""
 
-    __slots__ = ('id', 'fd', 'capacity', 'map')
+    __slots__ = ('id', 'fd', 'capacity', 'map', 'source', 'idle_since')
 
     def __init__(self, segment: int, size: int) -> None:
         self.id = segment
         self.fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
         self.capacity = size
         self.map: mmap.mmap | None = None
+        self.source: bytes | None = None
+        self.idle_since = 0.0
         if size <= _MAP_MAX:
             # Written through a mapping kept for the segment's life: a copy, and no page
             # faults or page-cache lookups once its pages exist (pwrite() looks up each
@@ -286,7 +301,15 @@ class _Segment:
             _pwrite(self.fd, view)
             self.capacity = max(self.capacity, view.nbytes)
 
+    def read(self, size: int, mode: int) -> Any:
+        """What was written into it, as the peer would have read it."""
+        if self.map is None:
+            return _read(self.fd, size, mode)
+        with memoryview(self.map) as view:
+            return bytes(view[:size]) if mode == _BYTES else bytearray(view[:size])
+
     def close(self) -> None:
+        self.source = None
         if self.map is not None:
             self.map.close()
         os.close(self.fd)
@@ -300,25 +323,42 @@ class Segments:
     has said it read it (``RELEASE``); a segment keeps its id, so that the peer may keep
     its mapping too. A buffer the peer maps (a view) goes in a fresh memfd that is given
     away: the peer's mapping keeps it as long as it needs. At most ``_KEEP_SEGMENTS``
-    segments of ``_KEEP_BYTES`` in all are kept for use again. Owned by one channel; not
-    thread-safe.
+    segments of ``_KEEP_BYTES`` in all are kept for use again, and one larger segment for
+    as long as it is used again within ``KEEP_LARGE_SECONDS`` (see :meth:`expire`).
+
+    A lent segment written from a ``bytes`` keeps that object until the peer releases
+    it: a peer that sends the bytes it read from it back as they were (``_BACK``) gets
+    the very object back (:meth:`back`), with no copy either way. Owned by one channel;
+    not thread-safe.
     """
 
     def __init__(self) -> None:
         _held.add(self)
         self.free: list[_Segment] = []
+        self.large: _Segment | None = None   # larger than _KEEP_BYTES, idle
         self.lent: dict[int, _Segment] = {}   # being read by the peer
         self.next_id = 1
         self.written = 0   # buffers written, for tests and curiosity
+        self.sent_back = 0   # buffers sent back to the peer, likewise
 
-    def write(self, big: Big) -> tuple[list[int], list[int], list[int]]:
+    def write(self, big: Big, received: dict[int, tuple[bytes, int]] | None = None
+              ) -> tuple[list[int], list[int], list[int], list[int]]:
         """Write ``big``'s buffers: the descriptors to send, the id of each segment (0:
-        given away), and the descriptors to close once sent."""
+        given away), the descriptors to close once sent, and the indexes of the buffers
+        sent back: ``received`` maps ``id()`` of each bytes this end read from a segment
+        of the peer's, not yet released, to that bytes and the segment's id."""
         fds: list[int] = []
         ids: list[int] = []
         given: list[int] = []
+        back: list[int] = []
         try:
-            for buffer, mode in zip(big.buffers, big.modes):
+            for index, (buffer, mode) in enumerate(zip(big.buffers, big.modes)):
+                found = received.get(id(buffer)) if received and mode == _BYTES else None
+                if found is not None and found[0] is buffer:
+                    ids.append(found[1])   # the peer's own segment: nothing to write
+                    back.append(index)
+                    self.sent_back += 1
+                    continue
                 view = memoryview(buffer).cast('B')
                 self.written += 1
                 if mode == _BYTES or mode == _BYTEARRAY:
@@ -327,6 +367,8 @@ class Segments:
                     ids.append(segment.id)
                     fds.append(segment.fd)
                     segment.write(view)
+                    if mode == _BYTES:
+                        segment.source = buffer
                 else:
                     fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
                     given.append(fd)
@@ -336,11 +378,11 @@ class Segments:
         except BaseException:
             for fd in given:
                 os.close(fd)
-            for segment_id in ids:
-                if segment_id:
+            for index, segment_id in enumerate(ids):
+                if segment_id and index not in back:
                     self.released(segment_id)
             raise
-        return fds, ids, given
+        return fds, ids, given, back
 
     def take(self, size: int) -> _Segment:
         """A kept segment large enough for ``size`` bytes (the smallest), or a new one."""
@@ -351,6 +393,11 @@ class Segments:
         if best is not None:
             self.free.remove(best)
             return best
+        large = self.large
+        if large is not None and size > _KEEP_BYTES:
+            # Written with pwrite(), which makes it larger if it must.
+            self.large = None
+            return large
         segment = _Segment(self.next_id, size)
         self.next_id = self.next_id + 1 if self.next_id < 0xFFFFFFFF else 1
         return segment
@@ -361,15 +408,50 @@ class Segments:
         segment = self.lent.pop(segment_id, None)
         if segment is None:
             return
+        segment.source = None
+        if segment.capacity > _KEEP_BYTES:
+            if self.large is not None:
+                self.large.close()
+            segment.idle_since = time.monotonic()
+            self.large = segment
+            return
         self.free.append(segment)
         self.free.sort(key=_capacity, reverse=True)
         while len(self.free) > _KEEP_SEGMENTS or \
                 sum(kept.capacity for kept in self.free) > _KEEP_BYTES:
             self.free.pop(0).close()   # the largest goes first
 
+    def back(self, segment_id: int, size: int, mode: int) -> Any:
+        """The peer sends segment ``segment_id`` back, unread since: the bytes written
+        into it (the object itself), and the segment is released."""
+        segment = self.lent.get(segment_id)
+        if segment is None:
+            raise ValueError(f'segment {segment_id} sent back, and not lent')
+        found: Any = segment.source
+        if found is None or len(found) != size or mode != _BYTES:
+            found = segment.read(size, mode)   # (not seen: only a bytes is sent back)
+        self.released(segment_id)
+        return found
+
+    def expire(self) -> float:
+        """Close the large segment kept if it has been idle ``KEEP_LARGE_SECONDS``; the
+        seconds until it would be (0: none kept)."""
+        large = self.large
+        if large is None:
+            return 0.0
+        left = large.idle_since + KEEP_LARGE_SECONDS - time.monotonic()
+        if left > 0:
+            return left
+        self.large = None
+        large.close()
+        return 0.0
+
     def close(self) -> None:
         for segment in [*self.free, *self.lent.values()]:
             segment.close()
+        if self.large is not None:
+            self.large.close()
+            self.large = None
         self.free.clear()
         self.lent.clear()
 
@@ -440,29 +522,40 @@ def released_ids(payload: Any) -> list[int]:
 
 
 def receive(payload: Any, take: Callable[[int], list[int]],
-            release: Callable[[int], None], mappings: Mappings) -> Big:
+            release: Callable[[int, Any], None], mappings: Mappings,
+            back: Callable[[int, int, int], Any]) -> Big:
     """The :class:`Big` a BIG frame's ``payload`` describes; ``take(count)`` gives its
-    descriptors, which are closed here, and ``release(id)`` is called for each lent
-    segment read (through ``mappings`` if it is small). ``payload`` is only lent."""
+    descriptors, which are closed here, and ``release(id, bytes or None)`` is called for
+    each lent segment read (through ``mappings`` if it is small), with the bytes read from
+    it; ``back(id, size, mode)`` gives a buffer that is this end's own segment, sent back
+    (:meth:`Segments.back`). ``payload`` is only lent."""
     view = memoryview(payload)
     count, = _COUNT.unpack_from(view)
     entries = [_ENTRY.unpack_from(view, _COUNT.size + index * _ENTRY.size)
                for index in range(count)]
     data = bytes(view[_COUNT.size + count * _ENTRY.size:])
-    fds = take(count)
+    fds = take(sum(1 for _, mode, _ in entries if not mode & _BACK))
     buffers: list[Any] = []
+    returned: dict[int, Any] = {}   # segments sent back, by id (one may come twice)
     try:
-        for fd, (size, mode, segment) in zip(fds, entries):
+        next_fd = iter(fds)
+        for size, mode, segment in entries:
+            if mode & _BACK:
+                if segment not in returned:
+                    returned[segment] = back(segment, size, mode ^ _BACK)
+                buffers.append(returned[segment])
+                continue
+            fd = next(next_fd)
             if segment and size <= _MAP_MAX:
                 buffers.append(mappings.read(fd, segment, size, mode))
             else:
                 buffers.append(_read(fd, size, mode))
             if segment:
-                release(segment)
+                release(segment, buffers[-1] if mode == _BYTES else None)
     finally:
         for fd in fds:
             os.close(fd)
-    return Big(data, buffers, [mode for _, mode, _ in entries])
+    return Big(data, buffers, [mode & ~_BACK for _, mode, _ in entries])
 
 
 def _read(fd: int, size: int, mode: int) -> Any:
