@@ -143,22 +143,19 @@ class Big:
         return Big(memoryview(self.data)[start:], self.buffers, self.modes)
 
 
-class _Pickler(pickle.Pickler):
-    """Keeps every large bytes, bytearray and memoryview out of the pickle by persistent
-    id, and every large PickleBuffer (NumPy's arrays) out of band."""
+class _Aside:
+    """The large buffers a :class:`_Pickler` keeps out of its pickle, and how each is to be
+    given back. Its own object, not the pickler's attributes: the pickler's
+    ``buffer_callback`` is a method of it, and one of the pickler's own would make a
+    reference cycle, which holds the buffers until the cyclic garbage collector runs (a
+    1 MiB reply each time, piling up to hundreds of MiB, and fresh pages for every one)."""
 
-    def __init__(self, file: io.BytesIO, threshold: int, keep: bool = True) -> None:
+    __slots__ = ('buffers', 'modes', 'threshold')
+
+    def __init__(self, threshold: int) -> None:
         self.buffers: list[Any] = []
         self.modes: list[int] = []
-        self.threshold = threshold if keep else 1 << 62
-        super().__init__(file, _PROTOCOL, buffer_callback=self.out_of_band)
-
-    def reducer_override(self, obj: Any) -> Any:
-        # A memoryview below the threshold (which plain pickle refuses) is sent as a copy,
-        # and arrives as a memoryview of that copy: small or large, it pickles.
-        if type(obj) is memoryview:
-            return _view, (obj.tobytes(), obj.format, obj.shape, obj.readonly)
-        return NotImplemented
+        self.threshold = threshold
 
     def out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
         view = buffer.raw()
@@ -168,21 +165,38 @@ class _Pickler(pickle.Pickler):
         self.modes.append(_OUT_OF_BAND)
         return False
 
+
+class _Pickler(pickle.Pickler):
+    """Keeps every large bytes, bytearray and memoryview out of the pickle by persistent
+    id, and every large PickleBuffer (NumPy's arrays) out of band, in ``aside``."""
+
+    def __init__(self, file: io.BytesIO, threshold: int, keep: bool = True) -> None:
+        self.aside = _Aside(threshold if keep else 1 << 62)
+        super().__init__(file, _PROTOCOL, buffer_callback=self.aside.out_of_band)
+
+    def reducer_override(self, obj: Any) -> Any:
+        # A memoryview below the threshold (which plain pickle refuses) is sent as a copy,
+        # and arrives as a memoryview of that copy: small or large, it pickles.
+        if type(obj) is memoryview:
+            return _view, (obj.tobytes(), obj.format, obj.shape, obj.readonly)
+        return NotImplemented
+
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
-        if len(self.buffers) >= MAX_BUFFERS:
+        aside = self.aside
+        buffers = aside.buffers
+        if len(buffers) >= MAX_BUFFERS:
             return None
         if kind is bytes or kind is bytearray:
-            if len(obj) < self.threshold:
+            if len(obj) < aside.threshold:
                 return None
-            self.buffers.append(obj)
-            self.modes.append(_BYTES if kind is bytes else _BYTEARRAY)
-            return len(self.buffers) - 1
-        if kind is memoryview and obj.nbytes >= self.threshold and obj.c_contiguous:
-            self.buffers.append(obj.cast('B') if obj.ndim != 1 or obj.format != 'B'
-                                else obj)
-            self.modes.append(_VIEW)
-            return (len(self.buffers) - 1, obj.format, obj.shape, obj.readonly)
+            buffers.append(obj)
+            aside.modes.append(_BYTES if kind is bytes else _BYTEARRAY)
+            return len(buffers) - 1
+        if kind is memoryview and obj.nbytes >= aside.threshold and obj.c_contiguous:
+            buffers.append(obj.cast('B') if obj.ndim != 1 or obj.format != 'B' else obj)
+            aside.modes.append(_VIEW)
+            return (len(buffers) - 1, obj.format, obj.shape, obj.readonly)
         return None
 
 
@@ -190,9 +204,10 @@ def _big(obj: Any, threshold: int) -> Big | None:
     file = io.BytesIO()
     pickler = _Pickler(file, threshold)
     pickler.dump(obj)
-    if not pickler.buffers:
+    aside = pickler.aside
+    if not aside.buffers:
         return None
-    return Big(file.getvalue(), pickler.buffers, pickler.modes)
+    return Big(file.getvalue(), aside.buffers, aside.modes)
 
 
 def _small(obj: Any, threshold: int) -> bytes:

@@ -419,3 +419,24 @@ def test_nothing_is_left_after_stop() -> None:
 
     run(main())
     assert _dev_shm() <= before
+
+
+@pytest.mark.parametrize('wrap', [lambda array: array, lambda array: (array, memoryview(array))])
+def test_a_pickled_payload_holds_its_buffers_in_no_reference_cycle(wrap) -> None:
+    """Once a sent payload is dropped, its buffers go at once, not at the next run of the
+    cyclic garbage collector: a pickler in a cycle would hold every big message and reply
+    until then (hundreds of MiB, and fresh pages for each)."""
+    import gc
+    import weakref
+    array = numpy.ones(MIB)
+    gone = weakref.ref(array)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        big = shm.dumps(wrap(array), shm.THRESHOLD)
+        assert isinstance(big, shm.Big) and big.buffers
+        del array, big
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
