@@ -22,6 +22,10 @@ A message or reply that holds a large buffer does not travel through the socket:
                                                bytearrays; memoryviews and
                                                NumPy arrays view the mapping
 
+A bytes read from a lent segment and sent back as it is before the segment is released
+(an echo) goes back as that segment, flagged _BACK, with no descriptor and no copy: the
+sender, which kept the bytes it wrote there, gives that very object back.
+
 Nothing has a name: a memfd lives as long as a descriptor or a mapping refers to it, so
 whatever process dies, the kernel frees the memory with the last holder (a descriptor in
 flight in a socket is released with the socket). There is nothing to unlink, in
@@ -30,8 +34,10 @@ flight in a socket is released with the socket). There is nothing to unlink, in
 Frame payload of a BIG frame::
 
     count: uint32 | count x (size: uint64, mode: uint8, segment: uint32) | the pickle
-    (plus ``count`` descriptors, in order, in the ancillary data of the socket; segment
-    0 is a memfd given away, any other a segment the sender lends and keeps)
+    (plus a descriptor for each entry, in order, in the ancillary data of the socket;
+    segment 0 is a memfd given away, any other a segment the sender lends and keeps. An
+    entry whose mode is flagged _BACK has no descriptor: its segment is the receiver's
+    own, lent to the sender, and sent back unread with the bytes read from it)
 
 Who owns what: a :class:`Big` being sent holds references to the sender's buffers until
 the channel writes them; the channel's :class:`Segments` own the memfds it writes into
