@@ -105,8 +105,14 @@ KEEP_LARGE_SECONDS = 1.0
 # them in the resident size of both processes a second time); none smaller than _MAP_MIN.
 _MAP_MAX = 4 << 20
 _MAP_MIN = 64 << 10
+# A buffer at least this large, written again into pages a segment already has, is copied
+# through a mapping made for that write alone (MAP_POPULATE: its page-table entries in one
+# go), not with pwrite(), which looks up every 4 KiB page in the page cache: a third less
+# time at 256 MiB. (Into new pages pwrite() is faster: it allocates them as it goes.)
+_MAP_WRITE_MIN = 32 << 20
 # One read or write moves at most this much (Linux stops at 2 GiB less a page).
 _CHUNK = 1 << 30
+_POPULATE = getattr(mmap, 'MAP_POPULATE', 0)
 
 
 class Big:
@@ -297,7 +303,7 @@ class _Segment:
     """One memfd a channel's end writes buffers into; mapped here if it is small. While it
     is lent, ``source`` is the bytes written into it (the peer may send it back)."""
 
-    __slots__ = ('id', 'fd', 'capacity', 'map', 'source', 'idle_since')
+    __slots__ = ('id', 'fd', 'capacity', 'map', 'source', 'idle_since', 'filled')
 
     def __init__(self, segment: int, size: int) -> None:
         self.id = segment
@@ -306,6 +312,7 @@ class _Segment:
         self.map: mmap.mmap | None = None
         self.source: bytes | None = None
         self.idle_since = 0.0
+        self.filled = 0   # the bytes written into it so far (the most): its pages
         if size <= _MAP_MAX:
             # Written through a mapping kept for the segment's life: a copy, and no page
             # faults or page-cache lookups once its pages exist (pwrite() looks up each
@@ -318,8 +325,15 @@ class _Segment:
         if self.map is not None:
             with memoryview(self.map) as target:
                 target[:view.nbytes] = view
+        elif _MAP_WRITE_MIN <= view.nbytes <= self.filled:
+            # Unmapped at once: this process's resident size counts its pages during the
+            # copy only.
+            with mmap.mmap(self.fd, view.nbytes, flags=mmap.MAP_SHARED | _POPULATE) as found:
+                with memoryview(found) as target:
+                    target[:] = view
         else:
             _pwrite(self.fd, view)
+            self.filled = max(self.filled, view.nbytes)
             self.capacity = max(self.capacity, view.nbytes)
 
     def read(self, size: int, mode: int) -> Any:
@@ -596,5 +610,4 @@ def _read(fd: int, size: int, mode: int) -> Any:
         return bytes(buffer) if mode == _BYTES else buffer
     # A view: the mapping lives as long as something refers to it (closing the descriptor
     # does not end it); populated at once, rather than a page fault per 4 KiB later.
-    flags = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
-    return memoryview(mmap.mmap(fd, size, flags=flags))
+    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE))
