@@ -190,8 +190,10 @@ def test_a_large_segment_is_kept_for_a_while_then_closed(monkeypatch) -> None:
     async def main() -> None:
         async with looppool.Pool(pool_size=1, worker_class=Holder, mp_context='fork') as pool:
             pid = await pool.submit(('pid',))
-            payload = os.urandom(80 * MIB)
-            for _ in range(3):
+            # New contents each time, the last shorter: written again into the same
+            # segment's pages (through a mapping, from 32 MiB), each arrives whole.
+            for size in (80 * MIB, 80 * MIB, 70 * MIB):
+                payload = os.urandom(size)
                 assert await pool.submit(('flipped', payload)) == payload[::-1]
             channel = pool._slots[0].link.channel  # type: ignore[union-attr]
             segments = channel._segments  # type: ignore[union-attr]
