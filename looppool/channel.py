@@ -288,7 +288,11 @@ class Channel:
         self._segments = shm.Segments()
         self._mappings = shm.Mappings()
         self._released: list[int] = []   # the peer's segments read here, to tell it
+        # The bytes read from those of them that held one, by id(): one sent back before
+        # its segment is released goes back as that segment (see shm.Segments.back).
+        self._received: dict[int, tuple[bytes, int]] = {}
         self._release_timer: asyncio.TimerHandle | None = None
+        self._expire_timer: asyncio.TimerHandle | None = None   # the large segment kept
         self._recv_into: Callable[[Buffer], int] = sock.recv_into
         self._recv: Callable[[int], bytes] = sock.recv
         if shared_memory and shm.AVAILABLE:
@@ -400,7 +404,7 @@ class Channel:
         if size > _MAX_PAYLOAD:
             raise _too_large(size)   # nothing of it is sent
         try:
-            fds, ids, given = self._segments.write(big)
+            fds, ids, given, back = self._segments.write(big, self._received)
         except OSError as exc:   # no memory for it, say: the socket takes it instead
             log.warning('a payload could not be put in shared memory (%r); it goes '
                         'through the socket', exc)
@@ -410,7 +414,14 @@ class Channel:
             else:
                 self.schedule_flush()
             return
-        parts[0] = big.head(ids)
+        parts[0] = big.head(ids, back)
+        for index in back:   # the peer has it back with this frame: no RELEASE for it
+            segment = ids[index]
+            if segment in self._released:
+                self._released.remove(segment)
+        if back:
+            self._received = {key: found for key, found in self._received.items()
+                              if found[1] in self._released}
         marker = _Fds(fds, given)
         if self._wbuf:
             self._queue.append(self._wbuf)
@@ -437,6 +448,7 @@ class Channel:
             self._drop_queue()
             self._wbuf = bytearray()
             self._released.clear()
+            self._received.clear()
             if self._release_timer is not None:
                 self._release_timer.cancel()
                 self._release_timer = None
@@ -577,23 +589,42 @@ class Channel:
         """The frames with each payload flagged shm.BIG read from its descriptors; the
         peer's RELEASE frames are taken out here."""
         self._parser.saw_shm = False
-        found: list[Frame] = []
-        for kind, arg, payload in frames:
+        segments = self._segments
+        # The segments released first: the bytes they kept (see shm.Segments.back) are
+        # let go before the buffers of the frames that came with them are read.
+        for kind, _, payload in frames:
             if kind == shm.RELEASE:
                 for segment in shm.released_ids(payload):
-                    self._segments.released(segment)
-            elif kind & _SHM_KIND:
+                    segments.released(segment)
+        found: list[Frame] = []
+        for kind, arg, payload in frames:
+            if kind & _SHM_KIND and kind != shm.RELEASE:
                 found.append((kind ^ _SHM_KIND, arg, shm.receive(  # type: ignore[arg-type]
-                    payload, self._take_fds, self._release, self._mappings)))
-            else:
+                    payload, self._take_fds, self._release, self._mappings,
+                    segments.back)))
+            elif kind != shm.RELEASE:
                 found.append((kind, arg, payload))
+        if segments.large is not None and self._expire_timer is None:
+            self._expire_timer = self._loop.call_later(shm.KEEP_LARGE_SECONDS,
+                                                       self._expire)
         return found
 
-    def _release(self, segment: int) -> None:
-        """The peer's ``segment`` is read: tell it with the next frames written (a reply,
-        the next message), or on its own after _RELEASE_DELAY if none go by then: no
-        write, wake-up or loop iteration of its own in a steady exchange."""
+    def _expire(self) -> None:
+        """Close the large segment kept if it has been idle long enough (see
+        shm.Segments.expire); look again later if not."""
+        self._expire_timer = None
+        left = self._segments.expire()
+        if left and not self.closed:
+            self._expire_timer = self._loop.call_later(left, self._expire)
+
+    def _release(self, segment: int, read: bytes | None) -> None:
+        """The peer's ``segment`` is read (into ``read``, a bytes, if it was one): tell it
+        with the next frames written (a reply, the next message), or on its own after
+        _RELEASE_DELAY if none go by then: no write, wake-up or loop iteration of its own
+        in a steady exchange."""
         self._released.append(segment)
+        if read is not None:
+            self._received[id(read)] = (read, segment)
         if self._release_timer is None:
             self._release_timer = self._loop.call_later(_RELEASE_DELAY, self._send_released)
 
@@ -608,6 +639,7 @@ class Channel:
             self._release_timer.cancel()
             self._release_timer = None
         released, self._released = self._released, []
+        self._received.clear()
         self._queue_parts(shm.RELEASE, len(released), [shm.release_payload(released)])
 
 
@@ -713,6 +745,10 @@ class Channel:
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
+        if self._expire_timer is not None:
+            self._expire_timer.cancel()
+            self._expire_timer = None
+        self._received.clear()
         self._sock.close()
         # The callbacks refer to the owner (the pool's, to the link of a worker process,
         # which refers to this channel): dropping them ends that reference cycle, so a dead

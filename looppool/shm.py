@@ -22,6 +22,10 @@ A message or reply that holds a large buffer does not travel through the socket:
                                                bytearrays; memoryviews and
                                                NumPy arrays view the mapping
 
+A bytes read from a lent segment and sent back as it is before the segment is released
+(an echo) goes back as that segment, flagged _BACK, with no descriptor and no copy: the
+sender, which kept the bytes it wrote there, gives that very object back.
+
 Nothing has a name: a memfd lives as long as a descriptor or a mapping refers to it, so
 whatever process dies, the kernel frees the memory with the last holder (a descriptor in
 flight in a socket is released with the socket). There is nothing to unlink, in
@@ -30,8 +34,10 @@ flight in a socket is released with the socket). There is nothing to unlink, in
 Frame payload of a BIG frame::
 
     count: uint32 | count x (size: uint64, mode: uint8, segment: uint32) | the pickle
-    (plus ``count`` descriptors, in order, in the ancillary data of the socket; segment
-    0 is a memfd given away, any other a segment the sender lends and keeps)
+    (plus a descriptor for each entry, in order, in the ancillary data of the socket;
+    segment 0 is a memfd given away, any other a segment the sender lends and keeps. An
+    entry whose mode is flagged _BACK has no descriptor: its segment is the receiver's
+    own, lent to the sender, and sent back unread with the bytes read from it)
 
 Who owns what: a :class:`Big` being sent holds references to the sender's buffers until
 the channel writes them; the channel's :class:`Segments` own the memfds it writes into
@@ -49,6 +55,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Union
@@ -79,6 +86,10 @@ _IDS = struct.Struct('<I')
 # mapping (memoryview, by persistent id), or a view passed to pickle as an out-of-band
 # buffer (NumPy arrays and every other PickleBuffer).
 _BYTES, _BYTEARRAY, _VIEW, _OUT_OF_BAND = range(4)
+# Flag on an entry's mode: the buffer is a bytes this end read from a segment the peer lent
+# it and has not yet released, sent back as it came; no descriptor goes with it, and the
+# peer gives back the bytes it wrote there (see Segments.back).
+_BACK = 0x10
 # At most this many buffers of one message go out of band (the rest stay in its pickle):
 # one sendmsg() carries a frame's descriptors, and Linux takes at most 253 at a time.
 MAX_BUFFERS = 250
@@ -86,13 +97,22 @@ MAX_BUFFERS = 250
 # (a fresh memfd costs its pages: allocated, zeroed and freed again, three times the copy).
 _KEEP_SEGMENTS = 4
 _KEEP_BYTES = 64 << 20
+# One larger segment is kept besides, for as long as it is used again within this many
+# seconds (round trips of hundreds of MiB: a fresh segment costs a third of the copy).
+KEEP_LARGE_SECONDS = 1.0
 # Segments up to this size are mapped by both ends for as long as they are kept (larger
 # ones are written and read with pwrite() and pread(), so that a mapping does not count
 # them in the resident size of both processes a second time); none smaller than _MAP_MIN.
 _MAP_MAX = 4 << 20
 _MAP_MIN = 64 << 10
+# A buffer at least this large, written again into pages a segment already has, is copied
+# through a mapping made for that write alone (MAP_POPULATE: its page-table entries in one
+# go), not with pwrite(), which looks up every 4 KiB page in the page cache: a third less
+# time at 256 MiB. (Into new pages pwrite() is faster: it allocates them as it goes.)
+_MAP_WRITE_MIN = 32 << 20
 # One read or write moves at most this much (Linux stops at 2 GiB less a page).
 _CHUNK = 1 << 30
+_POPULATE = getattr(mmap, 'MAP_POPULATE', 0)
 
 
 class Big:
@@ -119,34 +139,35 @@ class Big:
     def head_size(self) -> int:
         return _COUNT.size + len(self.buffers) * _ENTRY.size
 
-    def head(self, ids: list[int]) -> bytes:
+    def head(self, ids: list[int], back: list[int]) -> bytes:
         """The descriptor of the buffers that starts the frame's payload (``ids``: the
-        segment of each, 0 for one given away)."""
+        segment of each, 0 for one given away; ``back``: the indexes of those that are
+        the peer's own segments, sent back)."""
+        flags = [0] * len(self.buffers)
+        for index in back:
+            flags[index] = _BACK
         return _COUNT.pack(len(self.buffers)) + b''.join(
-            _ENTRY.pack(memoryview(buffer).nbytes, mode, segment)
-            for buffer, mode, segment in zip(self.buffers, self.modes, ids))
+            _ENTRY.pack(memoryview(buffer).nbytes, mode | flag, segment)
+            for buffer, mode, segment, flag in zip(self.buffers, self.modes, ids, flags))
 
     def split(self, start: int) -> Big:
         """The same buffers with the pickle from ``start`` on (a batch's items)."""
         return Big(memoryview(self.data)[start:], self.buffers, self.modes)
 
 
-class _Pickler(pickle.Pickler):
-    """Keeps every large bytes, bytearray and memoryview out of the pickle by persistent
-    id, and every large PickleBuffer (NumPy's arrays) out of band."""
+class _Aside:
+    """The large buffers a :class:`_Pickler` keeps out of its pickle, and how each is to be
+    given back. Its own object, not the pickler's attributes: the pickler's
+    ``buffer_callback`` is a method of it, and one of the pickler's own would make a
+    reference cycle, which holds the buffers until the cyclic garbage collector runs (a
+    1 MiB reply each time, piling up to hundreds of MiB, and fresh pages for every one)."""
 
-    def __init__(self, file: io.BytesIO, threshold: int, keep: bool = True) -> None:
+    __slots__ = ('buffers', 'modes', 'threshold')
+
+    def __init__(self, threshold: int) -> None:
         self.buffers: list[Any] = []
         self.modes: list[int] = []
-        self.threshold = threshold if keep else 1 << 62
-        super().__init__(file, _PROTOCOL, buffer_callback=self.out_of_band)
-
-    def reducer_override(self, obj: Any) -> Any:
-        # A memoryview below the threshold (which plain pickle refuses) is sent as a copy,
-        # and arrives as a memoryview of that copy: small or large, it pickles.
-        if type(obj) is memoryview:
-            return _view, (obj.tobytes(), obj.format, obj.shape, obj.readonly)
-        return NotImplemented
+        self.threshold = threshold
 
     def out_of_band(self, buffer: pickle.PickleBuffer) -> bool:
         view = buffer.raw()
@@ -156,21 +177,38 @@ class _Pickler(pickle.Pickler):
         self.modes.append(_OUT_OF_BAND)
         return False
 
+
+class _Pickler(pickle.Pickler):
+    """Keeps every large bytes, bytearray and memoryview out of the pickle by persistent
+    id, and every large PickleBuffer (NumPy's arrays) out of band, in ``aside``."""
+
+    def __init__(self, file: io.BytesIO, threshold: int, keep: bool = True) -> None:
+        self.aside = _Aside(threshold if keep else 1 << 62)
+        super().__init__(file, _PROTOCOL, buffer_callback=self.aside.out_of_band)
+
+    def reducer_override(self, obj: Any) -> Any:
+        # A memoryview below the threshold (which plain pickle refuses) is sent as a copy,
+        # and arrives as a memoryview of that copy: small or large, it pickles.
+        if type(obj) is memoryview:
+            return _view, (obj.tobytes(), obj.format, obj.shape, obj.readonly)
+        return NotImplemented
+
     def persistent_id(self, obj: Any) -> Any:
         kind = type(obj)
-        if len(self.buffers) >= MAX_BUFFERS:
+        aside = self.aside
+        buffers = aside.buffers
+        if len(buffers) >= MAX_BUFFERS:
             return None
         if kind is bytes or kind is bytearray:
-            if len(obj) < self.threshold:
+            if len(obj) < aside.threshold:
                 return None
-            self.buffers.append(obj)
-            self.modes.append(_BYTES if kind is bytes else _BYTEARRAY)
-            return len(self.buffers) - 1
-        if kind is memoryview and obj.nbytes >= self.threshold and obj.c_contiguous:
-            self.buffers.append(obj.cast('B') if obj.ndim != 1 or obj.format != 'B'
-                                else obj)
-            self.modes.append(_VIEW)
-            return (len(self.buffers) - 1, obj.format, obj.shape, obj.readonly)
+            buffers.append(obj)
+            aside.modes.append(_BYTES if kind is bytes else _BYTEARRAY)
+            return len(buffers) - 1
+        if kind is memoryview and obj.nbytes >= aside.threshold and obj.c_contiguous:
+            buffers.append(obj.cast('B') if obj.ndim != 1 or obj.format != 'B' else obj)
+            aside.modes.append(_VIEW)
+            return (len(buffers) - 1, obj.format, obj.shape, obj.readonly)
         return None
 
 
@@ -178,9 +216,10 @@ def _big(obj: Any, threshold: int) -> Big | None:
     file = io.BytesIO()
     pickler = _Pickler(file, threshold)
     pickler.dump(obj)
-    if not pickler.buffers:
+    aside = pickler.aside
+    if not aside.buffers:
         return None
-    return Big(file.getvalue(), pickler.buffers, pickler.modes)
+    return Big(file.getvalue(), aside.buffers, aside.modes)
 
 
 def _small(obj: Any, threshold: int) -> bytes:
@@ -261,15 +300,19 @@ def inline(big: Big) -> bytes:
 # -- the descriptors -----------------------------------------------------------------------
 
 class _Segment:
-    """One memfd a channel's end writes buffers into; mapped here if it is small."""
+    """One memfd a channel's end writes buffers into; mapped here if it is small. While it
+    is lent, ``source`` is the bytes written into it (the peer may send it back)."""
 
-    __slots__ = ('id', 'fd', 'capacity', 'map')
+    __slots__ = ('id', 'fd', 'capacity', 'map', 'source', 'idle_since', 'filled')
 
     def __init__(self, segment: int, size: int) -> None:
         self.id = segment
         self.fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
         self.capacity = size
         self.map: mmap.mmap | None = None
+        self.source: bytes | None = None
+        self.idle_since = 0.0
+        self.filled = 0   # the bytes written into it so far (the most): its pages
         if size <= _MAP_MAX:
             # Written through a mapping kept for the segment's life: a copy, and no page
             # faults or page-cache lookups once its pages exist (pwrite() looks up each
@@ -282,11 +325,26 @@ class _Segment:
         if self.map is not None:
             with memoryview(self.map) as target:
                 target[:view.nbytes] = view
+        elif _MAP_WRITE_MIN <= view.nbytes <= self.filled:
+            # Unmapped at once: this process's resident size counts its pages during the
+            # copy only.
+            with mmap.mmap(self.fd, view.nbytes, flags=mmap.MAP_SHARED | _POPULATE) as found:
+                with memoryview(found) as target:
+                    target[:] = view
         else:
             _pwrite(self.fd, view)
+            self.filled = max(self.filled, view.nbytes)
             self.capacity = max(self.capacity, view.nbytes)
 
+    def read(self, size: int, mode: int) -> Any:
+        """What was written into it, as the peer would have read it."""
+        if self.map is None:
+            return _read(self.fd, size, mode)
+        with memoryview(self.map) as view:
+            return bytes(view[:size]) if mode == _BYTES else bytearray(view[:size])
+
     def close(self) -> None:
+        self.source = None
         if self.map is not None:
             self.map.close()
         os.close(self.fd)
@@ -300,25 +358,42 @@ class Segments:
     has said it read it (``RELEASE``); a segment keeps its id, so that the peer may keep
     its mapping too. A buffer the peer maps (a view) goes in a fresh memfd that is given
     away: the peer's mapping keeps it as long as it needs. At most ``_KEEP_SEGMENTS``
-    segments of ``_KEEP_BYTES`` in all are kept for use again. Owned by one channel; not
-    thread-safe.
+    segments of ``_KEEP_BYTES`` in all are kept for use again, and one larger segment for
+    as long as it is used again within ``KEEP_LARGE_SECONDS`` (see :meth:`expire`).
+
+    A lent segment written from a ``bytes`` keeps that object until the peer releases
+    it: a peer that sends the bytes it read from it back as they were (``_BACK``) gets
+    the very object back (:meth:`back`), with no copy either way. Owned by one channel;
+    not thread-safe.
     """
 
     def __init__(self) -> None:
         _held.add(self)
         self.free: list[_Segment] = []
+        self.large: _Segment | None = None   # larger than _KEEP_BYTES, idle
         self.lent: dict[int, _Segment] = {}   # being read by the peer
         self.next_id = 1
         self.written = 0   # buffers written, for tests and curiosity
+        self.sent_back = 0   # buffers sent back to the peer, likewise
 
-    def write(self, big: Big) -> tuple[list[int], list[int], list[int]]:
+    def write(self, big: Big, received: dict[int, tuple[bytes, int]] | None = None
+              ) -> tuple[list[int], list[int], list[int], list[int]]:
         """Write ``big``'s buffers: the descriptors to send, the id of each segment (0:
-        given away), and the descriptors to close once sent."""
+        given away), the descriptors to close once sent, and the indexes of the buffers
+        sent back: ``received`` maps ``id()`` of each bytes this end read from a segment
+        of the peer's, not yet released, to that bytes and the segment's id."""
         fds: list[int] = []
         ids: list[int] = []
         given: list[int] = []
+        back: list[int] = []
         try:
-            for buffer, mode in zip(big.buffers, big.modes):
+            for index, (buffer, mode) in enumerate(zip(big.buffers, big.modes)):
+                found = received.get(id(buffer)) if received and mode == _BYTES else None
+                if found is not None and found[0] is buffer:
+                    ids.append(found[1])   # the peer's own segment: nothing to write
+                    back.append(index)
+                    self.sent_back += 1
+                    continue
                 view = memoryview(buffer).cast('B')
                 self.written += 1
                 if mode == _BYTES or mode == _BYTEARRAY:
@@ -327,6 +402,8 @@ class Segments:
                     ids.append(segment.id)
                     fds.append(segment.fd)
                     segment.write(view)
+                    if mode == _BYTES:
+                        segment.source = buffer
                 else:
                     fd = os.memfd_create('looppool', os.MFD_CLOEXEC)
                     given.append(fd)
@@ -336,11 +413,11 @@ class Segments:
         except BaseException:
             for fd in given:
                 os.close(fd)
-            for segment_id in ids:
-                if segment_id:
+            for index, segment_id in enumerate(ids):
+                if segment_id and index not in back:
                     self.released(segment_id)
             raise
-        return fds, ids, given
+        return fds, ids, given, back
 
     def take(self, size: int) -> _Segment:
         """A kept segment large enough for ``size`` bytes (the smallest), or a new one."""
@@ -351,6 +428,11 @@ class Segments:
         if best is not None:
             self.free.remove(best)
             return best
+        large = self.large
+        if large is not None and size > _KEEP_BYTES:
+            # Written with pwrite(), which makes it larger if it must.
+            self.large = None
+            return large
         segment = _Segment(self.next_id, size)
         self.next_id = self.next_id + 1 if self.next_id < 0xFFFFFFFF else 1
         return segment
@@ -361,15 +443,50 @@ class Segments:
         segment = self.lent.pop(segment_id, None)
         if segment is None:
             return
+        segment.source = None
+        if segment.capacity > _KEEP_BYTES:
+            if self.large is not None:
+                self.large.close()
+            segment.idle_since = time.monotonic()
+            self.large = segment
+            return
         self.free.append(segment)
         self.free.sort(key=_capacity, reverse=True)
         while len(self.free) > _KEEP_SEGMENTS or \
                 sum(kept.capacity for kept in self.free) > _KEEP_BYTES:
             self.free.pop(0).close()   # the largest goes first
 
+    def back(self, segment_id: int, size: int, mode: int) -> Any:
+        """The peer sends segment ``segment_id`` back, unread since: the bytes written
+        into it (the object itself), and the segment is released."""
+        segment = self.lent.get(segment_id)
+        if segment is None:
+            raise ValueError(f'segment {segment_id} sent back, and not lent')
+        found: Any = segment.source
+        if found is None or len(found) != size or mode != _BYTES:
+            found = segment.read(size, mode)   # (not seen: only a bytes is sent back)
+        self.released(segment_id)
+        return found
+
+    def expire(self) -> float:
+        """Close the large segment kept if it has been idle ``KEEP_LARGE_SECONDS``; the
+        seconds until it would be (0: none kept)."""
+        large = self.large
+        if large is None:
+            return 0.0
+        left = large.idle_since + KEEP_LARGE_SECONDS - time.monotonic()
+        if left > 0:
+            return left
+        self.large = None
+        large.close()
+        return 0.0
+
     def close(self) -> None:
         for segment in [*self.free, *self.lent.values()]:
             segment.close()
+        if self.large is not None:
+            self.large.close()
+            self.large = None
         self.free.clear()
         self.lent.clear()
 
@@ -440,29 +557,40 @@ def released_ids(payload: Any) -> list[int]:
 
 
 def receive(payload: Any, take: Callable[[int], list[int]],
-            release: Callable[[int], None], mappings: Mappings) -> Big:
+            release: Callable[[int, Any], None], mappings: Mappings,
+            back: Callable[[int, int, int], Any]) -> Big:
     """The :class:`Big` a BIG frame's ``payload`` describes; ``take(count)`` gives its
-    descriptors, which are closed here, and ``release(id)`` is called for each lent
-    segment read (through ``mappings`` if it is small). ``payload`` is only lent."""
+    descriptors, which are closed here, and ``release(id, bytes or None)`` is called for
+    each lent segment read (through ``mappings`` if it is small), with the bytes read from
+    it; ``back(id, size, mode)`` gives a buffer that is this end's own segment, sent back
+    (:meth:`Segments.back`). ``payload`` is only lent."""
     view = memoryview(payload)
     count, = _COUNT.unpack_from(view)
     entries = [_ENTRY.unpack_from(view, _COUNT.size + index * _ENTRY.size)
                for index in range(count)]
     data = bytes(view[_COUNT.size + count * _ENTRY.size:])
-    fds = take(count)
+    fds = take(sum(1 for _, mode, _ in entries if not mode & _BACK))
     buffers: list[Any] = []
+    returned: dict[int, Any] = {}   # segments sent back, by id (one may come twice)
     try:
-        for fd, (size, mode, segment) in zip(fds, entries):
+        next_fd = iter(fds)
+        for size, mode, segment in entries:
+            if mode & _BACK:
+                if segment not in returned:
+                    returned[segment] = back(segment, size, mode ^ _BACK)
+                buffers.append(returned[segment])
+                continue
+            fd = next(next_fd)
             if segment and size <= _MAP_MAX:
                 buffers.append(mappings.read(fd, segment, size, mode))
             else:
                 buffers.append(_read(fd, size, mode))
             if segment:
-                release(segment)
+                release(segment, buffers[-1] if mode == _BYTES else None)
     finally:
         for fd in fds:
             os.close(fd)
-    return Big(data, buffers, [mode for _, mode, _ in entries])
+    return Big(data, buffers, [mode & ~_BACK for _, mode, _ in entries])
 
 
 def _read(fd: int, size: int, mode: int) -> Any:
@@ -482,5 +610,4 @@ def _read(fd: int, size: int, mode: int) -> Any:
         return bytes(buffer) if mode == _BYTES else buffer
     # A view: the mapping lives as long as something refers to it (closing the descriptor
     # does not end it); populated at once, rather than a page fault per 4 KiB later.
-    flags = mmap.MAP_SHARED | getattr(mmap, 'MAP_POPULATE', 0)
-    return memoryview(mmap.mmap(fd, size, flags=flags))
+    return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE))

@@ -54,6 +54,18 @@ class Holder(Echo):
     async def do_kept_sum(self) -> float:
         return float(self.kept.sum())
 
+    async def do_flipped(self, value: bytes) -> bytes:
+        return value[::-1]   # a bytes of its own: written to shared memory
+
+    async def do_twice(self, value: bytes) -> tuple[bytes, bytes]:
+        return value, value
+
+    async def do_later(self, value: bytes, seconds: float) -> bytes:
+        """``value`` back after ``seconds``, once its segment has been released (the
+        release goes within 5 ms when no other frame carries it)."""
+        await asyncio.sleep(seconds)
+        return value
+
     async def do_no_more_files(self, size: int) -> bytes:
         """Lets this process open no more files, then answers with ``size`` bytes."""
         import resource
@@ -136,6 +148,66 @@ def test_a_256_mib_payload_goes_both_ways() -> None:
             payload = os.urandom(256 * MIB)
             reply = await pool.submit(payload)
             assert len(reply) == len(payload) and reply == payload
+
+    run(main())
+
+
+def test_a_bytes_sent_back_as_it_arrived_is_the_bytes_sent() -> None:
+    """A handler's reply that is the very bytes it was sent goes back as the sender's own
+    segment, not written again; the sender gets its own bytes object back. Anything else
+    is written and read as before."""
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder) as pool:
+            for size in (MIB, 8 * MIB):
+                payload = os.urandom(size)
+                written = _segments_written(pool)
+                reply = await pool.submit(payload)
+                assert reply is payload
+                assert _segments_written(pool) - written == 1
+                flipped = await pool.submit(('flipped', payload))
+                assert flipped is not payload and flipped == payload[::-1]
+                first, second = await pool.submit(('twice', payload))
+                assert first is payload and second is payload
+                # Sent back once its segment is released, and may have been written again:
+                # the worker writes it, and the reply is a bytes of its own.
+                later = await pool.submit(('later', payload, 0.1))
+                assert later is not payload and later == payload
+                # A bytearray is the worker's to change: never the same object back.
+                array = bytearray(payload)
+                echoed = await pool.submit(array)
+                assert echoed is not array and echoed == array
+                assert await pool.submit(payload) is payload
+
+    run(main())
+
+
+def test_a_large_segment_is_kept_for_a_while_then_closed(monkeypatch) -> None:
+    """A segment too large for the bound on those kept (64 MiB in all) is kept for the
+    next buffer all the same, one per direction, and closed once it has been idle for
+    KEEP_LARGE_SECONDS (its idle time is set back here rather than waited for)."""
+    monkeypatch.setattr(shm, 'KEEP_LARGE_SECONDS', 3600.0)
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Holder, mp_context='fork') as pool:
+            pid = await pool.submit(('pid',))
+            # New contents each time, the last shorter: written again into the same
+            # segment's pages (through a mapping, from 32 MiB), each arrives whole.
+            for size in (80 * MIB, 80 * MIB, 70 * MIB):
+                payload = os.urandom(size)
+                assert await pool.submit(('flipped', payload)) == payload[::-1]
+            channel = pool._slots[0].link.channel  # type: ignore[union-attr]
+            segments = channel._segments  # type: ignore[union-attr]
+            assert segments.large is not None and segments.next_id == 2   # one, used again
+            assert len(_memfds([os.getpid()])) == 1 and len(_memfds([pid])) == 1
+            assert channel._expire_timer is not None  # type: ignore[union-attr]
+            channel._expire()  # type: ignore[union-attr]
+            assert segments.large is not None   # not idle long enough: kept
+            segments.large.idle_since -= 7200
+            channel._expire()  # type: ignore[union-attr]
+            assert segments.large is None and _memfds([os.getpid()]) == []
+            assert channel._expire_timer is None  # type: ignore[union-attr]
+            assert await pool.submit(('flipped', payload)) == payload[::-1]
+            assert segments.next_id == 3
 
     run(main())
 
@@ -354,3 +426,24 @@ def test_nothing_is_left_after_stop() -> None:
 
     run(main())
     assert _dev_shm() <= before
+
+
+@pytest.mark.parametrize('wrap', [lambda array: array, lambda array: (array, memoryview(array))])
+def test_a_pickled_payload_holds_its_buffers_in_no_reference_cycle(wrap) -> None:
+    """Once a sent payload is dropped, its buffers go at once, not at the next run of the
+    cyclic garbage collector: a pickler in a cycle would hold every big message and reply
+    until then (hundreds of MiB, and fresh pages for each)."""
+    import gc
+    import weakref
+    array = numpy.ones(MIB)
+    gone = weakref.ref(array)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        big = shm.dumps(wrap(array), shm.THRESHOLD)
+        assert isinstance(big, shm.Big) and big.buffers
+        del array, big
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
