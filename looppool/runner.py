@@ -197,8 +197,7 @@ class _Runner(Answers):
         """Start the tasks of a batch in order until the clock passes ``deadline`` (then
         the turn has overran); return how many were started."""
         count = len(tids)
-        if self.looppool_style or not self.batch_replies or self.batcher is not None \
-                or self.origins:
+        if self.looppool_style or not self.batch_replies or self.batcher is not None:
             run = self.run
             for position in range(count):
                 run(tids[position], messages[position], True)
@@ -235,9 +234,10 @@ class _Runner(Answers):
         on Python 3.10 and 3.11) right after a handler that changed a context variable, so
         that the next one starts in a fresh copy.
 
-        No origin is set for these tasks (a context variable costs a tenth of this loop):
-        it routes _put_nowait results to a pool host's clients, and a host's workers never
-        take this path (``origins``: each task goes through :meth:`run`).
+        The task's id is set as the origin of its _put_nowait results only with
+        ``origins`` (a pool host's worker, which routes them to the task's client by it):
+        a context variable costs a tenth of this loop, and on 3.10 and 3.11 a fresh copy
+        of the context for each handler.
         """
         call = self.call
         finish = self.finish
@@ -249,6 +249,7 @@ class _Runner(Answers):
         first_step = steps.run if context is None else steps.send_first
         count = len(tids)
         clock = _monotonic
+        set_origin = _origin.set if self.origins else None
         while position < count:
             if clock() > deadline:
                 self.inbox.overran()
@@ -256,6 +257,8 @@ class _Runner(Answers):
             tid = tids[position]
             message = messages[position]
             position += 1
+            if set_origin is not None:
+                set_origin(tid)
             try:
                 result = call(message)
             except (SystemExit, KeyboardInterrupt):

@@ -171,3 +171,26 @@ def test_map_on_the_sync_client(small_host) -> None:
         assert client.stats()['cancelled'] >= 5
     finally:
         client.close()
+
+
+def test_results_of_concurrent_bursts_reach_their_own_clients(host) -> None:
+    """Two clients' bursts share the workers' batches; each _put_nowait result still goes
+    to the client whose message was being handled."""
+    async def burst(name: str) -> list[Any]:
+        results: list[Any] = []
+        async with remote.connect(host.address) as client:
+            client.process_message = lambda result, done: (results.append(result), done())
+            for _ in range(3):
+                futures = [client.submit(('put', (name, index))) for index in range(2000)]
+                assert [await future for future in futures] == [1] * 2000
+                await asyncio.sleep(0)
+            await wait_until(lambda: len(results) >= 6000, what=f'the results of {name}')
+        return results
+
+    async def main() -> None:
+        first, second = await asyncio.gather(burst('first'), burst('second'))
+        assert {name for name, _ in first} == {'first'}
+        assert {name for name, _ in second} == {'second'}
+        assert len(first) == len(second) == 6000
+
+    run(main())
