@@ -291,16 +291,15 @@ class _Row:
         the context, or one that suspended: once ``detached``, it ends with that one."""
         call, messages, replies = self.call, self.messages, self.replies
         steps, context, base = self.steps, self.context, self.base
+        coroutine, awaitable = types.CoroutineType, inspect.isawaitable
         getrefcount = sys.getrefcount
-        alone = steps.alone
-        count = len(messages)
-        position = self.position
-        while position < count:
-            index = position
-            position = self.position = index + 1
+        stand_in = steps.stand_in
+        alone = getrefcount(stand_in)   # (this local counts too)
+        for index in range(self.position, len(messages)):
+            self.position = index + 1
             try:
                 result = call(messages[index])
-                if type(result) is types.CoroutineType or inspect.isawaitable(result):
+                if type(result) is coroutine or awaitable(result):
                     result = await result
             except (SystemExit, KeyboardInterrupt):
                 raise
@@ -312,9 +311,10 @@ class _Row:
                 if detached[0]:
                     return result
                 replies[index] = result
-            if getrefcount(steps.stand_in) != alone:
+            if getrefcount(stand_in) != alone:
                 steps._replace()   # someone keeps the stand-in: the next gets a new one
-                alone = steps.alone
+                stand_in = steps.stand_in
+                alone = getrefcount(stand_in)
             if context != base:
                 return None
         return None
