@@ -100,10 +100,10 @@ class Progress:
 # runs it backwards, so looppool submit() is measured right before or right after the
 # ceiling each time: the machine's speed drifts over minutes, and a ratio of two figures
 # taken a minute apart measures the drift as much as the peers.
-# The two bulk calls, looppool's map() and the executor's map(), are compared with each
-# other, so they are neighbours too.
+# The bulk calls, looppool's map() and the executor's map(), are compared with each
+# other, so they are neighbours too (map() to a batch worker on the executor's other side).
 MEASURE_ORDER = ('ceiling', 'looppool_submit', 'looppool_put_nowait', 'looppool_map',
-                 'process_pool_executor_map', 'looppool_remote', 'aiomultiprocess_pool',
+                 'process_pool_executor_map', 'looppool_batch_map', 'looppool_remote', 'aiomultiprocess_pool',
                  'aiomultiprocess_fork', 'process_pool_executor')
 # W7's targets are ratios to ProcessPoolExecutor (run_in_executor), so there it is measured
 # next to looppool submit(), and the two map() calls next to each other.

@@ -4,7 +4,6 @@
 Inside a worker process whose class overrides ``handle_batch``::
 
     _Runner.run(tid, message)        a TASK, a TASKS batch, a note, a replayed broadcast
-    chunk.start(...)                 each message of a map() chunk
       | Batcher.add(message) -> the message's future (the runner answers the task
       v                          with it, as it would with a handle() coroutine)
     the forming batch                messages in the order they were read, whichever
@@ -15,6 +14,11 @@ Inside a worker process whose class overrides ``handle_batch``::
     handle_batch(messages)           one coroutine per batch, started eagerly; several
                                      may run at once when they await
       -> replies                     each resolves its message's future, in order
+
+A chunk of ``map()`` (chunk.start) is a batch's worth of messages read together: its first
+messages fill the batch forming, if one is, and it is handed over at once; the rest goes
+to ``handle_batch`` in pieces of at most ``batch_size`` (:meth:`Batcher.start_piece`),
+each at once, with one future for the piece rather than one per message.
 
 A message taken into the forming batch has *started*, as far as the parent knows: it is
 acknowledged (ACK) with the others the read started, it cannot be recalled for another
@@ -184,6 +188,29 @@ class Batcher:
         self.running[task] = futures
         self.runner.running[-id(task)] = task
         task.add_done_callback(self.ended)
+
+    def start_piece(self, messages: list[Any]) -> tuple[int, Any]:
+        """Start ``handle_batch`` at once on ``messages``, a piece of a map() chunk, as a
+        batch of their own; returns what :func:`eager.step <looppool.eager.step>` does,
+        with the list of replies when it ended at its first step."""
+        if tracing.ENABLED:   # a batch runs in none of its callers' trace contexts
+            messages = [message.message if type(message) is tracing.Traced else message
+                        for message in messages]
+        self.runner.channel.send(protocol.BATCHED, len(messages))
+        context = contextvars.copy_context()
+        context.run(self.origin.set, 0)   # no one caller's batch: see hand_over()
+        return context.run(eager.step, self.loop, self.run_piece(messages))
+
+    async def run_piece(self, messages: list[Any]) -> list[Any]:
+        """``handle_batch`` on a piece of a chunk: its replies, or the error that fails
+        every message of it."""
+        result = self.call(messages)
+        if inspect.isawaitable(result):
+            result = await result
+        replies = self.replies(result, len(messages))
+        if isinstance(replies, Exception):
+            raise replies
+        return replies
 
     def purge(self) -> None:
         """Leave out of the forming batch the messages cancelled (and so answered) while

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
-import types
 from typing import TYPE_CHECKING, Any
 
 from . import eager, protocol
 from .protocol import dumps, dumps_shared, loads
 
 if TYPE_CHECKING:
+    from .batch import Batcher
     from .runner import _Runner
 
 log = logging.getLogger('looppool.worker')
@@ -33,7 +32,8 @@ def refuse(runner: _Runner, tid: int) -> None:
 
 def start(runner: _Runner, tid: int, payload: Any) -> None:
     """Run a chunk of ``Pool.map``: every message's handler at once, stepped eagerly in
-    order; the chunk is answered with one MAPPED frame once all have ended."""
+    order (a batch worker's chunk goes to ``handle_batch``, see :func:`_batch`); the chunk
+    is answered with one MAPPED frame once all have ended."""
     try:
         messages = loads(payload)
     except BaseException as exc:
@@ -41,51 +41,108 @@ def start(runner: _Runner, tid: int, payload: Any) -> None:
             exc, 'could not unpickle a chunk of map()')})
         return
     from .answers import _origin
-    from .runner import _await   # (runner imports this module)
-    replies: list[Any] = [None] * len(messages)
-    errors: dict[int, bytes] = {}
-    waiting: dict[int, asyncio.Future[Any]] = {}
-    call = runner.call
     _origin.set(tid)
-    with eager.Steps(runner.loop) as steps:
-        for index, message in enumerate(messages):
-            try:
-                result = call(message)
-            except (SystemExit, KeyboardInterrupt):
-                raise  # the handler asked the process to end: see worker_main
-            except BaseException as exc:
-                errors[index] = runner.encode_error(exc, None)
-                continue
-            if type(result) is not types.CoroutineType:
-                if not inspect.isawaitable(result):
-                    replies[index] = result
-                    continue
-                if isinstance(result, asyncio.Future):   # a place in a batch (looppool.batch)
-                    waiting[index] = result
-                    continue
-                result = _await(result)
-            state, value = steps.step(result)
-            if state == eager.DONE:
-                replies[index] = value
-            elif state == eager.RAISED:
-                errors[index] = runner.encode_error(value, None)
-            else:
-                waiting[index] = value
-    if not waiting:
-        answer(runner, tid, replies, errors)
+    if runner.batcher is not None:
+        chunk = _batch(runner, runner.batcher, messages)
+    else:
+        replies, failed, waiting = eager.each(runner.loop, runner.call, messages)
+        chunk = _Chunk(runner, replies, waiting)
+        for index, error in failed.items():
+            chunk.fail(index, 1, error)
+    if not chunk.waiting:
+        answer(runner, tid, chunk.replies, chunk.errors)
         return
     # Started eagerly, so that it is waiting on its handlers before a CANCEL can reach
     # it: a Task cancelled before its first step would never cancel them (a CANCEL in
     # the same read as the chunk left its handlers running).
-    task = eager.start(runner.loop, _finish(runner, tid, replies, errors, waiting))
+    task = eager.start(runner.loop, _finish(runner, tid, chunk))
     runner.running[tid] = task
     task.add_done_callback(functools.partial(_finished, runner, tid))
 
 
-async def _finish(runner: _Runner, tid: int, replies: list[Any], errors: dict[int, bytes],
-                     waiting: dict[int, asyncio.Future[Any]]) -> None:
-    """Wait for a chunk's suspended handlers; cancelled (the caller gave up), cancel
-    them all, and answer with what each one did."""
+class _Chunk:
+    """A chunk's outcome as it forms: the replies and errors by position, and what is
+    still to end: a handler's Task (or a message's future in a batch) by its position,
+    or a batch worker's piece of the chunk by its first position (``pieces`` has its
+    length; its result is the piece's list of replies)."""
+
+    __slots__ = ('runner', 'replies', 'errors', 'waiting', 'pieces')
+
+    def __init__(self, runner: _Runner, replies: list[Any],
+                 waiting: dict[int, asyncio.Future[Any]]) -> None:
+        self.runner = runner
+        self.replies = replies
+        self.errors: dict[int, bytes] = {}
+        self.waiting = waiting
+        self.pieces: dict[int, int] = {}
+
+    def settle(self, index: int, future: asyncio.Future[Any]) -> None:
+        """Take what the ended ``future`` at ``index`` did."""
+        count = self.pieces.get(index, 1)
+        if future.cancelled():
+            self.fail(index, count, asyncio.CancelledError())
+        elif future.exception() is not None:
+            error = future.exception()
+            assert error is not None
+            self.fail(index, count, error)
+        elif index in self.pieces:
+            self.spread(index, future.result())
+        else:
+            self.replies[index] = future.result()
+
+    def spread(self, first: int, values: list[Any]) -> None:
+        """A piece's replies in their places; a reply that is an exception fails its
+        message alone (see Worker.handle_batch)."""
+        self.replies[first:first + len(values)] = values
+        # The types of the replies, gathered in C: a scan in Python would cost more than
+        # the rest of a tiny message's way through the worker.
+        if any(issubclass(kind, Exception) for kind in set(map(type, values))):
+            for offset, value in enumerate(values):
+                if isinstance(value, Exception):
+                    self.fail(first + offset, 1, value)
+
+    def fail(self, first: int, count: int, error: BaseException) -> None:
+        """``count`` messages from ``first`` on fail with ``error`` (encoded once)."""
+        encoded = self.runner.encode_error(error, None)
+        for index in range(first, first + count):
+            self.replies[index] = None
+            self.errors[index] = encoded
+
+
+def _batch(runner: _Runner, batcher: Batcher, messages: list[Any]) -> _Chunk:
+    """A batch worker's chunk, a batch's worth of messages read together: its first
+    messages fill the batch forming (if one is), which is handed over now with them; the
+    rest goes to ``handle_batch`` in pieces of at most ``batch_size``, each at once as a
+    batch of its own. No message of a chunk waits for ``batch_timeout``."""
+    chunk = _Chunk(runner, [None] * len(messages), {})
+    start = 0
+    if batcher.messages:
+        start = min(len(messages), batcher.size - len(batcher.messages))
+        futures = [batcher.add(message) for message in messages[:start]]
+        batcher.hand_over()
+        for index, future in enumerate(futures):
+            if future.done():
+                chunk.settle(index, future)
+            else:
+                chunk.waiting[index] = future
+    size = batcher.size
+    for first in range(start, len(messages), size):
+        piece = messages[first:first + size] if first or size < len(messages) else messages
+        state, value = batcher.start_piece(piece)
+        if state == eager.DONE:
+            chunk.spread(first, value)
+        elif state == eager.RAISED:
+            chunk.fail(first, len(piece), value)
+        else:
+            chunk.waiting[first] = value
+            chunk.pieces[first] = len(piece)
+    return chunk
+
+
+async def _finish(runner: _Runner, tid: int, chunk: _Chunk) -> None:
+    """Wait for what a chunk started and did not end at once; cancelled (the caller
+    gave up), cancel it all, and answer with what each one did."""
+    waiting = chunk.waiting
     try:
         await asyncio.wait(waiting.values())
     except asyncio.CancelledError:
@@ -94,16 +151,9 @@ async def _finish(runner: _Runner, tid: int, replies: list[Any], errors: dict[in
         if runner.batcher is not None:
             runner.batcher.dropped()   # a batch none of whose messages is waited for
         await asyncio.wait(waiting.values())
-    for index, task in waiting.items():
-        if task.cancelled():
-            errors[index] = runner.encode_error(asyncio.CancelledError(), None)
-        elif task.exception() is not None:
-            error = task.exception()
-            assert error is not None
-            errors[index] = runner.encode_error(error, None)
-        else:
-            replies[index] = task.result()
-    answer(runner, tid, replies, errors)
+    for index, future in waiting.items():
+        chunk.settle(index, future)
+    answer(runner, tid, chunk.replies, chunk.errors)
 
 
 def _finished(runner: _Runner, tid: int, task: asyncio.Future[Any]) -> None:

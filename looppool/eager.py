@@ -25,11 +25,13 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextvars
+import inspect
 import sys
-from collections.abc import Coroutine, Generator
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
-__all__ = ['DONE', 'RAISED', 'PENDING', 'NOT_DONE', 'Steps', 'step', 'start']
+__all__ = ['DONE', 'RAISED', 'PENDING', 'NOT_DONE', 'Steps', 'step', 'start', 'each']
 
 DONE, RAISED, PENDING = 0, 1, 2
 # What Steps.run returns for a coroutine that did not finish in its first step.
@@ -189,6 +191,133 @@ class Steps:
         """Someone holds the stand-in: it stays theirs; the next coroutine gets a new one."""
         _leave_task(self.loop, self.stand_in)
         self._enter_new()
+
+
+def each(loop: asyncio.AbstractEventLoop, call: Callable[[Any], Any], messages: list[Any]
+         ) -> tuple[list[Any], dict[int, BaseException], dict[int, asyncio.Future[Any]]]:
+    """``call(message)`` for every message in order, what it returns (a coroutine, any
+    awaitable, or a plain value) run eagerly as :func:`step` runs it. Returns the
+    replies by position (``None`` where there was none), the errors raised by position,
+    and the Tasks of those that suspended by position. ``SystemExit`` and
+    ``KeyboardInterrupt`` propagate.
+
+    Keeps :func:`step`'s promises for each: a context of its own (a copy of the current
+    one), a current task during its first step. On Python 3.10 and 3.11 the handlers run
+    one after another inside one coroutine (see :class:`_Row`), which saves most of a
+    first step's cost: no ``StopIteration`` per handler, one context copy for a row of
+    handlers that change no variable in it.
+    """
+    replies: list[Any] = [None] * len(messages)
+    failed: dict[int, BaseException] = {}
+    pending: dict[int, asyncio.Future[Any]] = {}
+    with Steps(loop) as steps:
+        if not NATIVE:
+            _Row(steps, call, messages, replies, failed, pending).run()
+            return replies, failed, pending
+        for index, message in enumerate(messages):
+            try:
+                result = call(message)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                failed[index] = exc
+                continue
+            if type(result) is not types.CoroutineType:
+                if not inspect.isawaitable(result):
+                    replies[index] = result
+                    continue
+                result = _awaited(result)
+            state, value = steps.step(result)
+            if state == DONE:
+                replies[index] = value
+            elif state == RAISED:
+                failed[index] = value
+            else:
+                pending[index] = value
+    return replies, failed, pending
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+class _Row:
+    """:func:`each` on Python 3.10 and 3.11: the handlers run in a row by one driver
+    coroutine, which awaits each in turn. A handler that returns at once hands its value
+    to the driver without a ``StopIteration``; one that suspends suspends the driver,
+    which then becomes that handler's Task (it returns, or raises, what the handler does,
+    and a cancel reaches the handler through it), and a new driver goes on with the next
+    message. The row runs in one copy of the caller's context until a handler changes a
+    variable in it; the next one starts a new copy then, so each still sees a context
+    of its own."""
+
+    __slots__ = ('steps', 'call', 'messages', 'replies', 'failed', 'pending', 'position',
+                 'base', 'context')
+
+    def __init__(self, steps: Steps, call: Callable[[Any], Any], messages: list[Any],
+                 replies: list[Any], failed: dict[int, BaseException],
+                 pending: dict[int, asyncio.Future[Any]]) -> None:
+        self.steps = steps
+        self.call = call
+        self.messages = messages
+        self.replies = replies
+        self.failed = failed
+        self.pending = pending
+        self.position = 0   # the next message to start
+        self.base = contextvars.copy_context()
+        self.context = self.base
+
+    def run(self) -> None:
+        steps = self.steps
+        count = len(self.messages)
+        while self.position < count:
+            context = self.context = self.base.copy()
+            detached = [False]
+            driver = self.drive(detached)
+            try:
+                yielded = context.run(driver.send, None)
+            except StopIteration:
+                continue   # at the end, or a handler changed the context
+            # The handler being awaited suspended: the driver carries on as its Task.
+            detached[0] = True
+            task = context.run(steps.loop.create_task, _Resume(driver, yielded))
+            assert steps.stand_in is not None
+            steps.stand_in.attach(task)
+            steps._replace()
+            self.pending[self.position - 1] = task
+
+    async def drive(self, detached: list[bool]) -> Any:
+        """Run the handlers from ``position`` on until the end, a handler that changed
+        the context, or one that suspended: once ``detached``, it ends with that one."""
+        call, messages, replies = self.call, self.messages, self.replies
+        steps, context, base = self.steps, self.context, self.base
+        coroutine, awaitable = types.CoroutineType, inspect.isawaitable
+        getrefcount = sys.getrefcount
+        stand_in = steps.stand_in
+        alone = getrefcount(stand_in)   # (this local counts too)
+        for index in range(self.position, len(messages)):
+            self.position = index + 1
+            try:
+                result = call(messages[index])
+                if type(result) is coroutine or awaitable(result):
+                    result = await result
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                if detached[0]:
+                    raise
+                self.failed[index] = exc
+            else:
+                if detached[0]:
+                    return result
+                replies[index] = result
+            if getrefcount(stand_in) != alone:
+                steps._replace()   # someone keeps the stand-in: the next gets a new one
+                stand_in = steps.stand_in
+                alone = getrefcount(stand_in)
+            if context != base:
+                return None
+        return None
 
 
 class _StandIn:

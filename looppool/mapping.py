@@ -128,7 +128,7 @@ def _largest_chunk(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
     if chunksize is not None:
         _check_int('chunksize', chunksize, 1)
         return min(chunksize, pool._share)
-    largest = max(1, min(1024, pool._share // 4))
+    largest = max(1, pool._share)
     known = operator.length_hint(messages, 0)
     if known:   # spread a short one over every worker, a few chunks each
         largest = min(largest, -(-known // (4 * pool.pool_size)))

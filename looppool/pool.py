@@ -441,11 +441,11 @@ class Pool:
         chunks still out are cancelled, as they are when the loop over ``map()`` is left
         early. Without ``chunksize``, chunks follow the work: small at first, then as many
         messages as the workers get through in about 5 ms at the pace seen so far (so
-        tiny messages travel a thousand to a chunk, and long ones one by one, each to
-        the worker that has room), at most a quarter of a worker's share of
-        ``max_tasks`` or 1024, and for messages of known length (a list, a range) no more
-        than spreads them over four chunks a worker. Needs a Worker with ``handle()`` (or
-        ``handle_batch()``).
+        tiny messages travel thousands to a chunk, and long ones one by one, each to
+        the worker that has room), at most a worker's share of ``max_tasks``, and for
+        messages of known length (a list, a range) no more than spreads them over four
+        chunks a worker. Needs a Worker with ``handle()`` (or ``handle_batch()``: a
+        chunk goes to it in pieces of ``batch_size``, at once).
         """
         return mapping.run(self, messages, chunksize)
 

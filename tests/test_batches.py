@@ -383,3 +383,85 @@ def test_a_pool_without_batches_says_nothing_of_them() -> None:
             assert 'batches' not in stats and 'batches' not in stats['workers'][0]
 
     run(main())
+
+
+def test_a_map_chunk_goes_to_handle_batch_in_pieces_at_once() -> None:
+    # A chunk of map() is a batch's worth of messages read together: it is cut into
+    # pieces of batch_size, each handed over at once; the last, short piece does not wait
+    # for batch_timeout (NEVER here) or for other messages.
+    async def main() -> None:
+        async with batched(4) as pool:
+            replies = await asyncio.wait_for(collect(pool, range(10), chunksize=10), 10)
+            assert [reply[0] for reply in replies] == list(range(10))
+            assert list(batches_of(replies).values()) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+            assert [reply[2] for reply in replies] == [4] * 8 + [2] * 2
+            stats = pool.stats()
+            assert stats['batches']['sizes'] == {4: 2, 2: 1}, stats['batches']
+            assert stats['completed'] == 10
+
+    run(main())
+
+
+def test_a_map_chunk_takes_the_batch_forming_with_it() -> None:
+    # 'a' forms a batch of 1 (of 4); the chunk's two messages join it, and it goes at
+    # once with them, not batch_timeout (NEVER) after 'a' arrived.
+    async def main() -> None:
+        async with batched(4) as pool:
+            alone = pool.submit('a')
+            mapped = await asyncio.wait_for(collect(pool, ['b', 'c'], chunksize=2), 10)
+            assert [reply[:3] for reply in [await alone, *mapped]] == \
+                [('a', 1, 3), ('b', 1, 3), ('c', 1, 3)]
+            # A chunk larger than the room left: the rest goes in pieces of its own.
+            alone = pool.submit('d')
+            mapped = await asyncio.wait_for(collect(pool, list('efghijk'), chunksize=7),
+                                            10)
+            assert [reply[:3] for reply in [await alone, *mapped]] == \
+                [(m, 2, 4) for m in 'defg'] + [(m, 3, 4) for m in 'hijk']
+
+    run(main())
+
+
+def test_a_map_piece_fails_in_its_places() -> None:
+    async def main() -> None:
+        async with batched(2) as pool:
+            # handle_batch raises: each message of its piece fails, the first in its place.
+            got = []
+            with pytest.raises(KeyError, match='the model broke') as raised:
+                async for reply in pool.map(['a', 'b', 'c', ('raise', KeyError('the model broke'))],
+                                            chunksize=4):
+                    got.append(reply[0])
+            assert got == ['a', 'b']
+            assert 'in handle_batch' in str(raised.value.__cause__)
+            # A reply that is an exception fails its message alone.
+            got = []
+            with pytest.raises(ValueError, match='no such word'):
+                async for reply in pool.map(['a', 'b', 'c', ('fail', ValueError('no such word'))],
+                                            chunksize=4):
+                    got.append(reply[0])
+            assert got == ['a', 'b', 'c']
+            # A piece that suspends, among pieces that do not.
+            replies = await collect(pool, ['a', ('sleep', 0.05), 'c', 'd', 'e'], chunksize=5)
+            assert [reply[0] for reply in replies] == ['a', ('sleep', 0.05), 'c', 'd', 'e']
+
+    run(main())
+
+
+def test_leaving_map_early_cancels_its_suspended_pieces() -> None:
+    async def main() -> None:
+        results: list[Any] = []
+        async with batched(2, results=results) as pool:
+            replies = pool.map(['a', 'b', ('sleep', 30), 'd', 'e', 'f'], chunksize=2)
+            async for reply in replies:
+                assert reply[0] == 'a'
+                break
+            await replies.aclose()
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+            await wait_until(lambda: ('batch cancelled', 2) in results,
+                             what='the sleeping batch cancelled')
+            assert (await collect(pool, ['still', 'here']))[1][0] == 'here'
+
+    run(main())
+
+
+async def collect(pool: looppool.Pool, messages: Any, **options: Any) -> list[Any]:
+    return [reply async for reply in pool.map(messages, **options)]

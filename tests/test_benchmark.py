@@ -24,7 +24,8 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
         capture_output=True, text=True, timeout=280, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / 'latest.json').read_text())
-    assert set(results['peers']) >= {'looppool_submit', 'looppool_map', 'looppool_put_nowait',
+    assert set(results['peers']) >= {'looppool_submit', 'looppool_map', 'looppool_batch_map',
+                                     'looppool_put_nowait',
                                      'looppool_remote', 'process_pool_executor',
                                      'process_pool_executor_map', 'aiomultiprocess_pool',
                                      'aiomultiprocess_fork', 'ceiling'}
@@ -32,6 +33,7 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     ran = {(run['peer'], run['workload']) for run in results['runs']}
     for peer in ('looppool_map', 'process_pool_executor_map'):
         assert {w for p, w in ran if p == peer} == {'W1', 'W3', 'W6', 'W7'}, peer
+    assert {w for p, w in ran if p == 'looppool_batch_map'} == {'W1'}
     assert {w for p, w in ran if p == 'aiomultiprocess_fork'} == {'W5', 'MEM'}
     # The uneven work and the blocked loop (issue 13) ran on their peers, and only those.
     assert {p for p, w in ran if w == 'W7'} == {
@@ -48,6 +50,9 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     # looppool's map() against the executor's own bulk call, as a ratio under the table
     assert 'Bulk calls, looppool map() / ProcessPoolExecutor map()' in table
     assert re.search(r'looppool_map +W1 msg_per_s +\d+\.\d+x process_pool_executor_map',
+                     table), table
+    assert re.search(r'looppool_batch_map +W1 msg_per_s +\d+\.\d+x '
+                     r'process_pool_executor_map +\(more is better, target at least 2.0x',
                      table), table
     # W7 against ProcessPoolExecutor and its ideal, W8 against its IO task: the targets of
     # issue 13, printed met or not

@@ -185,3 +185,57 @@ def test_steps_cancel_requested_during_the_first_step_reaches_the_task() -> None
 
     asyncio.run(main())
     assert events == ['cancelled']
+
+
+def test_each_runs_a_row_of_handlers_and_keeps_every_promise() -> None:
+    # A row as a chunk of map() brings it: handlers that return at once, raise at once,
+    # set a context variable, return a plain value or another awaitable, and suspend
+    # (one of them cancelled through its Task, which must reach the handler).
+    reached: list[str] = []
+
+    async def handler(message: tuple[str, object]) -> object:
+        kind, value = message
+        found = request_id.get()
+        if kind == 'raise':
+            raise KeyError(value)
+        if kind == 'set':
+            request_id.set(str(value))
+        if kind == 'wait':
+            try:
+                await asyncio.sleep(float(value))  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                reached.append('cancelled')
+                raise
+            return request_id.get()
+        return found
+
+    def call(message: tuple[str, object]) -> object:
+        kind, value = message
+        if kind == 'plain':
+            return value
+        if kind == 'future':
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(value)
+            return future
+        if kind == 'sync raise':
+            raise ValueError(value)
+        return handler(message)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        messages: list[tuple[str, object]] = [
+            ('get', None), ('set', 'a'), ('get', None), ('plain', 7), ('raise', 'k'),
+            ('wait', 0.01), ('sync raise', 'v'), ('future', 8), ('wait', 30), ('get', None)]
+        replies, failed, pending = eager.each(loop, call, messages)
+        assert replies == ['-', '-', '-', 7, None, None, None, 8, None, '-']
+        assert {index: type(exc) for index, exc in failed.items()} == {4: KeyError,
+                                                                      6: ValueError}
+        assert sorted(pending) == [5, 8]
+        assert await pending[5] == '-'
+        pending[8].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending[8]
+        assert reached == ['cancelled']
+        assert request_id.get() == '-'   # nothing leaked into the caller's context
+
+    asyncio.run(main())

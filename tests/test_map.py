@@ -262,3 +262,71 @@ def test_map_and_submit_share_the_workers_fairly() -> None:
             assert stats['in_flight'] == 0 and stats['completed'] >= 60
 
     run(main())
+
+
+class Rowed(Echo):
+    """Handlers for a chunk's row of first steps: one keeps its current task, one
+    suspends, one cancels the task kept, one suspends and then raises."""
+
+    async def do_keep(self) -> str:
+        self.kept = asyncio.current_task()
+        return 'kept'
+
+    async def do_cancel_kept(self) -> bool:
+        assert self.kept is not None
+        return self.kept.cancel()
+
+    async def do_late_raise(self, exc: BaseException) -> None:
+        await asyncio.sleep(0.01)
+        raise exc
+
+
+def test_each_handler_of_a_chunk_starts_in_a_context_of_its_own() -> None:
+    # A chunk's handlers start one after another in one loop callback: each must see a
+    # context of its own, as a Task would, and one that suspends keeps what it set.
+    from workers import Tagger
+
+    async def main() -> list[Any]:
+        async with looppool.Pool(pool_size=1, worker_class=Tagger) as pool:
+            messages = [('get', None), ('set', 'a'), ('get', None), ('wait', 'b'),
+                        ('get', None), ('set', 'c'), ('set', 'd'), ('get', None)]
+            return await collect(pool, messages, chunksize=len(messages))
+
+    assert run(main()) == ['unset', 'unset', 'unset', ('unset', 'b'), 'unset', 'unset',
+                           'unset', 'unset']
+
+
+def test_a_current_task_kept_by_one_handler_is_not_the_next_ones() -> None:
+    # 'keep' holds on to its current task and ends; 'sleep' suspends. Cancelling what
+    # 'keep' kept must not cancel 'sleep', which started after it in the same chunk.
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Rowed) as pool:
+            messages = [('keep',), ('sleep', 0.2, 'slept'), ('cancel_kept',), 4]
+            replies = await collect(pool, messages, chunksize=4)
+            # (cancel() returns True for a stand-in, False for an eager Task that ended.)
+            assert replies[:2] == ['kept', 'slept'] and replies[3] == 4, replies
+
+    run(main())
+
+
+def test_errors_of_a_chunk_come_from_first_steps_and_from_suspended_handlers() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Rowed) as pool:
+            got = []
+            with pytest.raises(KeyError, match='late'):
+                async for reply in pool.map([1, ('late_raise', KeyError('late')),
+                                             ('raise', ValueError('early')), 4],
+                                            chunksize=4):
+                    got.append(reply)
+            assert got == [1]
+            got = []
+            with pytest.raises(ValueError, match='early'):
+                async for reply in pool.map([1, ('sleep', 0.01, 2),
+                                             ('raise', ValueError('early')),
+                                             ('late_raise', KeyError('late'))],
+                                            chunksize=4):
+                    got.append(reply)
+            assert got == [1, 2]
+            assert await collect(pool, range(10), chunksize=10) == list(range(10))
+
+    run(main())
