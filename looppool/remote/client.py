@@ -202,9 +202,12 @@ class Client(_Outbox):
         self._unacked = 0
         self._notes_unacked = 0
         # What waits to be sent, in order: (kind, task id, payload, future or None), or a
-        # submit()'s own future (for any worker: its message is pickled with its batch).
-        self._outbox: collections.deque[tuple[int, int, bytes, Any] | _ClientFuture] = \
+        # list of submit()s' own futures (for any worker: their messages are pickled
+        # together); _group is that list while submit()s may still join it.
+        self._outbox: collections.deque[tuple[int, int, bytes, Any] | list[_ClientFuture]] = \
             collections.deque()
+        self._group: list[_ClientFuture] | None = None
+        self._gave_up = False   # a future waiting in a group was cancelled or timed out
         self._pump_due = False   # a call of _pump_soon is scheduled
         self._future_class: type[_ClientFuture] = type(
             '_ClientFuture', (_ClientFuture,), {'__slots__': (), '_lp_client': self,
@@ -239,12 +242,17 @@ class Client(_Outbox):
         future._lp_message = (tracing.outgoing(message) if TRACING and current_context()
                               else message)
         self._futures[tid] = future
-        outbox = self._outbox
-        outbox.append(future)
-        if not self._unacked and len(outbox) == 1 and not self._pump_due:
+        group = self._group
+        if group is None:
+            group = self._group = []
+            self._outbox.append(group)
+        group.append(future)
+        waiting = len(group)
+        if waiting == 1 and not self._unacked and len(self._outbox) == 1 \
+                and not self._pump_due:
             # Nothing in flight: nothing to coalesce with, so it goes now (latency).
             self._pump_soon()
-        elif len(outbox) >= _BATCH and not len(outbox) & 255:
+        elif waiting >= _BATCH and not waiting & 255:
             # A long burst: the replies that came meanwhile make room for more of it.
             connection = self._connection
             if connection is not None:
@@ -302,7 +310,8 @@ class Client(_Outbox):
         unacknowledged messages is used up."""
         payload = _task_payload(message, worker_num)
         self._check_open()
-        if self._unacked + len(self._outbox) >= self._share:
+        waiting = sum(len(item) if isinstance(item, list) else 1 for item in self._outbox)
+        if self._unacked + waiting >= self._share:
             raise queue.Full(f'{self._share} messages from this client are not yet '
                              'acknowledged by the pool host')
         self._queue(C_NOTE, 0, payload, None)
@@ -519,6 +528,7 @@ class Client(_Outbox):
             self._abandon(future)
 
     def _abandon(self, future: _ClientFuture) -> None:
+        self._gave_up = True   # (it may wait in the outbox: see _send_tasks)
         if future._lp_timer is not None:
             future._lp_timer.cancel()
         connection = self._connection
@@ -542,9 +552,10 @@ class Client(_Outbox):
     def _fail_all(self, error: BaseException) -> None:
         futures = dict.fromkeys(self._futures.values())
         self._futures.clear()
+        self._group = None
         for item in self._outbox:
-            if not isinstance(item, tuple):
-                futures[item] = None
+            if isinstance(item, list):
+                futures.update(dict.fromkeys(item))
             elif item[3] is not None:
                 futures[item[3]] = None
         self._outbox.clear()

@@ -31,7 +31,9 @@ class _Outbox:
     """Mixed into Client: sends what waits, as the share allows."""
 
     _connection: _ClientConnection | None
-    _outbox: collections.deque[tuple[int, int, bytes, Any] | _ClientFuture]
+    _outbox: collections.deque[tuple[int, int, bytes, Any] | list[_ClientFuture]]
+    _group: list[_ClientFuture] | None
+    _gave_up: bool
     _futures: dict[int, asyncio.Future[Any]]
     _uncounted: set[int]
     _unacked: int
@@ -52,6 +54,7 @@ class _Outbox:
             self._futures[tid] = future
         if not counted:
             self._uncounted.add(tid)
+        self._group = None   # submit()s after this one go after it
         self._outbox.append((kind, tid, payload, future))
         connection = self._connection
         if connection is None or connection.closed or not connection.ready.done():
@@ -78,10 +81,10 @@ class _Outbox:
         outbox = self._outbox
         while outbox:
             item = outbox[0]
-            if not isinstance(item, tuple):
+            if isinstance(item, list):
                 if self._unacked >= self._share:
                     break
-                self._send_tasks(connection)
+                self._send_tasks(connection, item)
                 continue
             if self._unacked >= self._share and item[0] not in _UNCOUNTED:
                 break
@@ -98,23 +101,24 @@ class _Outbox:
                     future.set_result(None)
             connection.send(kind, tid, payload)
 
-    def _send_tasks(self, connection: _ClientConnection) -> None:
-        """Send the submit()s at the head of the outbox, as many as the share allows, as
-        one C_TASKS frame."""
-        outbox = self._outbox
+    def _send_tasks(self, connection: _ClientConnection, group: list[_ClientFuture]) -> None:
+        """Send the submit()s of ``group``, the head of the outbox, as many as the share
+        allows, as one C_TASKS frame."""
         room = min(self._share - self._unacked, _BATCH)
-        batch: list[_ClientFuture] = []
-        while outbox and len(batch) < room:
-            future = outbox[0]
-            if isinstance(future, tuple):
-                break
-            outbox.popleft()
-            if future.done():   # the caller gave up on it before it left
-                self._futures.pop(future._lp_tid, None)
-            else:
-                batch.append(future)
-        if not batch:
-            return
+        batch = group[:room]
+        del group[:room]
+        if not group:
+            self._outbox.popleft()
+            if group is self._group:
+                self._group = None
+        if self._gave_up:   # a caller gave up on one before it left: leave it out
+            self._gave_up = bool(self._outbox)
+            for future in batch:
+                if future.done():
+                    self._futures.pop(future._lp_tid, None)
+            batch = [future for future in batch if not future.done()]
+            if not batch:
+                return
         try:
             data = dumps([future._lp_message for future in batch])
             if len(data) > _MAX_MESSAGE:
