@@ -372,7 +372,8 @@ class _Session(_Framed):
 
     def answer(self, tid: int, is_error: bool, payload: Any) -> None:
         self.tasks.pop(tid, None)
-        self.send(H_ERROR if is_error else H_REPLY, tid, payload)
+        # The only frame for this client (a round trip at a time) goes at once.
+        self.send(H_ERROR if is_error else H_REPLY, tid, payload, now=True)
 
     def send_replies(self) -> None:
         """Send the return values of this loop iteration's tasks (_HostTask.set_result

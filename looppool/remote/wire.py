@@ -187,10 +187,15 @@ class _Framed(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def send(self, kind: int, arg: int, payload: Any = b'') -> None:
+    def send(self, kind: int, arg: int, payload: Any = b'', now: bool = False) -> None:
+        """Queue a frame, written at the end of this loop iteration with the others; with
+        ``now`` and nothing else queued, written at once (a round trip at a time)."""
         if self.closed:
             return
         out = self.out
+        if now and not out and self.transport is not None:
+            self.transport.write(HEADER.pack(len(payload), kind, arg) + payload)
+            return
         out.append(HEADER.pack(len(payload), kind, arg))
         out.append(payload if type(payload) is bytes else bytes(payload))
         if len(out) == 2:
