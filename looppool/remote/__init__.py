@@ -9,9 +9,11 @@
 
 The host is an ordinary :class:`~looppool.Pool` in a process of its own, plus a server.
 Each client connection is a *session*. A client's message crosses twice: client -> host
-(the same 13-byte frames as the local channel, over an asyncio transport so TLS works),
-then host -> worker unchanged: the host never unpickles messages or replies, it forwards
-their bytes.
+(the same 13-byte frames as the local channel, over an asyncio transport so TLS works; the
+calls of one loop iteration in one frame), then host -> worker: the host, once the client
+has authenticated, unpickles a frame's messages into tasks of its pool, dealt as a local
+burst of ``submit()`` calls is, and sends each client the replies of one loop iteration
+in one frame.
 
 The modules, along the path of a message:
 
