@@ -210,7 +210,8 @@ class Pool:
         # A pool host routes results to its clients as bytes: (origin, payload, result_done).
         self._raw_results: Callable[[int, Any, Callable[[], None]], None] | None = None
         # Buffers at least this large go through shared memory, both ways (0: never): local
-        # processes only; a pool host forwards bytes, and sets it to 0 (see looppool.shm).
+        # processes only; a pool host sets it to 0 (its replies and results leave for its
+        # clients pickled in its socket: see looppool.remote.host).
         self._shared_memory = shm.THRESHOLD if shm.AVAILABLE \
             and getattr(self._transport_class, 'shared_memory', False) else 0
         self._metrics: PoolMetrics | None = None
