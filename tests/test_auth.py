@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
-from looppool import remote
+from looppool import protocol, remote
 from looppool.channel import HEADER, Parser
 from looppool.protocol import pack
 from looppool.remote import wire
@@ -522,3 +522,36 @@ def test_stats_calls_take_no_share_of_the_window(tmp_path) -> None:
         run(main())
     finally:
         handle.stop()
+
+
+def welcomed_then(answer: Callable[[int], bytes]) -> Callable[[socket.socket], None]:
+    """A host on a Unix socket (the uid is its proof) that welcomes the client, reads its
+    first task and sends ``answer(task id)``."""
+    def script(conn: socket.socket) -> None:
+        conn.sendall(hello())
+        parser = Parser(1 << 20)
+        conn.settimeout(10)
+        while not parser.feed(conn.recv(4096)):   # AUTH
+            pass
+        conn.sendall(frame(wire.WELCOME, 1, wire._WELCOME.pack(16)))
+        frames: list = []
+        while not frames:
+            frames = parser.feed(conn.recv(4096))
+        kind, arg, payload = frames[0]
+        tid = arg if kind == wire.C_TASK else protocol.unpack_ids(payload)[0][0]
+        conn.sendall(answer(tid))
+    return script
+
+
+def test_clients_drop_a_host_whose_resend_frame_does_not_match_its_count(tmp_path) -> None:
+    """An H_RESEND whose ids do not match its count ends the connection: the call fails
+    with ConnectionLost instead of waiting for an answer that will not come."""
+    address = str(tmp_path / 'fake.sock')
+    fake = FakeHost(address, welcomed_then(
+        lambda tid: frame(wire.H_RESEND, 3, wire._resend_payload([tid]))))
+    try:
+        errors = both_clients_refuse(address, None)
+    finally:
+        fake.close()
+    assert all(isinstance(error, remote.ConnectionLost) for error in errors), errors
+    assert all('H_RESEND' in str(error) for error in errors), errors

@@ -61,6 +61,7 @@ class _ClientConnection(_Framed):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.handshake = _ClientHandshake(client._secret, client.address)
         self.greeted = False
+        self.error: BaseException | None = None
         self.fd = -1             # read by read_now(); -1 under TLS (the transport decrypts)
         self.handling = False    # in on_frames: a burst from process_message reads nothing
         self.catching_up = False
@@ -105,6 +106,8 @@ class _ClientConnection(_Framed):
     def fail(self, error: BaseException) -> None:
         if not self.ready.done():
             self.ready.set_exception(error)
+        else:
+            self.error = error   # what the calls in flight fail with (see connection_lost)
         self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -542,6 +545,9 @@ class Client(_Outbox):
         ready = connection.ready
         if ready.done() and ready.exception() is not None:   # the handshake failed: say why
             self._fail_all(ready.exception())   # type: ignore[arg-type]
+            return
+        if connection.error is not None:   # the host sent something this client refused
+            self._fail_all(connection.error)
             return
         self._fail_all(ConnectionLost(
             f'the connection to the pool host at {self.address!r} was lost '
