@@ -12,8 +12,8 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import dumps
-from .wire import (_MAX_MESSAGE, _OPTS, C_CONTROL, C_NOTE, C_STATS, C_TASK, C_TASKS,
-                   _checked_size, _read_resend)
+from .wire import (_MAX_MESSAGE, C_CONTROL, C_NOTE, C_STATS, C_TASK, C_TASKS, _read_resend,
+                   _task_payload)
 
 if TYPE_CHECKING:
     import asyncio
@@ -137,7 +137,7 @@ class _Outbox:
         """Send a submit() for any worker on its own (counted already as sent); a message
         that cannot be sent fails its own future."""
         try:
-            payload = _checked_size(_OPTS.pack(-1) + dumps(future._lp_message))
+            payload = _task_payload(future._lp_message, None, traced=True)
         except Exception as exc:
             self._unacked -= 1
             self._futures.pop(future._lp_tid, None)

@@ -20,10 +20,10 @@ from ..protocol import dumps, loads, pack
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
 from .outbox import _BATCH
-from .wire import (_MAX_MESSAGE, _MAX_TID, _OPTS, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL,
+from .wire import (_MAX_MESSAGE, _MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL,
                    C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST,
                    H_ERROR, H_NOTICE, H_REPLIES, H_REPLY, H_RESEND, H_RESULT,
-                   _broadcast_payload, _checked_size, _drop_result, _read_replies,
+                   _broadcast_payload, _drop_result, _read_replies,
                    _read_resend, _resolve, _task_payload, _traced)
 
 log = logging.getLogger('looppool.remote')
@@ -138,7 +138,7 @@ class SyncClient:
                     future: concurrent.futures.Future[Any]) -> None:
         """A task of a batch, on its own; a message that cannot be sent fails alone."""
         try:
-            payload = _checked_size(_OPTS.pack(-1) + dumps(future.message))  # type: ignore[attr-defined]
+            payload = _task_payload(future.message, None, traced=True)  # type: ignore[attr-defined]
         except Exception as exc:
             with self._lock:
                 self._futures.pop(tid, None)

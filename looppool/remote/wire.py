@@ -79,12 +79,13 @@ def _broadcast_payload(message: Any, sticky: bool | str) -> bytes:
                          + dumps(_traced(message)))
 
 
-def _task_payload(message: Any, worker_num: int | None) -> bytes:
-    """A C_TASK or C_NOTE payload: the target worker (-1: any) and the pickled message."""
+def _task_payload(message: Any, worker_num: int | None, traced: bool = False) -> bytes:
+    """A C_TASK or C_NOTE payload: the target worker (-1: any) and the pickled message
+    (with the caller's trace context, unless ``traced`` says it has it already)."""
     if worker_num is not None and (type(worker_num) is not int or worker_num < 0):
         raise ValueError(f'worker_num must be a worker number, got {worker_num!r}')
     return _checked_size(_OPTS.pack(-1 if worker_num is None else worker_num)
-                         + dumps(_traced(message)))
+                         + dumps(message if traced else _traced(message)))
 
 
 def _traced(message: Any) -> Any:
