@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -93,9 +94,22 @@ class Lines:
         pytest.fail(f'{text!r} did not appear within {timeout} s; got:\n'
                     + '\n'.join(self.lines[-40:]))
 
+    def wait_until(self, condition: Callable[[list[str]], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if condition(self.lines):
+                    return
+            time.sleep(0.01)
+        pytest.fail(f'not within {timeout} s; got:\n' + '\n'.join(self.lines[-40:]))
+
     def count(self) -> int:
         with self.lock:
             return len(self.lines)
+
+
+def _versions(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith('version')]
 
 
 def _write(path: Path, text: str) -> None:
@@ -141,8 +155,11 @@ def test_reload_follows_edits_and_survives_bad_ones(tmp_path: Path) -> None:
         _write(module, WORKERS.format(version=5))
         out.wait_for('version 5', 60)
         err.wait_for('reload: the workers run the new code', 60, start=mark)
+        # The old worker retiring last may answer its last task just before the restart is
+        # done; every answer after that comes from the new code.
+        out.wait_until(lambda lines: _versions(lines)[-1] == 'version 5')
         # During a rolling restart old and new workers both answer; no other code ever did.
-        versions = [line for line in out.lines if line.startswith('version')]
+        versions = _versions(out.lines)
         assert set(versions) == {'version 1', 'version 2', 'version 5'}, out.lines
         assert versions.index('version 5') > max(
             index for index, line in enumerate(versions) if line == 'version 1'), \
@@ -162,7 +179,7 @@ def test_reload_follows_edits_and_survives_bad_ones(tmp_path: Path) -> None:
         server.stdout.close()
         server.stderr.close()
     assert out.lines[-1] == 'failures 0', out.lines[-10:]
-    assert [line for line in out.lines if line.startswith('version')][-1] == 'version 5'
+    assert _versions(out.lines)[-1] == 'version 5', '\n'.join(out.lines + err.lines)
     assert server.returncode == 0, '\n'.join(err.lines[-40:])
 
 
