@@ -26,7 +26,7 @@ import itertools
 import logging
 import pickle
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import eager, protocol, shm
@@ -58,6 +58,9 @@ class Receiver(Part):
         # Results and log records that arrived while the pool read inside a submit() call
         # (see Dispatcher._catch_up), held for the next loop iteration: see _hold.
         self._held: list[tuple[_Link, int, int, Any]] | None = None
+        # What runs once the frames of the read under way are taken in (see after_read).
+        self._reading = 0
+        self._after_read: list[Callable[[], None]] = []
 
     def _on_mapped(self, link: _Link, tid: int, payload: Any) -> int:
         """A chunk's answer: resolve its future; returns the slots it frees."""
@@ -88,8 +91,30 @@ class Receiver(Part):
         future.set_result((replies if replies is not None else [], errors))
         return frees
 
+    def after_read(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the frames of the read under way are taken in (at once
+        after them, not in the next loop iteration: a pool host sends its client the
+        replies of one read together, and without delay), or in the next loop iteration
+        outside a read."""
+        if self._reading:
+            self._after_read.append(callback)
+        else:
+            self.pool._loop.call_soon(callback)
+
     def _on_frames(self, link: _Link, frames: list[tuple[int, int, Any]]) -> None:
-        """The frames of one read from ``link``, in order."""
+        """The frames of one read from ``link``, in order; then what :meth:`after_read`
+        was given meanwhile."""
+        self._reading += 1
+        try:
+            self._take_frames(link, frames)
+        finally:
+            self._reading -= 1
+            if self._after_read and not self._reading:
+                callbacks, self._after_read = self._after_read, []
+                for callback in callbacks:
+                    callback()
+
+    def _take_frames(self, link: _Link, frames: list[tuple[int, int, Any]]) -> None:
         freed = 0
         completed = 0
         errors = 0

@@ -94,8 +94,8 @@ class _HostTask(_TaskFuture):
         if session.closed:
             return
         ids = session.reply_ids
-        if not ids:
-            session.loop.call_soon(session.send_replies)
+        if not ids:   # those of one read from a worker go in one frame, at its end
+            session.host.pool._receiver.after_read(session.send_replies)
         ids.append(tid)
         session.reply_values.append(result)
 
@@ -391,7 +391,7 @@ class _Session(_Framed):
                     self.send(H_ERROR, tid, _encode_error(exc))
             return
         self.send_batch(H_REPLIES, ids, data)
-        self.flush()   # (the end of the loop iteration already)
+        self.flush()   # (the end of a read from a worker: at once)
 
     def broadcast(self, tid: int, payload: bytes, sticky: bool | str) -> None:
         if not self.host.accepting(self, tid):
