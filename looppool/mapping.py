@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 _FIRST_CHUNK = 4
 _CHUNK_SECONDS = 0.005
+# Replies yielded between two looks at what the workers sent (see run).
+_CATCH_UP = 1024
 
 
 async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
@@ -54,23 +56,30 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
     size = min(chunksize, _FIRST_CHUNK) if adapt else chunksize
     began = 0.0     # loop time of the first chunk sent
     completed = 0   # messages answered
+
+    async def send(now: bool = False) -> None:
+        # Send while a worker has room for a whole chunk (the queued submits first); with
+        # ``now``, write each chunk at once, not at the end of the loop iteration.
+        nonlocal held, began
+        while not source.done and pool._supervisor._state is RUNNING \
+                and held + size <= limit:
+            if pool._dispatcher._outbox:
+                pool._dispatcher._flush_outbox()
+            link = None if pool._pending else pool._dispatcher._next_link(size)
+            if link is None:
+                break
+            chunk = await source.take(size)
+            if chunk:
+                if not began:
+                    began = pool._loop.time()
+                window.append((_send_chunk(pool, link, chunk), len(chunk)))
+                held += len(chunk)
+                if now:
+                    link.channel.flush()  # type: ignore[union-attr]
+
     try:
         while True:
-            # Send while a worker has room for a whole chunk (the queued submits first).
-            while not source.done and pool._supervisor._state is RUNNING \
-                    and held + size <= limit:
-                # The submits waiting in the pool go first.
-                if pool._dispatcher._outbox:
-                    pool._dispatcher._flush_outbox()
-                link = None if pool._pending else pool._dispatcher._next_link(size)
-                if link is None:
-                    break
-                chunk = await source.take(size)
-                if chunk:
-                    if not began:
-                        began = pool._loop.time()
-                    window.append((_send_chunk(pool, link, chunk), len(chunk)))
-                    held += len(chunk)
+            await send()
             # Yield what is ready at the head, in order.
             yielded = False
             while window and window[0][0].done():
@@ -79,14 +88,23 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                 held -= count
                 completed += count
                 replies, errors = head.result()
-                if not errors:
+                if errors:
+                    first = min(errors)
+                    for reply in replies[:max(first, 0)]:
+                        yield reply
+                    raise errors[first]
+                if count <= _CATCH_UP or source.done:
                     for reply in replies:
                         yield reply
                     continue
-                first = min(errors)
-                for reply in replies[:max(first, 0)]:
-                    yield reply
-                raise errors[first]
+                # The loop runs nothing while the caller takes replies without awaiting:
+                # between pieces of a long chunk, take in what the workers sent and send
+                # the next chunks to those done, so that they do not wait for the end.
+                for first in range(0, count, _CATCH_UP):
+                    for reply in replies[first:first + _CATCH_UP]:
+                        yield reply
+                    pool._dispatcher._catch_up()
+                    await send(now=True)
             if adapt and yielded:
                 size = _paced(pool, began, completed, chunksize)
             if not window:

@@ -13,7 +13,7 @@ import pytest
 import looppool
 from conftest import run, wait_until
 from looppool.errors import RemoteTraceback
-from workers import Classic, Echo
+from workers import Classic, Echo, exists
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,6 +34,40 @@ def test_replies_come_in_order_from_every_worker() -> None:
             assert await collect(pool, range(10_000)) == list(range(10_000))
             assert await collect(pool, []) == []
             assert pool.stats()['in_flight'] == 0
+
+    run(main())
+
+
+def test_workers_get_more_while_the_caller_takes_a_long_chunk_of_replies(tmp_path: Any
+                                                                         ) -> None:
+    # The caller takes replies without awaiting (the loop does not run), as a plain loop
+    # over map() does: between pieces of a long chunk, map() reads what the workers sent
+    # and sends those done the next chunks, so they do not wait for the caller.
+    size = 1024
+    go, third, fourth, seventh = (str(tmp_path / name) for name in ('go', '3', '4', '7'))
+    messages: list[Any] = list(range(10 * size))
+    # Four chunks go out at once, two to each worker; the third and fourth wait for 'go',
+    # so only the first two can be done before the caller takes the first reply.
+    messages[2 * size] = ('block_until', go, 2 * size)
+    messages[3 * size] = ('block_until', go, 3 * size)
+    messages[3 * size - 1] = ('touch', third, 3 * size - 1)
+    messages[4 * size - 1] = ('touch', fourth, 4 * size - 1)
+    # The seventh chunk can go out only once the third or the fourth is taken in.
+    messages[6 * size] = ('touch', seventh, 6 * size)
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            replies = []
+            async for reply in pool.map(messages, chunksize=size):
+                if len(replies) == 10:
+                    with open(go, 'w'):
+                        pass
+                    assert exists(third, 30) and exists(fourth, 30)
+                elif len(replies) == size - 100:
+                    # Still in the first chunk's replies, and no await since it came.
+                    assert exists(seventh, 30), 'the seventh chunk was not sent'
+                replies.append(reply)
+            assert replies == list(range(10 * size))
 
     run(main())
 

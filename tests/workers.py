@@ -54,6 +54,16 @@ class Echo(looppool.Worker):
     async def do_raise(self, exc: BaseException) -> None:
         raise exc
 
+    async def do_touch(self, path: str, value: Any = None) -> Any:
+        with open(path, 'a'):
+            pass
+        return value
+
+    async def do_block_until(self, path: str, value: Any = None) -> Any:
+        """Hold this worker's loop until the file at ``path`` exists (at most 30 s)."""
+        exists(path, 30)
+        return value
+
     async def do_cancellable(self, seconds: float) -> str:
         """Sleeps; says so (a _put_nowait result) if it is cancelled."""
         return await self._sleep_reporting(seconds, started=False)
@@ -340,3 +350,14 @@ class Spanning(looppool.Worker):
             with self.tracer.start_as_current_span(f'inner {message}'):
                 pass
         return message
+
+
+def exists(path: str, timeout: float) -> bool:
+    """Whether the file at ``path`` appears within ``timeout`` seconds (this thread waits,
+    its loop does not run)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

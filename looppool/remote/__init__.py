@@ -12,8 +12,8 @@ Each client connection is a *session*. A client's message crosses twice: client 
 (the same 13-byte frames as the local channel, over an asyncio transport so TLS works; the
 calls of one loop iteration in one frame), then host -> worker: the host, once the client
 has authenticated, unpickles a frame's messages into tasks of its pool, dealt as a local
-burst of ``submit()`` calls is, and sends each client the replies of one loop iteration
-in one frame.
+burst of ``submit()`` calls is, and sends each client the replies of one read from a
+worker in one frame, at the end of that read.
 
 The modules, along the path of a message:
 

@@ -376,8 +376,9 @@ class _Session(_Framed):
         self.send(H_ERROR if is_error else H_REPLY, tid, payload, now=True)
 
     def send_replies(self) -> None:
-        """Send the return values of this loop iteration's tasks (_HostTask.set_result
-        gathers them) in one H_REPLIES frame."""
+        """Send the return values of the tasks answered by one read from a worker
+        (_HostTask.set_result gathers them; Receiver.after_read calls this at the end of
+        the read) in one H_REPLIES frame."""
         ids, values = self.reply_ids, self.reply_values
         self.reply_ids, self.reply_values = [], []
         try:
