@@ -42,27 +42,29 @@ def test_workers_get_more_while_the_caller_takes_a_long_chunk_of_replies(tmp_pat
                                                                          ) -> None:
     # The caller takes replies without awaiting (the loop does not run), as a plain loop
     # over map() does: between pieces of a long chunk, map() reads what the workers sent
-    # and sends those done the next chunks, so they do not wait for the caller.
-    size = 1024
-    go, third, fourth, seventh = (str(tmp_path / name) for name in ('go', '3', '4', '7'))
+    # and sends those with room the next chunks, so they do not wait for the caller.
+    size = 2048   # a chunk longer than the pieces between two looks
+    assert size > looppool.mapping._CATCH_UP
+    go, seventh = str(tmp_path / 'go'), str(tmp_path / '7')
+    answered = [str(tmp_path / str(number)) for number in range(10)]
     messages: list[Any] = list(range(10 * size))
-    # Four chunks go out at once, two to each worker; the third and fourth wait for 'go',
-    # so only the first two can be done before the caller takes the first reply.
-    messages[2 * size] = ('block_until', go, 2 * size)
-    messages[3 * size] = ('block_until', go, 3 * size)
-    messages[3 * size - 1] = ('touch', third, 3 * size - 1)
-    messages[4 * size - 1] = ('touch', fourth, 4 * size - 1)
-    # The seventh chunk can go out only once the third or the fourth is taken in.
+    # Four chunks go out at once, two to each worker. The third to the sixth hold their
+    # places until 'go': before it, the first two free room for the fifth and sixth only.
+    for number in (2, 3, 4, 5):
+        messages[number * size] = ('gate', go, answered[number], number * size)
+    # So the seventh can go out only once the third or the fourth is taken in.
     messages[6 * size] = ('touch', seventh, 6 * size)
 
     async def main() -> None:
-        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+        # A share of 4,096 messages a worker: room for two chunks each.
+        async with looppool.Pool(pool_size=2, worker_class=Echo, max_tasks=8192) as pool:
             replies = []
             async for reply in pool.map(messages, chunksize=size):
                 if len(replies) == 10:
                     with open(go, 'w'):
                         pass
-                    assert exists(third, 30) and exists(fourth, 30)
+                    # The third and fourth chunks are answered (in this process's socket).
+                    assert exists(answered[2], 30) and exists(answered[3], 30)
                 elif len(replies) == size - 100:
                     # Still in the first chunk's replies, and no await since it came.
                     assert exists(seventh, 30), 'the seventh chunk was not sent'

@@ -59,9 +59,23 @@ class Echo(looppool.Worker):
             pass
         return value
 
-    async def do_block_until(self, path: str, value: Any = None) -> Any:
-        """Hold this worker's loop until the file at ``path`` exists (at most 30 s)."""
-        exists(path, 30)
+    async def do_gate(self, path: str, marker: str, value: Any = None) -> Any:
+        """Wait (the loop runs) until the file at ``path`` exists, at most 30 s; then
+        return, and create the file at ``marker`` once what this reply is part of has been
+        written to the parent (a few loop iterations later; twenty are ample)."""
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
+        async def touch_later() -> None:
+            for _ in range(20):
+                await asyncio.sleep(0)
+            await self.do_touch(marker)
+
+        self.gates = getattr(self, 'gates', set())
+        task = asyncio.get_running_loop().create_task(touch_later())
+        self.gates.add(task)
+        task.add_done_callback(self.gates.discard)
         return value
 
     async def do_cancellable(self, seconds: float) -> str:
