@@ -194,7 +194,9 @@ class Parser:
     def _buffer(self, size: int) -> memoryview:
         """A writable buffer of ``size`` bytes for a large frame."""
         spare = self._spare
-        if spare is not None and len(spare) >= size:
+        # Not while a frame handed out may still be in it (until reclaim(): one read can
+        # end a large frame and begin the next).
+        if spare is not None and len(spare) >= size and not self.delivered_big:
             return memoryview(spare)[:size]
         buffer = bytearray(size)
         self._spare = buffer if size <= _SPARE_MAX else None

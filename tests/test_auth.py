@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -404,6 +405,39 @@ def test_malformed_frames_are_answered_and_the_session_goes_on(hosts) -> None:
         # The bad notes were not counted as submitted (only the last task was).
         assert before.stats()['submitted'] == submitted + 3
         before.close()
+
+
+def test_frames_cut_anywhere_between_reads_arrive_whole(hosts) -> None:
+    # The host reads into one buffer it keeps for the connection; a frame cut between two
+    # reads (or longer than the buffer) must be kept whole, not as a view the next read
+    # overwrites. A peer that sends its frames in pieces of every size, pausing between.
+    import random
+    pick = random.Random(7)
+    sock, parser = authenticated(hosts['unix'].address)
+    messages = {tid: (tid, bytes([tid % 256]) * (300 << 10)) if tid % 50 == 0 else tid
+                for tid in range(1, 301)}
+    data = b''.join(frame(wire.C_TASK, tid, wire._OPTS.pack(-1) + pickle.dumps(message))
+                    for tid, message in messages.items())
+    answers: dict[int, Any] = {}
+    with sock:
+        position = 0
+        while position < len(data):
+            size = pick.choice((1, 7, 13, 100, 4096, 70_000))
+            sock.sendall(data[position:position + size])
+            position += size
+            if pick.random() < 0.05:
+                time.sleep(0.002)   # (a pause: the host likely reads the piece alone)
+        sock.settimeout(30)
+        while len(answers) < len(messages):
+            received = sock.recv(1 << 20)
+            assert received, 'the host closed the connection'
+            for kind, arg, payload in parser.feed(received):
+                if kind == wire.H_REPLIES:
+                    answers.update(zip(*wire._read_replies(payload)))
+                else:
+                    assert kind == wire.H_REPLY, (kind, bytes(payload)[:200])
+                    answers[arg] = pickle.loads(payload)
+    assert answers == messages
 
 
 def test_task_ids_wrap_within_32_bits(hosts) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import run
-from looppool.channel import Channel, encode, socketpair
+from looppool.channel import Channel, Parser, encode, socketpair
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,6 +82,21 @@ def test_frames_cut_into_pieces_of_every_size_arrive_whole() -> None:
         pieces.append(stream[pos:pos + cuts[len(pieces) % len(cuts)]])
         pos += len(pieces[-1])
     assert run(_send_while_receiving(pieces, len(frames))) == frames
+
+
+def test_a_read_that_ends_a_large_frame_and_begins_the_next_keeps_both_whole() -> None:
+    # A large frame is collected into a buffer of its own, kept for the next one; a read
+    # (here: one feed) that ends one large frame and begins another must not collect the
+    # second into the buffer the first is handed out in.
+    first, second = bytes([1]) * 300_000, bytes([2]) * 200_000
+    stream = encode(5, 1, first) + encode(5, 2, second)
+    parser = Parser()
+    frames = parser.feed(stream[:100_000])
+    frames += parser.feed(stream[100_000:400_000])   # the rest of the first, half the second
+    assert [bytes(payload) == first for _, _, payload in frames] == [True]
+    frames += parser.feed(stream[400_000:])
+    assert [(kind, arg, bytes(payload)) for kind, arg, payload in frames] == [
+        (5, 1, first), (5, 2, second)]
 
 
 def test_a_read_inside_on_frames_leaves_the_frames_being_handled_intact() -> None:

@@ -88,14 +88,15 @@ class _ClientConnection(_Framed):
             return
         self.catching_up = True
         try:
+            buffer = self.get_buffer(-1)   # (free: these frames are not being handled)
             for _ in range(8):
                 try:
-                    data = os.read(self.fd, 1 << 18)
+                    count = os.readv(self.fd, [buffer])
                 except OSError:   # nothing more for now (or an error the transport sees)
                     return
-                if not data:
+                if not count:
                     return   # the end: the transport sees it too, on its next read
-                self.data_received(data)
+                self.buffer_updated(count)
         finally:
             self.catching_up = False
 
