@@ -20,9 +20,9 @@ from ..protocol import dumps, loads, pack
 from .access import (Address, _check_address, _check_host, _ClientHandshake, _no_greeting,
                      _positive, _secret_bytes)
 from .outbox import _BATCH
-from .wire import (_MAX_MESSAGE, _MAX_TID, _PRE_AUTH_FRAME, AUTH, C_BROADCAST, C_CANCEL,
-                   C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK, H_BROADCAST,
-                   H_ERROR, H_NOTICE, H_REPLIES, H_REPLY, H_RESEND, H_RESULT,
+from .wire import (_MAX_MESSAGE, _MAX_TID, _PRE_AUTH_FRAME, _READ_SIZE, AUTH, C_BROADCAST,
+                   C_CANCEL, C_CONTROL, C_CREDIT, C_NOTE, C_STATS, C_TASK, C_TASKS, H_ACK,
+                   H_BROADCAST, H_ERROR, H_NOTICE, H_REPLIES, H_REPLY, H_RESEND, H_RESULT,
                    _broadcast_payload, _drop_result, _read_replies,
                    _read_resend, _resolve, _task_payload, _traced)
 
@@ -310,12 +310,15 @@ class SyncClient:
         error: BaseException = ConnectionLost(
             f'the pool host at {self.address!r} closed the connection; the next call '
             'connects again')
+        # One buffer for the connection's life, as _Framed keeps: the frames of a read are
+        # views of it, handled before the next read.
+        buffer = memoryview(bytearray(_READ_SIZE))
         try:
             while True:
-                data = sock.recv(1 << 18)
-                if not data:
+                count = sock.recv_into(buffer)
+                if not count:
                     break
-                for kind, arg, payload in parser.feed(data):
+                for kind, arg, payload in parser.feed(buffer[:count]):
                     self._on_frame(sock, kind, arg, payload)
         except ConnectionLost as exc:
             error = exc
