@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = {
     'looppool_submit': 'looppool submit',
     'looppool_map': 'looppool map',
+    'looppool_map_iter': 'looppool map, async for',
     'looppool_batch_map': 'looppool map, batch',
     'looppool_put_nowait': 'looppool put_nowait',
     'looppool_remote': 'looppool remote',
@@ -38,6 +39,7 @@ SHORT = {
 COLOURS = {
     'looppool_submit': '#1f77b4',
     'looppool_map': '#08306b',
+    'looppool_map_iter': '#4292c6',
     'looppool_batch_map': '#2171b5',
     'looppool_put_nowait': '#6baed6',
     'looppool_remote': '#17becf',
@@ -253,14 +255,16 @@ def number(value):
 # -- One figure per question, for the manual ------------------------------------------------
 
 # The order of the peers in every figure, top to bottom: looppool's ways first.
-ORDER = ['looppool_submit', 'looppool_map', 'looppool_batch_map', 'looppool_put_nowait',
-         'looppool_remote', 'process_pool_executor', 'process_pool_executor_map', 'aiomultiprocess_pool',
-         'aiomultiprocess_fork', 'ceiling']
+ORDER = ['looppool_submit', 'looppool_map', 'looppool_map_iter', 'looppool_batch_map',
+         'looppool_put_nowait', 'looppool_remote', 'process_pool_executor',
+         'process_pool_executor_map', 'aiomultiprocess_pool', 'aiomultiprocess_fork',
+         'ceiling']
 # The names a reader meets on the Performance page.
 READER = {
     'looppool_submit': 'looppool submit()',
-    'looppool_map': 'looppool map()',
-    'looppool_batch_map': 'looppool map(), handle_batch()',
+    'looppool_map': 'await looppool map()',
+    'looppool_map_iter': 'async for over looppool map()',
+    'looppool_batch_map': 'await looppool map(), handle_batch()',
     'looppool_put_nowait': 'looppool put_nowait() (0.3 style)',
     'looppool_remote': 'looppool through a host',
     'process_pool_executor': 'ProcessPoolExecutor, per call',

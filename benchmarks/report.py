@@ -52,6 +52,10 @@ BULK_FIELDS = [
 ]
 BULK_BATCH = ('looppool_batch_map', 'process_pool_executor_map')
 BULK_BATCH_FIELDS = [('W1', 'msg_per_s', 'more', 2.0)]
+# map() iterated (async for) rather than awaited: the same chunks, a step of the caller's
+# loop per reply; no target, for reference.
+BULK_ITER = ('looppool_map_iter', 'process_pool_executor_map')
+BULK_ITER_FIELDS = [('W1', 'msg_per_s', 'more', None)]
 
 
 # The targets of issue 13 (how work is dealt to the workers), for the looppool peers that
@@ -243,6 +247,7 @@ def bulk(summary, names, labels):
     """looppool map() against the executor's map(): ratios, and their targets."""
     lines = bulk_lines(summary, names, labels, BULK, BULK_FIELDS)
     lines.extend(bulk_lines(summary, names, labels, BULK_BATCH, BULK_BATCH_FIELDS))
+    lines.extend(bulk_lines(summary, names, labels, BULK_ITER, BULK_ITER_FIELDS))
     return lines
 
 

@@ -103,7 +103,8 @@ class Progress:
 # The bulk calls, looppool's map() and the executor's map(), are compared with each
 # other, so they are neighbours too (map() to a batch worker on the executor's other side).
 MEASURE_ORDER = ('ceiling', 'looppool_submit', 'looppool_put_nowait', 'looppool_map',
-                 'process_pool_executor_map', 'looppool_batch_map', 'looppool_remote', 'aiomultiprocess_pool',
+                 'process_pool_executor_map', 'looppool_batch_map', 'looppool_map_iter',
+                 'looppool_remote', 'aiomultiprocess_pool',
                  'aiomultiprocess_fork', 'process_pool_executor')
 # W7's targets are ratios to ProcessPoolExecutor (run_in_executor), so there it is measured
 # next to looppool submit(), and the two map() calls next to each other.

@@ -15,7 +15,8 @@ import collections
 import functools
 import itertools
 import operator
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine,
+                             Generator, Iterable)
 from typing import TYPE_CHECKING, Any
 
 from . import protocol, tracing
@@ -35,9 +36,85 @@ _CHUNK_SECONDS = 0.005
 _CATCH_UP = 1024
 
 
+class MapResult:
+    """What :meth:`Pool.map <looppool.Pool.map>` returns: an async iterator of the replies,
+    in order, or, awaited, the list of them.
+
+    ``async for reply in pool.map(ms)`` yields each reply as its chunk comes back;
+    ``await pool.map(ms)`` returns every reply in one list, gathered a chunk at a time
+    (no step of the caller's loop per reply, which for tiny messages is most of the cost)
+    and raises the first handler's exception instead, the chunks still out cancelled.
+    Either way, once: a second use raises :class:`RuntimeError`. ``aclose()`` ends an
+    iteration left early at once, as for an async generator."""
+
+    __slots__ = ('_iterate', '_collect', '_used', '_iterator')
+
+    def __init__(self, iterate: Callable[[], AsyncIterator[Any]],
+                 collect: Callable[[], Coroutine[Any, Any, list[Any]]] | None = None) -> None:
+        self._iterate = iterate
+        self._collect = collect
+        self._used = ''
+        self._iterator: AsyncIterator[Any] | None = None
+
+    def _use(self, how: str) -> None:
+        if self._used:
+            raise RuntimeError(f'this map() was already {self._used}: call map() again')
+        self._used = how
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        if self._iterator is None:
+            self._use('iterated')
+            self._iterator = self._iterate()
+        return self._iterator
+
+    def __anext__(self) -> Awaitable[Any]:
+        return self.__aiter__().__anext__()
+
+    async def aclose(self) -> None:
+        """End the iteration: the chunks still out are cancelled."""
+        if self._iterator is not None:
+            await self._iterator.aclose()  # type: ignore[attr-defined]
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        self._use('awaited')
+        if self._collect is not None:
+            return self._collect().__await__()
+        return _gather(self._iterate()).__await__()
+
+
+async def _gather(replies: AsyncIterator[Any]) -> list[Any]:
+    return [reply async for reply in replies]
+
+
 async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
               chunksize: int | None) -> AsyncIterator[Any]:
-    """The replies of ``messages``, in order: see :meth:`Pool.map`."""
+    """The replies of ``messages``, in order, one by one: see :meth:`Pool.map`."""
+    pieces: Any = _pieces(pool, messages, chunksize, _CATCH_UP)
+    try:
+        async for piece in pieces:
+            for reply in piece:
+                yield reply
+    finally:   # left early: the chunks still out are cancelled now, not when collected
+        await pieces.aclose()
+
+
+async def collect(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
+                  chunksize: int | None) -> list[Any]:
+    """The replies of ``messages``, in order, in one list (``await pool.map(...)``)."""
+    replies: list[Any] = []
+    pieces: Any = _pieces(pool, messages, chunksize, None)
+    try:
+        async for piece in pieces:
+            replies.extend(piece)
+    finally:
+        await pieces.aclose()
+    return replies
+
+
+async def _pieces(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
+                  chunksize: int | None, piece: int | None) -> AsyncIterator[list[Any]]:
+    """The replies of ``messages`` in order, in lists: a chunk's, or pieces of at most
+    ``piece`` of it, between which the loop's work waiting meanwhile is taken in."""
     if pool._supervisor._state is not RUNNING:
         raise pool._not_running()
     if pool._worker_class._process_message is not Worker._process_message:
@@ -90,19 +167,17 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                 replies, errors = head.result()
                 if errors:
                     first = min(errors)
-                    for reply in replies[:max(first, 0)]:
-                        yield reply
+                    if first > 0:
+                        yield replies[:first]
                     raise errors[first]
-                if count <= _CATCH_UP or source.done:
-                    for reply in replies:
-                        yield reply
+                if piece is None or count <= piece or source.done:
+                    yield replies
                     continue
                 # The loop runs nothing while the caller takes replies without awaiting:
                 # between pieces of a long chunk, take in what the workers sent and send
                 # the next chunks to those done, so that they do not wait for the end.
-                for first in range(0, count, _CATCH_UP):
-                    for reply in replies[first:first + _CATCH_UP]:
-                        yield reply
+                for first in range(0, count, piece):
+                    yield replies[first:first + piece]
                     pool._dispatcher._catch_up()
                     await send(now=True)
             if adapt and yielded:
@@ -190,9 +265,16 @@ def _send_chunk(pool: Pool, link: _Link, chunk: list[Any]) -> _ChunkFuture:
 class _Chunks:
     """Reads an iterable or an async iterable in lists of ``size``."""
 
-    __slots__ = ('iterator', 'is_async', 'done')
+    __slots__ = ('iterator', 'is_async', 'done', 'sequence', 'at')
 
     def __init__(self, messages: Iterable[Any] | AsyncIterable[Any]) -> None:
+        # A list or a tuple is sliced (a copy of references, a third of islice's cost);
+        # it is read as it goes, like any iterable: one changed meanwhile sends its state
+        # at the time each chunk is taken.
+        self.sequence: list[Any] | tuple[Any, ...] | None = (
+            messages if isinstance(messages, (list, tuple)) and
+            type(messages) in (list, tuple) else None)
+        self.at = 0
         self.is_async = hasattr(messages, '__aiter__')
         if self.is_async:
             self.iterator: Any = messages.__aiter__()  # type: ignore[union-attr]
@@ -205,7 +287,14 @@ class _Chunks:
 
     async def take(self, size: int) -> list[Any]:
         chunk: list[Any] = []
-        if self.is_async:
+        if self.sequence is not None:
+            at = self.at
+            part = self.sequence[at:at + size]
+            chunk = part if type(part) is list else list(part)
+            self.at = at + len(chunk)
+            if len(chunk) < size:
+                self.done = True
+        elif self.is_async:
             try:
                 while len(chunk) < size:
                     chunk.append(await self.iterator.__anext__())

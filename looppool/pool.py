@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import queue
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, Iterable
 from typing import Any, Callable, Deque
 
 import tornado.ioloop
@@ -426,11 +427,13 @@ class Pool:
         return future
 
     def map(self, messages: Iterable[Any] | AsyncIterable[Any], *,
-                  chunksize: int | None = None) -> AsyncIterator[Any]:
+                  chunksize: int | None = None) -> mapping.MapResult:
         """Send every message of ``messages`` to the workers; yield the replies in order.
 
         ``async for reply in pool.map(urls): ...`` is ``submit()`` for each message, made
-        for bulk work: the messages travel in chunks of ``chunksize`` (one pickle, one
+        for bulk work (and ``replies = await pool.map(urls)`` the list of the replies, in
+        order, a chunk at a time: the faster way when you want them all, see
+        :class:`~looppool.mapping.MapResult`): the messages travel in chunks of ``chunksize`` (one pickle, one
         frame and one future per chunk, not per message), each chunk to the worker with
         room for all of it and the fewest messages queued, and a worker starts every handler of a chunk at
         once. The iterable (or async iterable) is read as room frees up, so memory stays
@@ -448,7 +451,8 @@ class Pool:
         chunks a worker. Needs a Worker with ``handle()`` (or ``handle_batch()``: a
         chunk goes to it in pieces of ``batch_size``, at once).
         """
-        return mapping.run(self, messages, chunksize)
+        return mapping.MapResult(functools.partial(mapping.run, self, messages, chunksize),
+                                 functools.partial(mapping.collect, self, messages, chunksize))
 
     def process_message(self, result: Any, result_done: Callable[[], None]) -> Any:
         """Receive one result a worker sent with ``_put_nowait`` (or a note's return value).

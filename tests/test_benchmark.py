@@ -25,7 +25,7 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / 'latest.json').read_text())
     assert set(results['peers']) >= {'looppool_submit', 'looppool_map', 'looppool_batch_map',
-                                     'looppool_put_nowait',
+                                     'looppool_map_iter', 'looppool_put_nowait',
                                      'looppool_remote', 'process_pool_executor',
                                      'process_pool_executor_map', 'aiomultiprocess_pool',
                                      'aiomultiprocess_fork', 'ceiling'}
@@ -34,6 +34,7 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     for peer in ('looppool_map', 'process_pool_executor_map'):
         assert {w for p, w in ran if p == peer} == {'W1', 'W3', 'W6', 'W7'}, peer
     assert {w for p, w in ran if p == 'looppool_batch_map'} == {'W1'}
+    assert {w for p, w in ran if p == 'looppool_map_iter'} == {'W1'}
     assert {w for p, w in ran if p == 'aiomultiprocess_fork'} == {'W5', 'MEM'}
     # The uneven work and the blocked loop (issue 13) ran on their peers, and only those.
     assert {p for p, w in ran if w == 'W7'} == {
@@ -54,6 +55,8 @@ def test_the_quick_benchmark_runs_every_peer_and_workload(tmp_path) -> None:
     assert re.search(r'looppool_batch_map +W1 msg_per_s +\d+\.\d+x '
                      r'process_pool_executor_map +\(more is better, target at least 2.0x',
                      table), table
+    assert re.search(r'looppool_map_iter +W1 msg_per_s +\d+\.\d+x '
+                     r'process_pool_executor_map +\(more is better\)', table), table
     # W7 against ProcessPoolExecutor and its ideal, W8 against its IO task: the targets of
     # issue 13, printed met or not
     assert 'Targets (issue 13' in table

@@ -38,6 +38,91 @@ def test_replies_come_in_order_from_every_worker() -> None:
     run(main())
 
 
+def test_awaiting_map_gives_every_reply_in_one_list_in_order() -> None:
+    async def source() -> AsyncIterator[int]:
+        for i in range(300):
+            if i % 50 == 0:
+                await asyncio.sleep(0.001)
+            yield i
+
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            # A list and a tuple (sliced), a generator and an async iterable (read), with
+            # chunks that finish out of order inside and between workers.
+            messages = [('sleep', 0.002 * (i % 7), i) for i in range(300)]
+            assert await pool.map(messages, chunksize=8) == list(range(300))
+            assert await pool.map(tuple(range(10_000))) == list(range(10_000))
+            assert await pool.map(i for i in range(5000)) == list(range(5000))
+            assert await pool.map(source(), chunksize=7) == list(range(300))
+            assert await pool.map([]) == []
+            # Longer than max_tasks (4,096): read as room frees up, like the async for.
+            assert await pool.map(range(3 * 4096)) == list(range(3 * 4096))
+            assert pool.stats()['in_flight'] == 0
+
+    run(main())
+
+
+def test_awaiting_map_raises_the_first_error_and_cancels_the_rest() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            reports: list[tuple[str, int]] = []
+            pool.process_message = lambda result, done: (reports.append(result), done())
+            messages = [1, 2, ('raise', KeyError('bad message')), 4] + [
+                ('watched', 30)] * 20
+            with pytest.raises(KeyError, match='bad message') as raised:
+                await pool.map(messages, chunksize=2)
+            assert isinstance(raised.value.__cause__, RemoteTraceback)
+            # Nothing is left running 30 s in the workers.
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+            await pool.broadcast('barrier')
+            started = [r for r in reports if r[0] == 'started']
+            await wait_until(lambda: len([r for r in reports if r[0] == 'cancelled'])
+                             == len(started), what='every started handler cancelled')
+            assert pool.stats()['lost'] == 0
+            assert await pool.map([5, 6]) == [5, 6]
+
+    run(main())
+
+
+def test_cancelling_an_awaited_map_cancels_what_is_out() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=2, worker_class=Echo) as pool:
+            reports: list[tuple[str, int]] = []
+            pool.process_message = lambda result, done: (reports.append(result), done())
+            waiting = asyncio.ensure_future(pool.map([('watched', 30)] * 6, chunksize=1))
+            await wait_until(lambda: len(reports) >= 2, what='two handlers started')
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await wait_until(lambda: pool.stats()['in_flight'] == 0, what='in_flight 0')
+            await pool.broadcast('barrier')
+            started = [r for r in reports if r[0] == 'started']
+            await wait_until(lambda: len([r for r in reports if r[0] == 'cancelled'])
+                             == len(started), what='every started handler cancelled')
+
+    run(main())
+
+
+def test_a_map_is_used_once() -> None:
+    async def main() -> None:
+        async with looppool.Pool(pool_size=1, worker_class=Echo) as pool:
+            replies = pool.map([1, 2, 3])
+            assert [reply async for reply in replies] == [1, 2, 3]
+            with pytest.raises(RuntimeError, match='already iterated'):
+                await replies
+            awaited = pool.map([4])
+            assert await awaited == [4]
+            with pytest.raises(RuntimeError, match='already awaited'):
+                async for _ in awaited:
+                    pass
+            # aclose() before any use is harmless; the map never ran.
+            unused = pool.map([7])
+            await unused.aclose()
+            assert pool.stats()['submitted'] == 4
+
+    run(main())
+
+
 def test_workers_get_more_while_the_caller_takes_a_long_chunk_of_replies(tmp_path: Any
                                                                          ) -> None:
     # The caller takes replies without awaiting (the loop does not run), as a plain loop

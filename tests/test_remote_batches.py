@@ -153,6 +153,15 @@ def test_map_on_the_async_client(small_host) -> None:
             await wait_until(lambda: client._unacked == 0,
                              what='the cancelled messages to be answered')
             assert [reply async for reply in client.map('xyz')] == ['x', 'y', 'z']
+            # Awaited: the list of the replies, or the first error, the rest cancelled.
+            assert await client.map(range(3000)) == list(range(3000))
+            assert await client.map(_countdown(5)) == [5, 4, 3, 2, 1]
+            with pytest.raises(KeyError, match='third'):
+                await client.map(['a', 'b', ('raise', KeyError('third')),
+                                  *[('cancellable', 30)] * 5])
+            await wait_until(lambda: client._unacked == 0,
+                             what='the cancelled messages to be answered')
+            assert await client.map([]) == []
 
     run(main())
 

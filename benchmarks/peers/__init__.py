@@ -19,6 +19,7 @@ import importlib
 PEERS = {
     'looppool_submit': 'looppool submit()',
     'looppool_map': 'looppool map()',
+    'looppool_map_iter': 'looppool map(), async for',
     'looppool_batch_map': 'looppool map(), handle_batch',
     'looppool_put_nowait': 'looppool put_nowait()',
     'looppool_remote': 'looppool remote submit()',
@@ -31,11 +32,13 @@ PEERS = {
 
 # Peers that run only some workloads. The bulk peers (looppool's map(), the executor's
 # map()) differ from their one-at-a-time peers only where a burst is sent (call_many);
-# elsewhere they would measure submit() or run_in_executor again. map() to a batch worker
-# (handle_batch) runs W1 only: see its module. aiomultiprocess under fork
+# elsewhere they would measure submit() or run_in_executor again. map() iterated with async
+# for (rather than awaited) and map() to a batch worker (handle_batch) run W1 only: see their
+# modules. aiomultiprocess under fork
 # differs from its default (spawn) only in how its workers start.
 ONLY = {
     'looppool_map': ('W1', 'W3', 'W6', 'W7'),
+    'looppool_map_iter': ('W1',),
     'looppool_batch_map': ('W1',),
     'process_pool_executor_map': ('W1', 'W3', 'W6', 'W7'),
     'aiomultiprocess_fork': ('W5', 'MEM'),

@@ -1,5 +1,5 @@
-"""looppool's map() to a batch worker: ``async for reply in pool.map(messages)`` where
-the worker defines ``handle_batch(messages)`` (looppool.batch) and returns the list of
+"""looppool's map() to a batch worker: ``await pool.map(messages)`` (as the looppool_map
+peer) where the worker defines ``handle_batch(messages)`` (looppool.batch) and returns the list of
 replies; elsewhere it would be submit() again, so it runs W1 only.
 
 A chunk of map() goes to ``handle_batch`` in batches of ``batch_size``, each handed over as
@@ -26,8 +26,8 @@ from peers import looppool_map
 START_METHOD = 'default'   # the interpreter's, which is what a user gets
 BATCH_SIZE = 2048
 NOTES = (f'Pool defaults (max_tasks=4096) with batch_size={BATCH_SIZE:,} (a worker\'s share); '
-         'handle_batch() returns the list of replies; map() with its default chunks; runs W1 '
-         'only')
+         'handle_batch() returns the list of replies; await map() with its default chunks; '
+         'runs W1 only')
 
 
 class Echo(looppool.Worker):

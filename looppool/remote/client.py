@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import queue
@@ -14,6 +15,7 @@ from typing import Any
 from .. import tracing
 from ..channel import _MAX_PAYLOAD
 from ..errors import AuthenticationError, ConnectionLost, LooppoolError, PoolClosed
+from ..mapping import MapResult
 from ..protocol import loads
 from ..tracing import ENABLED as TRACING
 from ..tracing import current_context
@@ -268,18 +270,18 @@ class Client(_Outbox):
             self._get_loop().call_soon(self._pump_soon)
         return future
 
-    def map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    def map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> MapResult:
         """Send every message of ``messages`` to the host's pool; yield the replies in order.
 
-        ``async for reply in client.map(messages): ...``, as :meth:`Pool.map
-        <looppool.Pool.map>`: the messages travel to the host in frames of up to 1,024
+        ``async for reply in client.map(messages): ...`` (or ``await client.map(messages)``
+        for the list of the replies), as :meth:`Pool.map <looppool.Pool.map>`: the messages travel to the host in frames of up to 1,024
         (those of one loop iteration together), the host hands each to the worker with
         room, and the iterable (or async iterable) is read as replies come, so at most
         this client's share of the host's ``max_tasks`` is out at once. An exception
         raised by a handler is raised here at that message's place, after the replies
         before it; the messages still out are cancelled, as they are when the loop over
         ``map()`` is left early."""
-        return self._map(messages)
+        return MapResult(functools.partial(self._map, messages))
 
     async def _map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
         window: collections.deque[asyncio.Future[Any]] = collections.deque()
