@@ -115,12 +115,7 @@ async def _pieces(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                   chunksize: int | None, piece: int | None) -> AsyncIterator[list[Any]]:
     """The replies of ``messages`` in order, in lists: a chunk's, or pieces of at most
     ``piece`` of it, between which the loop's work waiting meanwhile is taken in."""
-    if pool._supervisor._state is not RUNNING:
-        raise pool._not_running()
-    if pool._worker_class._process_message is not Worker._process_message:
-        raise TypeError(f'map() needs replies: {pool._worker_class.__qualname__} '
-                        'overrides _process_message (Looppool style); give it a '
-                        'handle() method')
+    _check_can_map(pool)
     adapt = chunksize is None
     chunksize = _largest_chunk(pool, messages, chunksize)
     source = _Chunks(messages)
@@ -189,22 +184,35 @@ async def _pieces(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                     raise PoolClosed('the pool stopped before map() sent every message')
                 if yielded:
                     continue   # everything sent was yielded: send the next chunks
-            # Wait for the head chunk, or for room to send another.
-            waiter = pool._loop.create_future()
-            pool._dispatcher._room_waiters.append(waiter)
-            wake = functools.partial(_wake, waiter)
-            oldest = window[0][0] if window else None
-            if oldest is not None:
-                oldest.add_done_callback(wake)
-            try:
-                await waiter
-            finally:
-                if oldest is not None:
-                    oldest.remove_done_callback(wake)
+            await _head_or_room(pool, window[0][0] if window else None)
     finally:
         for future, _ in window:
             future.cancel()
 
+
+
+def _check_can_map(pool: Pool) -> None:
+    if pool._supervisor._state is not RUNNING:
+        raise pool._not_running()
+    if pool._worker_class._process_message is not Worker._process_message:
+        raise TypeError(f'map() needs replies: {pool._worker_class.__qualname__} '
+                        'overrides _process_message (Looppool style); give it a '
+                        'handle() method')
+
+
+async def _head_or_room(pool: Pool, head: _ChunkFuture | None) -> None:
+    """Wait until ``head`` (the oldest chunk out, if any) is answered or a worker has room
+    for another chunk."""
+    waiter = pool._loop.create_future()
+    pool._dispatcher._room_waiters.append(waiter)
+    wake = functools.partial(_wake, waiter)
+    if head is not None:
+        head.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        if head is not None:
+            head.remove_done_callback(wake)
 
 
 def _paced(pool: Pool, began: float, completed: int, largest: int) -> int:
