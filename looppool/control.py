@@ -66,13 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _count(number: int, noun: str) -> str:
+    return f'{number} {noun}' if number == 1 else f'{number} {noun}s'
+
+
 def format_status(stats: dict[str, Any]) -> str:
     """The stats of a served pool as a table a person reads at a glance."""
-    lines = [f"pool: {stats['state']}, {stats['pool_size']} workers, "
-             f"{stats.get('clients', 0)} clients, host pid {stats.get('host_pid', '?')}",
+    lines = [f"pool: {stats['state']}, {_count(stats['pool_size'], 'worker')}, "
+             f"{_count(stats.get('clients', 0), 'client')}, "
+             f"host pid {stats.get('host_pid', '?')}",
              f"tasks: {stats['in_flight']} in flight, {stats['waiting']} waiting, "
              f"{stats['completed']} completed, {stats['failed']} failed,",
-             f"       {stats['lost']} lost; {stats['restarts']} worker restarts",
+             f"       {stats['lost']} lost; {_count(stats['restarts'], 'worker restart')}",
              '']
     header = ('worker', 'pid', 'state', 'in flight', 'done', 'RSS', 'loop lag')
     rows = [header]

@@ -41,7 +41,8 @@ def test_the_command_reads_and_changes_a_served_pool(sock_path: str) -> None:
             status = _command('status', sock_path)
             assert status.returncode == 0, status.stderr
             lines = status.stdout.splitlines()
-            assert lines[0].startswith('pool: running, 2 workers')
+            # Two clients: this test's and the command's own.
+            assert lines[0].startswith('pool: running, 2 workers, 2 clients, host pid ')
             top = next(index for index, line in enumerate(lines)
                        if line.split()[:2] == ['worker', 'pid'])
             assert lines[top].split()[:3] == ['worker', 'pid', 'state']
