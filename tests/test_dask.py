@@ -436,6 +436,8 @@ def test_batches_form_in_each_worker(backend: Any) -> None:
             assert all(type(outcome) is KeyError for outcome in outcomes)
             mapped = [reply async for reply in pool.map(range(40), chunksize=3)]
             assert [reply[0] for reply in mapped] == list(range(40))
+            awaited = await pool.map(range(40), chunksize=3)   # the list, as on a Pool
+            assert [reply[0] for reply in awaited] == list(range(40))
     run(main())
 
 
