@@ -190,7 +190,6 @@ async def _pieces(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
             future.cancel()
 
 
-
 def _check_can_map(pool: Pool) -> None:
     if pool._supervisor._state is not RUNNING:
         raise pool._not_running()
@@ -280,8 +279,7 @@ class _Chunks:
         # it is read as it goes, like any iterable: one changed meanwhile sends its state
         # at the time each chunk is taken.
         self.sequence: list[Any] | tuple[Any, ...] | None = (
-            messages if isinstance(messages, (list, tuple)) and
-            type(messages) in (list, tuple) else None)
+            messages if type(messages) is list or type(messages) is tuple else None)
         self.at = 0
         self.is_async = hasattr(messages, '__aiter__')
         if self.is_async:

@@ -432,11 +432,11 @@ class Pool:
 
         ``async for reply in pool.map(urls): ...`` is ``submit()`` for each message, made
         for bulk work (and ``replies = await pool.map(urls)`` the list of the replies, in
-        order, a chunk at a time: the faster way when you want them all, see
-        :class:`~looppool.mapping.MapResult`): the messages travel in chunks of ``chunksize`` (one pickle, one
-        frame and one future per chunk, not per message), each chunk to the worker with
-        room for all of it and the fewest messages queued, and a worker starts every handler of a chunk at
-        once. The iterable (or async iterable) is read as room frees up, so memory stays
+        order, gathered a chunk at a time: the faster way when you want them all, see
+        :class:`~looppool.mapping.MapResult`): the messages travel in chunks of
+        ``chunksize`` (one pickle, one frame and one future per chunk, not per message),
+        each chunk to the worker with room for all of it and the fewest messages queued,
+        and a worker starts every handler of a chunk at once. The iterable (or async iterable) is read as room frees up, so memory stays
         bounded by ``max_tasks`` however long it is; each message counts against
         ``max_tasks`` like a submitted one.
 

@@ -274,10 +274,11 @@ class Client(_Outbox):
         """Send every message of ``messages`` to the host's pool; yield the replies in order.
 
         ``async for reply in client.map(messages): ...`` (or ``await client.map(messages)``
-        for the list of the replies), as :meth:`Pool.map <looppool.Pool.map>`: the messages travel to the host in frames of up to 1,024
-        (those of one loop iteration together), the host hands each to the worker with
-        room, and the iterable (or async iterable) is read as replies come, so at most
-        this client's share of the host's ``max_tasks`` is out at once. An exception
+        for the list of the replies), as :meth:`Pool.map <looppool.Pool.map>`: the
+        messages travel to the host in frames of up to 1,024 (those of one loop iteration
+        together), the host hands each to the worker with room, and the iterable (or async
+        iterable) is read as replies come, so at most this client's share of the host's
+        ``max_tasks`` is out at once. An exception
         raised by a handler is raised here at that message's place, after the replies
         before it; the messages still out are cancelled, as they are when the loop over
         ``map()`` is left early."""
