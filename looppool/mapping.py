@@ -15,8 +15,8 @@ import collections
 import functools
 import itertools
 import operator
-from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine,
-                             Generator, Iterable)
+from collections.abc import (AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable,
+                             Callable, Coroutine, Generator, Iterable)
 from typing import TYPE_CHECKING, Any
 
 from . import protocol, tracing
@@ -49,12 +49,12 @@ class MapResult:
 
     __slots__ = ('_iterate', '_collect', '_used', '_iterator')
 
-    def __init__(self, iterate: Callable[[], AsyncIterator[Any]],
+    def __init__(self, iterate: Callable[[], AsyncGenerator[Any, None]],
                  collect: Callable[[], Coroutine[Any, Any, list[Any]]] | None = None) -> None:
         self._iterate = iterate
         self._collect = collect
         self._used = ''
-        self._iterator: AsyncIterator[Any] | None = None
+        self._iterator: AsyncGenerator[Any, None] | None = None
 
     def _use(self, how: str) -> None:
         if self._used:
@@ -73,7 +73,7 @@ class MapResult:
     async def aclose(self) -> None:
         """End the iteration: the chunks still out are cancelled."""
         if self._iterator is not None:
-            await self._iterator.aclose()  # type: ignore[attr-defined]
+            await self._iterator.aclose()
 
     def __await__(self) -> Generator[Any, None, list[Any]]:
         self._use('awaited')
@@ -87,9 +87,9 @@ async def _gather(replies: AsyncIterator[Any]) -> list[Any]:
 
 
 async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
-              chunksize: int | None) -> AsyncIterator[Any]:
+              chunksize: int | None) -> AsyncGenerator[Any, None]:
     """The replies of ``messages``, in order, one by one: see :meth:`Pool.map`."""
-    pieces: Any = _pieces(pool, messages, chunksize, _CATCH_UP)
+    pieces = _pieces(pool, messages, chunksize, _CATCH_UP)
     try:
         async for piece in pieces:
             for reply in piece:
@@ -100,19 +100,17 @@ async def run(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
 
 async def collect(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
                   chunksize: int | None) -> list[Any]:
-    """The replies of ``messages``, in order, in one list (``await pool.map(...)``)."""
+    """The replies of ``messages``, in order, in one list (``await pool.map(...)``). An
+    error or a cancellation arises inside the pieces, whose own ending cancels the rest."""
     replies: list[Any] = []
-    pieces: Any = _pieces(pool, messages, chunksize, None)
-    try:
-        async for piece in pieces:
-            replies.extend(piece)
-    finally:
-        await pieces.aclose()
+    async for piece in _pieces(pool, messages, chunksize, None):
+        replies.extend(piece)
     return replies
 
 
 async def _pieces(pool: Pool, messages: Iterable[Any] | AsyncIterable[Any],
-                  chunksize: int | None, piece: int | None) -> AsyncIterator[list[Any]]:
+                  chunksize: int | None, piece: int | None
+                  ) -> AsyncGenerator[list[Any], None]:
     """The replies of ``messages`` in order, in lists: a chunk's, or pieces of at most
     ``piece`` of it, between which the loop's work waiting meanwhile is taken in."""
     _check_can_map(pool)

@@ -34,8 +34,8 @@ PEERS = {
 # map()) differ from their one-at-a-time peers only where a burst is sent (call_many);
 # elsewhere they would measure submit() or run_in_executor again. map() iterated with async
 # for (rather than awaited) and map() to a batch worker (handle_batch) run W1 only: see their
-# modules. aiomultiprocess under fork
-# differs from its default (spawn) only in how its workers start.
+# modules. aiomultiprocess under fork differs from its default (spawn) only in how its
+# workers start.
 ONLY = {
     'looppool_map': ('W1', 'W3', 'W6', 'W7'),
     'looppool_map_iter': ('W1',),

@@ -1,6 +1,6 @@
 """looppool's map() to a batch worker: ``await pool.map(messages)`` (as the looppool_map
-peer) where the worker defines ``handle_batch(messages)`` (looppool.batch) and returns the list of
-replies; elsewhere it would be submit() again, so it runs W1 only.
+peer) where the worker defines ``handle_batch(messages)`` (looppool.batch) and returns the
+list of replies; elsewhere it would be submit() again, so it runs W1 only.
 
 A chunk of map() goes to ``handle_batch`` in batches of ``batch_size``, each handed over as
 soon as the chunk is read. ``batch_size`` is 2,048, a worker's whole share of ``max_tasks``

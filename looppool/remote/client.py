@@ -9,7 +9,7 @@ import logging
 import os
 import queue
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from typing import Any
 
 from .. import tracing
@@ -284,7 +284,8 @@ class Client(_Outbox):
         ``map()`` is left early."""
         return MapResult(functools.partial(self._map, messages))
 
-    async def _map(self, messages: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async def _map(self, messages: Iterable[Any] | AsyncIterable[Any]
+                   ) -> AsyncGenerator[Any, None]:
         window: collections.deque[asyncio.Future[Any]] = collections.deque()
         try:
             if isinstance(messages, AsyncIterable):
